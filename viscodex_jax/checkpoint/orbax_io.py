@@ -1,0 +1,57 @@
+"""Our checkpoint directory: orbax params + the HF config.json and side files.
+
+Layout::
+
+    <dir>/params/          orbax (OCDBT) pytree of the params
+    <dir>/config.json      the source HF config, so export reproduces it
+    <dir>/tokenizer*.json  ... side files copied through from the HF checkpoint
+
+Keeping config.json next to the params makes the directory self-describing:
+``vx.load`` needs no flags to rebuild the model, and export needs no source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from viscodex_jax.checkpoint.hf import atomic_dir, copy_side_files
+from viscodex_jax.checkpoint.safetensors_io import CheckpointError
+
+PARAMS_SUBDIR = "params"
+
+
+def is_orbax_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, PARAMS_SUBDIR)) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def save_orbax(
+    params: dict[str, Any],
+    config_json: dict[str, Any],
+    out_dir: str,
+    side_files_from: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Writes params + config + side files; the directory appears only when complete."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, PARAMS_SUBDIR), params)
+        ckptr.wait_until_finished()
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2)
+        copy_side_files(side_files_from, tmp)
+
+
+def load_orbax_params(ckpt_dir: str, as_numpy: bool = False) -> dict[str, Any]:
+    path = os.path.abspath(os.path.join(ckpt_dir, PARAMS_SUBDIR))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{ckpt_dir}: not an orbax checkpoint (no {PARAMS_SUBDIR}/ directory)")
+    params = ocp.StandardCheckpointer().restore(path)
+    if as_numpy:
+        params = jax.tree_util.tree_map(np.asarray, params)
+    return params

@@ -1,0 +1,123 @@
+"""The causal LM: Qwen2 (text only) or Qwen2.5-VL (text decoder + vision tower).
+
+Parameter tree (mirrors the HF on-disk names, layers stacked on axis 0):
+    model/embed_tokens/embedding, model/layers/<...>, model/norm/scale,
+    lm_head/kernel (absent when embeddings are tied), visual/<...> (VL only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from viscodex_jax.model.config import ModelConfig
+from viscodex_jax.model.layers import Dense, text_rope
+from viscodex_jax.model.text import Decoder
+from viscodex_jax.model.vision import VisionTower
+
+Array = jax.Array
+
+
+def attention_mask_for(q_len: int, kv_valid: Array, q_offset: Array | int = 0, segment_ids: Array | None = None):
+    """bool [B, 1, q_len, S]: causal by slot index, valid keys only, same segment if packed.
+
+    kv_valid: [B, S] (1 for real tokens); query i sits at slot ``q_offset + i``.
+    """
+    s = kv_valid.shape[-1]
+    q_slot = jnp.arange(q_len)[:, None] + q_offset
+    causal = jnp.arange(s)[None, :] <= q_slot  # [T, S]
+    mask = causal[None] & kv_valid.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask[:, None]
+
+
+def scatter_image_features(embeds: Array, input_ids: Array, features: Array, image_token_id: int) -> Array:
+    """Places feature rows, in order, at the image-pad positions (row-major over the batch)."""
+    is_img = input_ids == image_token_id
+    idx = jnp.cumsum(is_img.reshape(-1)) - 1
+    rows = features[jnp.clip(idx, 0, features.shape[0] - 1)].reshape(embeds.shape)
+    return jnp.where(is_img[..., None], rows.astype(embeds.dtype), embeds)
+
+
+class CausalLM(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        dtype = jnp.dtype(c.dtype)
+        self.model = Decoder(c.text, dtype=dtype, impl=c.attention_impl, remat_policy=c.remat_policy)
+        if c.vision is not None:
+            self.visual = VisionTower(c.vision, dtype=dtype, impl=c.attention_impl)
+        if not c.text.tie_word_embeddings:
+            self.lm_head = Dense(c.text.vocab_size, use_bias=False, dtype=dtype)
+
+    def encode_images(self, pixel_values: Array, vision_meta: dict[str, Array]) -> Array:
+        return self.visual(pixel_values, vision_meta)
+
+    def embed(self, input_ids, pixel_values=None, vision_meta=None, image_features=None):
+        x = self.model.embed(input_ids)
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values, vision_meta)
+        if image_features is not None:
+            x = scatter_image_features(x, input_ids, image_features, self.cfg.image_token_id)
+        return x
+
+    def logits_from_hidden(self, h: Array) -> Array:
+        if self.cfg.text.tie_word_embeddings:
+            return self.model.attend(h)
+        return self.lm_head(h)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array,
+        attention_mask: Array,
+        pixel_values: Array | None = None,
+        vision_meta: dict[str, Array] | None = None,
+        image_features: Array | None = None,
+        segment_ids: Array | None = None,
+        cache: dict[str, Array] | None = None,
+        cache_index: Array | int = 0,
+        return_hidden: bool = False,
+    ):
+        """Forward pass.
+
+        input_ids [B, T]; positions [B, T] (Qwen2) or [3, B, T] (M-RoPE);
+        attention_mask [B, S] over key slots (S = T without a cache, the cache
+        length with one). Returns logits [B, T, V] (or final hidden states),
+        plus the updated cache when one was given.
+        """
+        c = self.cfg
+        x = self.embed(input_ids, pixel_values, vision_meta, image_features)
+        if c.text.mrope_section is not None and positions.ndim == 2:
+            positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
+        cos, sin = text_rope(positions, c.text.head_dim, c.text.rope_theta, c.text.mrope_section)
+        mask = attention_mask_for(input_ids.shape[1], attention_mask, cache_index if cache is not None else 0, segment_ids)
+        h, new_cache = self.model(x, cos, sin, mask, cache, cache_index)
+        out = h if return_hidden else self.logits_from_hidden(h)
+        return (out, new_cache) if cache is not None else out
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:
+    """Random params with the real tree structure (for tests and shape checks)."""
+    model = CausalLM(cfg)
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    mask = jnp.ones((1, seq_len), jnp.int32)
+    pos = jnp.zeros((1, seq_len), jnp.int32)
+    kwargs = {}
+    if cfg.vision is not None:
+        from viscodex_jax.model.vision import metadata_arrays, vision_metadata
+
+        m = cfg.vision.spatial_merge_size
+        meta = metadata_arrays(vision_metadata([(1, 2 * m, 2 * m)], cfg.vision))
+        kwargs = dict(pixel_values=jnp.zeros((4 * m * m, cfg.vision.patch_dim)), vision_meta=meta)
+    return model.init(rng, ids, pos, mask, **kwargs)["params"]
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
+    """The params tree as ShapeDtypeStructs, computed without allocating."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))

@@ -1,0 +1,200 @@
+"""Qwen2.5-VL vision tower: patch embed, 2-D RoPE, window/full attention, patch merger.
+
+Everything that depends on the image sizes (the window reordering, the segment
+ids that make window and per-image attention block-diagonal, the rotary
+coordinates) is computed on the host in numpy by :func:`vision_metadata`, so the
+jitted tower sees fixed-shape arrays and only recompiles when the total patch
+count changes. Patches can be padded to a bucket (``pad_to``): padded patches
+get segment id -1 and never attend or get attended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from viscodex_jax.model.config import VisionConfig
+from viscodex_jax.model.layers import Dense, RMSNorm, apply_rope, dot_product_attention, segment_mask
+from viscodex_jax.model.text import MLP
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionMetadata:
+    """Host-computed, shape-static inputs of the tower for a list of image grids.
+
+    All per-patch arrays are already in window order (the order the blocks run in).
+    """
+
+    window_perm: np.ndarray  # [P] patch order for window attention (index into input patches)
+    merged_inverse: np.ndarray  # [P/m^2] restores merged tokens to input order
+    window_segments: np.ndarray  # [P] window id per patch, -1 for padding
+    image_segments: np.ndarray  # [P] image-frame id per patch, -1 for padding
+    rotary_pos: np.ndarray  # [P, 2] (h, w) coordinate per patch
+    num_valid_tokens: int  # merged tokens that are real (the rest is padding)
+
+
+def _window_order(t: int, gh: int, gw: int, unit_win: int):
+    """Merge-unit order and window lengths for one image (as transformers' get_window_index)."""
+    index = np.arange(t * gh * gw).reshape(t, gh, gw)
+    pad_h = (-gh) % unit_win
+    pad_w = (-gw) % unit_win
+    padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1)
+    nh, nw = (gh + pad_h) // unit_win, (gw + pad_w) // unit_win
+    win = padded.reshape(t, nh, unit_win, nw, unit_win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, -1)
+    lengths = (win >= 0).sum(-1).reshape(-1)
+    order = win.reshape(-1)
+    return order[order >= 0], lengths[lengths > 0]
+
+
+def vision_metadata(grid_thw: Sequence[Sequence[int]], cfg: VisionConfig, pad_to: int | None = None) -> VisionMetadata:
+    """Computes the tower's index arrays for images with grids ``grid_thw`` (in patches)."""
+    m = cfg.spatial_merge_size
+    unit = m * m
+    unit_win = cfg.window_size // m // cfg.patch_size
+    unit_perm, win_ids, img_ids, rot = [], [], [], []
+    unit_offset = win_offset = 0
+    for i, (t, h, w) in enumerate(np.asarray(grid_thw, dtype=np.int64).tolist()):
+        if h % m or w % m:
+            raise ValueError(f"image {i}: grid {h}x{w} is not divisible by spatial_merge_size {m}")
+        gh, gw = h // m, w // m
+        order, lengths = _window_order(t, gh, gw, unit_win)
+        unit_perm.append(order + unit_offset)
+        # window id of every merge unit in window order, expanded to its m*m patches
+        win_ids.append(np.repeat(np.arange(len(lengths)) + win_offset, lengths * unit))
+        img_ids.append(np.repeat(np.arange(t) + (img_ids[-1].max() + 1 if img_ids else 0), h * w))
+        # (h, w) of each patch in the processor's order: merge blocks row-major, 2x2 inside
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        blk = (gh, m, gw, m)
+        hw = np.stack([hh.reshape(blk).transpose(0, 2, 1, 3).ravel(), ww.reshape(blk).transpose(0, 2, 1, 3).ravel()], -1)
+        rot.append(np.tile(hw, (t, 1)))
+        unit_offset += t * gh * gw
+        win_offset += len(lengths)
+    unit_perm = np.concatenate(unit_perm)
+    n_units = len(unit_perm)
+    n_patches = n_units * unit
+    total = n_patches if pad_to is None else pad_to
+    if total < n_patches or total % unit:
+        raise ValueError(f"pad_to={pad_to} must be >= {n_patches} patches and a multiple of {unit}")
+    patch_perm = (unit_perm[:, None] * unit + np.arange(unit)).reshape(-1)
+    img_seg = np.concatenate(img_ids)[patch_perm]
+    rot_pos = np.concatenate(rot)[patch_perm]
+    win_seg = np.concatenate(win_ids)
+    pad = total - n_patches
+    patch_perm = np.concatenate([patch_perm, np.arange(n_patches, total)])
+    merged_inverse = np.concatenate([np.argsort(unit_perm), np.arange(n_units, total // unit)])
+    return VisionMetadata(
+        window_perm=patch_perm.astype(np.int32),
+        merged_inverse=merged_inverse.astype(np.int32),
+        window_segments=np.concatenate([win_seg, -np.ones(pad, np.int64)]).astype(np.int32),
+        image_segments=np.concatenate([img_seg, -np.ones(pad, np.int64)]).astype(np.int32),
+        rotary_pos=np.concatenate([rot_pos, np.zeros((pad, 2), np.int64)]).astype(np.int32),
+        num_valid_tokens=n_units,
+    )
+
+
+class VisionBlock(nn.Module):
+    cfg: VisionConfig
+    dtype: Any
+    impl: str
+
+    @nn.compact
+    def __call__(self, x, is_full, cos, sin, window_mask, image_mask):
+        c = self.cfg
+        h = RMSNorm(1e-6, self.dtype, name="norm1")(x)
+        # Full-attention blocks are a per-layer flag, so one scanned block serves all.
+        mask = jnp.where(is_full, image_mask, window_mask)
+        x = x + _Attn(c, self.dtype, self.impl, name="attn")(h, cos, sin, mask)
+        h = RMSNorm(1e-6, self.dtype, name="norm2")(x)
+        x = x + MLP(c.intermediate_size, c.hidden_size, True, self.dtype, name="mlp")(h)
+        return x, None
+
+
+class _Attn(nn.Module):
+    cfg: VisionConfig
+    dtype: Any
+    impl: str
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        c = self.cfg
+        n = x.shape[0]
+        qkv = Dense(3 * c.hidden_size, dtype=self.dtype, name="qkv")(x).reshape(n, 3, c.num_heads, c.head_dim)
+        q = apply_rope(qkv[:, 0], cos, sin)[None]
+        k = apply_rope(qkv[:, 1], cos, sin)[None]
+        v = qkv[:, 2][None]
+        out = dot_product_attention(q, k, v, mask[None], impl=self.impl)[0]
+        return Dense(c.hidden_size, dtype=self.dtype, name="proj")(out.reshape(n, c.hidden_size))
+
+
+class PatchMerger(nn.Module):
+    cfg: VisionConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        d = c.hidden_size * c.spatial_merge_size**2
+        x = RMSNorm(1e-6, self.dtype, name="ln_q")(x).reshape(-1, d)
+        x = Dense(d, dtype=self.dtype, name="mlp_0")(x)
+        x = nn.gelu(x, approximate=False)
+        return Dense(c.out_hidden_size, dtype=self.dtype, name="mlp_2")(x)
+
+
+class VisionTower(nn.Module):
+    """pixel_values [P, C*T*p*p] (the processor's patch order) -> merged tokens [P/m^2, out_hidden]."""
+
+    cfg: VisionConfig
+    dtype: Any = jnp.float32
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, pixel_values: Array, meta: dict[str, Array]) -> Array:
+        c = self.cfg
+        x = pixel_values[meta["window_perm"]]
+        # Conv3d with stride == kernel over flattened patches is exactly a matmul.
+        x = _PatchEmbed(c, self.dtype, name="patch_embed")(x)
+        inv_freq = 1.0 / (c.rope_theta ** (jnp.arange(0, c.head_dim // 2, 2, dtype=jnp.float32) / (c.head_dim // 2)))
+        freqs = meta["rotary_pos"].astype(jnp.float32)[..., None] * inv_freq  # [P, 2, hd/4]
+        freqs = freqs.reshape(freqs.shape[0], -1)
+        emb = jnp.concatenate([freqs, freqs], -1)
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        window_mask = segment_mask(meta["window_segments"], meta["window_segments"])
+        image_mask = segment_mask(meta["image_segments"], meta["image_segments"])
+        is_full = jnp.zeros((c.depth,), bool).at[jnp.array(c.fullatt_block_indexes, jnp.int32)].set(True)
+        blocks = nn.scan(
+            VisionBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.depth,
+        )(c, self.dtype, self.impl, name="blocks")
+        x, _ = blocks(x, is_full, cos, sin, window_mask, image_mask)
+        merged = PatchMerger(c, self.dtype, name="merger")(x)
+        return merged[meta["merged_inverse"]]
+
+
+class _PatchEmbed(nn.Module):
+    cfg: VisionConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        return Dense(self.cfg.hidden_size, use_bias=False, dtype=self.dtype, name="proj")(x)
+
+
+def metadata_arrays(meta: VisionMetadata) -> dict[str, np.ndarray]:
+    """The array part of the metadata, as the tower's ``meta`` argument."""
+    return {
+        "window_perm": meta.window_perm,
+        "merged_inverse": meta.merged_inverse,
+        "window_segments": meta.window_segments,
+        "image_segments": meta.image_segments,
+        "rotary_pos": meta.rotary_pos,
+    }
