@@ -74,6 +74,40 @@ def _perturb(model, seed: int, scale: float) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def hf_text_model(text: dict[str, Any], seed: int, **token_ids):
+    """A seeded transformers Qwen2ForCausalLM (random init) from text kwargs."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **text, **token_ids)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def hf_vl_model(text: dict[str, Any], vision: dict[str, Any], seed: int, image_token_id: int,
+                video_token_id: int, vision_start_token_id: int, vision_end_token_id: int, **token_ids):
+    """A seeded transformers Qwen2_5_VLForConditionalGeneration (random init)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)}
+    text = dict(text)
+    tie = text.pop("tie_word_embeddings", False)
+    init = text.get("initializer_range")
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(rope_parameters=rope, **text, **token_ids),
+        vision_config=dict(vision, **({"initializer_range": init} if init else {})),
+        tie_word_embeddings=tie,
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
+        vision_start_token_id=vision_start_token_id,
+        vision_end_token_id=vision_end_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
 def make_tiny_checkpoints(
     out_dir: str,
     seed: int = 0,
@@ -86,9 +120,7 @@ def make_tiny_checkpoints(
 
     Deterministic in ``seed``: the same call writes the same bytes.
     """
-    import torch
-    from transformers import (Qwen2Config, Qwen2ForCausalLM, Qwen2_5_VLConfig,
-                              Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+    from transformers import Qwen2ForCausalLM, Qwen2VLImageProcessorPil
 
     from viscodex_jax.data.tokenizer import build_qwen2_tokenizer, save_tokenizer, special_token_ids
 
@@ -96,28 +128,17 @@ def make_tiny_checkpoints(
     ids = special_token_ids(tok)
     vocab = -(-len(tok) // 64) * 64  # padded like Qwen's 152064, to a multiple of 64
     text = tiny_text_kwargs(vocab, **(text_overrides or {}))
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
     common = dict(bos_token_id=ids["endoftext"], eos_token_id=ids["im_end"], pad_token_id=ids["endoftext"])
     image_proc = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
 
     paths = {k: os.path.join(out_dir, k) for k in ("base", "vlm", "coder")}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        torch.manual_seed(seed)
-        base = Qwen2ForCausalLM(Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **text, **common))
-        vl_cfg = Qwen2_5_VLConfig(
-            text_config=dict(
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)},
-                **{k: v for k, v in text.items() if k != "tie_word_embeddings"}, **common,
-            ),
-            vision_config=tiny_vision_kwargs(text["hidden_size"], **(vision_overrides or {})),
-            tie_word_embeddings=text["tie_word_embeddings"],
-            image_token_id=ids["image_pad"],
-            video_token_id=ids["video_pad"],
-            vision_start_token_id=ids["vision_start"],
-            vision_end_token_id=ids["vision_end"],
+        base = hf_text_model(text, seed, **common)
+        vlm = hf_vl_model(
+            text, tiny_vision_kwargs(text["hidden_size"], **(vision_overrides or {})), seed + 1,
+            image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+            vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"], **common,
         )
-        torch.manual_seed(seed + 1)
-        vlm = Qwen2_5_VLForConditionalGeneration(vl_cfg)
         # The VLM's language model starts from the base, as Qwen2.5-VL's does from Qwen2.5.
         sd = {f"model.language_model.{k[len('model.'):]}" if k.startswith("model.") else k: v
               for k, v in base.state_dict().items()}

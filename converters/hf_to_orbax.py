@@ -1,0 +1,23 @@
+"""HF checkpoint dir (sharded safetensors or .bin) -> our orbax checkpoint dir.
+
+    python converters/hf_to_orbax.py --hf_dir=/ckpt/Qwen2.5-VL-7B-Instruct --out_dir=/ckpt/vl7b_orbax
+"""
+
+from absl import app, flags, logging
+
+from viscodex_jax import checkpoint
+
+FLAGS = flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (config.json + weights).", required=True)
+OUT = flags.DEFINE_string("out_dir", None, "Output directory (written atomically).", required=True)
+DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Cast params to this dtype (default: keep).")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing out_dir.")
+
+
+def main(argv):
+    del argv
+    cfg = checkpoint.convert_hf_to_orbax(FLAGS.value, OUT.value, dtype=DTYPE.value, overwrite=OVERWRITE.value)
+    logging.info("wrote %s (%s)", OUT.value, cfg.model_type)
+
+
+if __name__ == "__main__":
+    app.run(main)
