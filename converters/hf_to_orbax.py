@@ -6,6 +6,7 @@
 from absl import app, flags, logging
 
 from viscodex_jax import checkpoint
+from viscodex_jax.logs import quiet_third_party
 
 FLAGS = flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (config.json + weights).", required=True)
 OUT = flags.DEFINE_string("out_dir", None, "Output directory (written atomically).", required=True)
@@ -15,6 +16,7 @@ OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing out_dir."
 
 def main(argv):
     del argv
+    quiet_third_party()
     cfg = checkpoint.convert_hf_to_orbax(FLAGS.value, OUT.value, dtype=DTYPE.value, overwrite=OVERWRITE.value)
     logging.info("wrote %s (%s)", OUT.value, cfg.model_type)
 

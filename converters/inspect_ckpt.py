@@ -7,6 +7,7 @@ from absl import app, flags
 
 from viscodex_jax import checkpoint
 from viscodex_jax.checkpoint.inspect_tree import format_rows, inspect_rows
+from viscodex_jax.logs import quiet_third_party
 
 PATH = flags.DEFINE_string("path", None, "HF or orbax checkpoint directory.", required=True)
 AS_PARAMS = flags.DEFINE_bool("as_params", False, "Show our params tree (converted, stacked layers) instead of the files.")
@@ -14,6 +15,7 @@ AS_PARAMS = flags.DEFINE_bool("as_params", False, "Show our params tree (convert
 
 def main(argv):
     del argv
+    quiet_third_party()
     if AS_PARAMS.value:
         _, params, _ = checkpoint.load_params(PATH.value)
         print(format_rows(inspect_rows(params)))

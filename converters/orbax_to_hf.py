@@ -6,6 +6,7 @@
 from absl import app, flags, logging
 
 from viscodex_jax import checkpoint
+from viscodex_jax.logs import quiet_third_party
 
 CKPT = flags.DEFINE_string("ckpt_dir", None, "Our checkpoint dir (orbax params + config.json).", required=True)
 OUT = flags.DEFINE_string("out_dir", None, "Output HF directory (written atomically).", required=True)
@@ -16,6 +17,7 @@ OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing out_dir."
 
 def main(argv):
     del argv
+    quiet_third_party()
     shards = checkpoint.convert_orbax_to_hf(CKPT.value, OUT.value, dtype=DTYPE.value,
                                             max_shard_bytes=SHARD.value * 10**6, overwrite=OVERWRITE.value)
     logging.info("wrote %d shard(s) to %s", len(shards), OUT.value)

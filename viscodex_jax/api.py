@@ -41,14 +41,14 @@ class Model:
         return self._logits_fn(self.params, args)
 
 
-def load(path: str, dtype: Any = None, **runtime) -> Model:
+def load(path: str, param_dtype: Any = None, **runtime) -> Model:
     """HF dir (safetensors or .bin) or our orbax dir -> Model.
 
-    ``dtype`` casts the params (None keeps the checkpoint's); ``runtime`` sets
-    ModelConfig run-time fields such as ``dtype="bfloat16"`` (compute) or
+    ``param_dtype`` casts the params (None keeps the checkpoint's); ``runtime``
+    sets ModelConfig run-time fields such as ``dtype="bfloat16"`` (compute) or
     ``attention_impl="cudnn"``.
     """
-    cfg, params, raw = checkpoint.load_params(path, dtype=dtype, **runtime)
+    cfg, params, raw = checkpoint.load_params(path, param_dtype=param_dtype, **runtime)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     processor = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")) or os.path.isfile(os.path.join(path, "tokenizer_config.json")):

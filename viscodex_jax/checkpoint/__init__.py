@@ -24,16 +24,20 @@ __all__ = [
 ]
 
 
-def load_params(path: str, dtype: Any = None, **runtime) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
-    """Reads an HF or orbax checkpoint dir -> (ModelConfig, params, raw config.json dict)."""
+def load_params(path: str, param_dtype: Any = None, **runtime) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+    """Reads an HF or orbax checkpoint dir -> (ModelConfig, params, raw config.json dict).
+
+    ``param_dtype`` casts the params (None keeps the stored dtype); ``runtime``
+    sets ModelConfig run-time fields (compute ``dtype``, ``attention_impl``, ...).
+    """
     raw = read_config_json(path)
     cfg = config_from_dict(raw, os.path.join(path, "config.json"), **runtime)
     if is_orbax_dir(path):
         params = load_orbax_params(path, as_numpy=True)
-        if dtype is not None:
-            params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+        if param_dtype is not None:
+            params = jax.tree_util.tree_map(lambda x: x.astype(param_dtype), params)
     else:
-        _, params = load_hf_params(path, cfg, dtype=dtype)
+        _, params = load_hf_params(path, cfg, dtype=param_dtype)
     return cfg, params, raw
 
 

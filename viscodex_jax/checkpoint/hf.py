@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
+import tqdm
 
 from viscodex_jax.checkpoint import hf_map
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, ShardedWriter, iter_index
@@ -126,6 +127,9 @@ def load_hf_params(ckpt_dir: str, cfg: ModelConfig | None = None, dtype: Any = N
     source: dict[tuple[tuple[str, ...], int | None], str] = {}
     tied_lm_head = None
     t0, nbytes = time.time(), 0
+    total = sum(os.path.getsize(p) for p, _ in iter_index(ckpt_dir))
+    bar = tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"read {os.path.basename(os.path.normpath(ckpt_dir))}",
+                    disable=total < 2**28, mininterval=2.0)  # only for checkpoints big enough to wait on
     for path, name, shape, read in iter_hf_tensors(ckpt_dir):
         canon = hf_map.canonical_name(name)
         if canon == "lm_head.weight" and cfg.text.tie_word_embeddings:
@@ -161,7 +165,9 @@ def load_hf_params(ckpt_dir: str, cfg: ModelConfig | None = None, dtype: Any = N
             out[key][layer] = value
             filled[key][layer] = True
         nbytes += arr.nbytes
+        bar.update(arr.nbytes)
         del arr, value
+    bar.close()
     missing = [
         hf_map.path_to_hf(k, i if hf_map.is_stacked(k) else None)
         for k in expected
@@ -234,9 +240,14 @@ def save_hf(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
         first_dtype = None
+        total = sum(np.dtype(dtype or v.dtype).itemsize * v.size for v in got.values())
+        bar = tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"write {os.path.basename(out_dir)}",
+                        disable=total < 2**28, mininterval=2.0)
         for name, arr in hf_tensors(params, cfg, dtype):
             first_dtype = first_dtype or arr.dtype
             writer.add(name, arr)
+            bar.update(arr.nbytes)
+        bar.close()
         names = writer.finish()
         config_json = dict(config_json)
         config_json["dtype"] = _dtype_label(dtype or first_dtype)
