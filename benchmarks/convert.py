@@ -41,7 +41,7 @@ What it does:
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/convert.py            # both models, ~5 min on 2 cores
+    .venv/bin/python benchmarks/convert.py            # both models, ~5 min on 2 cores (+30 s first time)
     .venv/bin/python benchmarks/convert.py --quick    # text 0.5B only
 
 Timings are with a warm page cache (the files are read once before measuring);
@@ -113,8 +113,8 @@ SHARD_SIZE = "500MB"
 
 TASKS = [
     # (key, label, group)
-    ("floor_raw", "floor: raw read", "floor"),
-    ("floor_safetensors", "floor: safe_open mmap + touch", "floor"),
+    ("floor_raw", "floor: raw read (copy)", "floor"),
+    ("floor_safetensors", "floor: safe_open mmap + touch (zero-copy)", "floor"),
     ("ours_load", "ours: load_hf_params", "ours"),
     ("ours_convert", "ours: convert_hf_to_orbax", "ours"),
     ("hf_load", "transformers from_pretrained (lazy mmap)", "ref"),
@@ -466,7 +466,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         "GB/s = safetensors bytes / seconds. Seconds exclude interpreter and library import; peak RSS is the "
         "child's VmHWM (includes imports, which 'RSS before' shows, and file-backed mmap pages). "
-        "× floor = seconds / 'floor: raw read'. ours / transformers = seconds / "
+        "× floor = seconds / 'floor: raw read (copy)'. ours / transformers = seconds / "
         "'transformers from_pretrained + touch' (weights actually paged in); the lazy row reads almost "
         "nothing because transformers 5 keeps bf16 safetensors weights mmap-backed.",
     ]
@@ -498,7 +498,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--quick", action="store_true", help="text 0.5B model only")
     p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(t[0] for t in TASKS)}")
-    p.add_argument("--repeats", type=int, default=3, help="fresh processes per task; the median time is reported")
+    p.add_argument("--repeats", type=int, default=5, help="fresh processes per task; the median time is reported")
     p.add_argument("--cold", action="store_true", help="posix_fadvise(DONTNEED) the files before every task")
     p.add_argument("--recreate", action="store_true", help="rebuild the cached checkpoints")
     p.add_argument("--seed", type=int, default=0)
@@ -542,6 +542,7 @@ def main(argv: list[str]) -> None:
                 if key == "ours_convert":
                     out_dir = os.path.join(a.work_dir, f"_orbax_out-{name}")
                     shutil.rmtree(out_dir, ignore_errors=True)
+                os.sync()  # no writeback of the last task's output during this one
                 if a.cold:
                     evict(files)
                 try:

@@ -1,0 +1,126 @@
+"""Each merge method against an independent numpy float64 reference."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from viscodex_jax.merge import MergeError, MergeSpec, merge_tensor, tensor_key
+
+
+def _ref(base, thetas, w, method, lam=1.0, density=1.0, masks=None, rescale="inverse_p"):
+    """float64 reference, written from the method definitions (not from our code)."""
+    base = base.astype(np.float64)
+    d = [t.astype(np.float64) - base for t in thetas]
+    w = np.asarray(w, np.float64)
+    if method == "linear":
+        return sum(wi * t.astype(np.float64) for wi, t in zip(w, thetas)) / w.sum()
+    if method in ("ties",) and density < 1:
+        out = []
+        for x in d:
+            k = int(np.ceil(density * x.size))
+            thr = np.sort(np.abs(x).ravel())[::-1][k - 1]
+            out.append(np.where(np.abs(x) >= thr, x, 0.0))
+        d = out
+    if method in ("dare_linear", "dare_ties") and density < 1:
+        out = []
+        for x, m in zip(d, masks):
+            kept = np.where(m, x, 0.0)
+            if rescale == "inverse_p":
+                out.append(kept / density)
+            else:
+                out.append(kept * (np.abs(x).sum() / np.abs(kept).sum()))
+        d = out
+    if method in ("task_arithmetic", "dare_linear"):
+        return base + lam * sum(wi * x for wi, x in zip(w, d))
+    # ties / dare_ties: elect sign by weighted mass, disjoint weighted mean
+    s = sum(wi * x for wi, x in zip(w, d))
+    sign = np.sign(s)
+    num = np.zeros_like(base)
+    den = np.zeros_like(base)
+    for wi, x in zip(w, d):
+        agree = (np.sign(x) == sign) & (x != 0)
+        num += np.where(agree, wi * x, 0)
+        den += np.where(agree, wi, 0)
+    return base + lam * np.where(den != 0, num / np.where(den != 0, den, 1), 0)
+
+
+def _rand(seed, shape=(33, 17), n=2):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(shape).astype(np.float32)
+    return base, [base + rng.standard_normal(shape).astype(np.float32) * 0.1 for _ in range(n)]
+
+
+def _dare_masks(name, spec, n, shape):
+    keys = jax.random.split(tensor_key(spec.seed, name), n)
+    return [np.asarray(jax.random.bernoulli(k, spec.density, shape)) for k in keys]
+
+
+@pytest.mark.parametrize("method,n,lam,density,rescale", [
+    ("linear", 2, 1.0, 1.0, "inverse_p"),
+    ("linear", 3, 1.0, 1.0, "inverse_p"),
+    ("task_arithmetic", 2, 1.0, 1.0, "inverse_p"),
+    ("task_arithmetic", 3, 0.8, 1.0, "inverse_p"),
+    ("ties", 2, 1.0, 0.3, "inverse_p"),
+    ("ties", 3, 0.9, 0.5, "inverse_p"),
+    ("dare_linear", 2, 1.0, 0.4, "inverse_p"),
+    ("dare_linear", 2, 1.0, 0.4, "l1"),
+    ("dare_ties", 3, 1.0, 0.6, "inverse_p"),
+    ("dare_ties", 2, 0.7, 0.5, "l1"),
+])
+def test_methods_match_float64_reference(method, n, lam, density, rescale):
+    base, thetas = _rand(n + int(density * 10), n=n)
+    w = list(np.linspace(0.9, 0.3, n))
+    spec = MergeSpec(method=method, weights=tuple(w), lam=lam, density=density, dare_rescale=rescale,
+                     out_dtype="float32", seed=5)
+    out, stats = merge_tensor("t", base, thetas, spec)
+    masks = _dare_masks("t", spec, n, base.shape) if "dare" in method else None
+    ref = _ref(base, thetas, w, method, lam, density, masks, rescale)
+    assert np.abs(np.asarray(out, np.float64) - ref).max() <= 1e-6
+    if "dare" in method:  # masks really dropped about 1 - p of the entries
+        assert abs(np.mean(masks) - density) < 0.1
+        np.testing.assert_allclose(stats["kept_fraction"], [m.mean() for m in masks], atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_task_arithmetic_with_weights_summing_to_one_is_interpolation_whatever_the_base(seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((2, 40, 9)).astype(np.float32)
+    for base in (np.zeros_like(a), rng.standard_normal(a.shape).astype(np.float32) * 5):
+        spec = MergeSpec(method="task_arithmetic", weights=(0.7, 0.3), out_dtype="float32")
+        out, _ = merge_tensor("x", base, [a, b], spec)
+        assert np.abs(np.asarray(out, np.float64) - (0.7 * a.astype(np.float64) + 0.3 * b)).max() <= 1e-6
+
+
+def test_dare_is_reproducible_and_density_one_is_task_arithmetic():
+    base, thetas = _rand(7)
+    spec = MergeSpec(method="dare_linear", weights=(0.6, 0.4), density=0.5, seed=3, out_dtype="float32")
+    a, _ = merge_tensor("w", base, thetas, spec)
+    b, _ = merge_tensor("w", base, thetas, spec)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c, _ = merge_tensor("w", base, thetas, MergeSpec(**{**spec.__dict__, "seed": 4}))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    full, _ = merge_tensor("w", base, thetas, MergeSpec(**{**spec.__dict__, "density": 1.0}))
+    ta, _ = merge_tensor("w", base, thetas, MergeSpec(method="task_arithmetic", weights=(0.6, 0.4), out_dtype="float32"))
+    np.testing.assert_array_equal(np.asarray(full), np.asarray(ta))
+
+
+def test_output_dtype_default_is_bf16_and_compute_is_fp32():
+    base, thetas = _rand(1)
+    out, _ = merge_tensor("w", base.astype(np.float16), [t.astype(np.float16) for t in thetas], MergeSpec())
+    assert str(out.dtype) == "bfloat16"
+
+
+def test_errors():
+    base, thetas = _rand(0)
+    with pytest.raises(MergeError, match="3 weights"):
+        merge_tensor("w", base, thetas, MergeSpec(weights=(0.2, 0.3, 0.5)))
+    with pytest.raises(MergeError, match="w: model 2 has shape"):
+        merge_tensor("w", base, [thetas[0], thetas[1][:3]], MergeSpec())
+    with pytest.raises(MergeError, match="dtype int32"):
+        merge_tensor("w", base, [thetas[0], thetas[1].astype(np.int32)], MergeSpec())
+    with pytest.raises(MergeError, match="unknown merge method"):
+        MergeSpec(method="slerp")
+    with pytest.raises(MergeError, match="non-finite"):
+        merge_tensor("w", base, [thetas[0], np.full_like(base, np.inf)], MergeSpec())

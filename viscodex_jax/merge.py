@@ -1,0 +1,233 @@
+"""Task-vector merging as one jitted per-tensor pipeline.
+
+For every tensor, with task vectors ``d_i = theta_i - base`` (float32):
+
+    sparsify (TIES top-k magnitude | DARE Bernoulli drop)  ->  weight  w_i * d_i
+    -> sign consensus (elect the sign of sum_i w_i d_i; drop entries that disagree)
+    -> sum -> normalise (divide by the summed weights that contributed)
+    -> scale lambda -> base + result, cast to the output dtype (bf16 by default)
+
+Methods are settings of that pipeline:
+
+| method            | sparsify | sign consensus | normalise |
+|-------------------|----------|----------------|-----------|
+| linear            | -        | -              | yes (sum w) -> sum_i w_i theta_i / sum_i w_i, base cancels |
+| task_arithmetic   | -        | -              | no        |
+| ties              | top-k    | yes            | yes (disjoint mean) |
+| dare_linear       | DARE     | -              | no        |
+| dare_ties         | DARE     | yes            | yes (disjoint mean) |
+
+VisCodex is ``task_arithmetic`` with ``weights=[lam, 1 - lam]`` for (VLM, coder):
+``base + lam * tau_vlm + (1 - lam) * tau_code``.
+
+DARE rescaling: ``"inverse_p"`` (the DARE paper) divides kept entries by the
+keep probability ``p``, which preserves each task vector in expectation;
+``"l1"`` instead rescales so the kept entries have the same L1 norm as the
+whole task vector, which preserves it exactly per tensor. They differ for any
+single draw; both are offered.
+
+The same function merges an in-memory params pytree and streams HF
+checkpoints from disk (see ``merge_stream``); both call :func:`merge_tensor`
+on tensors in HF layout, one HF tensor at a time, so TIES' top-k is per HF
+tensor and DARE's random mask (keyed by seed and tensor name) is the same in
+both paths: their outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+MERGEABLE_KINDS = "f"  # float dtypes only: merging integer or bool tensors has no meaning
+
+
+class MergeError(ValueError):
+    """A merge that cannot be done as asked (names the tensor or setting)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSpec:
+    """What to merge and how. ``weights`` has one entry per fine-tuned model."""
+
+    method: str = "task_arithmetic"
+    weights: tuple[float, ...] = (0.7, 0.3)
+    lam: float = 1.0  # the final scale
+    density: float = 1.0  # ties: fraction kept by magnitude; dare: keep probability p
+    seed: int = 0
+    dare_rescale: str = "inverse_p"  # "inverse_p" | "l1"
+    normalize: bool | None = None  # None: the method's default (see table)
+    # Which params are merged: regexes on '/'-joined param paths (our tree, e.g. model/layers/mlp/up_proj/kernel).
+    include: tuple[str, ...] = (r"^model/", r"^lm_head/")
+    exclude: tuple[str, ...] = ()
+    # Per-group weights: (regex, weights) pairs; the first match wins over ``weights``.
+    group_weights: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    out_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise MergeError(f"unknown merge method {self.method!r}; choose from {', '.join(METHODS)}")
+        if not 0.0 < self.density <= 1.0:
+            raise MergeError(f"density must be in (0, 1], got {self.density}")
+        if self.dare_rescale not in ("inverse_p", "l1"):
+            raise MergeError(f"dare_rescale must be 'inverse_p' or 'l1', got {self.dare_rescale!r}")
+        for pattern, w in self.group_weights:
+            if len(w) != len(self.weights):
+                raise MergeError(
+                    f"group_weights[{pattern!r}] has {len(w)} weights but {len(self.weights)} models are merged"
+                )
+
+    @property
+    def sparsify(self) -> str | None:
+        return {"ties": "topk", "dare_linear": "dare", "dare_ties": "dare"}.get(self.method)
+
+    @property
+    def sign_consensus(self) -> bool:
+        return self.method in ("ties", "dare_ties")
+
+    @property
+    def do_normalize(self) -> bool:
+        if self.normalize is not None:
+            return self.normalize
+        return self.method in ("linear", "ties", "dare_ties")
+
+    def merges(self, path: str) -> bool:
+        return any(re.search(p, path) for p in self.include) and not any(re.search(p, path) for p in self.exclude)
+
+    def weights_for(self, path: str) -> tuple[float, ...]:
+        for pattern, w in self.group_weights:
+            if re.search(pattern, path):
+                return tuple(w)
+        return tuple(self.weights)
+
+
+def tensor_key(seed: int, name: str) -> jax.Array:
+    """A PRNG key per (seed, tensor name): the same draw whatever order tensors come in."""
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    return jax.random.fold_in(jax.random.PRNGKey(seed), h)
+
+
+def _topk_mask(d: jax.Array, density: float) -> jax.Array:
+    """Keeps the ``ceil(density * n)`` largest-magnitude entries (ties at the threshold kept)."""
+    flat = jnp.abs(d).reshape(-1)
+    k = max(1, int(np.ceil(density * flat.size)))
+    thresh = jnp.sort(flat)[flat.size - k]
+    return jnp.abs(d) >= thresh
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "out_dtype"))
+def _merge_core(base, thetas, weights, key, spec: MergeSpec, out_dtype):
+    base32 = base.astype(jnp.float32)
+    d = thetas.astype(jnp.float32) - base32[None]  # [n, ...]
+    n = d.shape[0]
+    keep = jnp.ones(d.shape, bool)
+    sparse = spec.sparsify is not None and spec.density < 1.0
+    if spec.sparsify == "topk" and spec.density < 1.0:
+        keep = jax.vmap(lambda x: _topk_mask(x, spec.density))(d)
+        d = jnp.where(keep, d, 0.0)
+    elif spec.sparsify == "dare" and spec.density < 1.0:
+        keys = jax.random.split(key, n)
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, spec.density, d.shape[1:]))(keys)
+        dropped = jnp.where(keep, d, 0.0)
+        if spec.dare_rescale == "inverse_p":
+            d = dropped / spec.density
+        else:
+            axes = tuple(range(1, d.ndim))
+            l1_all = jnp.sum(jnp.abs(d), axis=axes, keepdims=True)
+            l1_kept = jnp.sum(jnp.abs(dropped), axis=axes, keepdims=True)
+            d = dropped * jnp.where(l1_kept > 0, l1_all / jnp.where(l1_kept > 0, l1_kept, 1.0), 0.0)
+    w = weights.reshape((n,) + (1,) * (d.ndim - 1)).astype(jnp.float32)
+    wd = w * d
+    contrib = jnp.broadcast_to(keep, d.shape)
+    flipped = jnp.zeros((), jnp.float32)
+    if spec.sign_consensus:
+        elected = jnp.sign(jnp.sum(wd, axis=0))
+        agree = (jnp.sign(d) == elected[None]) & (d != 0)
+        flipped = jnp.mean(((jnp.sign(d) != elected[None]) & (d != 0)).astype(jnp.float32))
+        wd = jnp.where(agree, wd, 0.0)
+        contrib = agree
+    if not sparse and not spec.sign_consensus:
+        # Pure weighted sum: base + s * sum_i w_i (theta_i - base) rewritten as
+        # (1 - s * sum w) * base + s * sum_i w_i theta_i, so when s * sum w == 1 the
+        # base cancels exactly instead of leaving fp32 rounding of |base|.
+        wsum = jnp.sum(weights.astype(jnp.float32))
+        s = spec.lam / wsum if spec.do_normalize else jnp.float32(spec.lam)
+        wt = jnp.sum(w * thetas.astype(jnp.float32), axis=0)
+        merged = (1.0 - s * wsum) * base32 + s * wt
+    else:
+        total = jnp.sum(wd, axis=0)
+        if spec.do_normalize:
+            denom = jnp.sum(jnp.where(contrib, w, 0.0), axis=0)  # disjoint mean: only contributors count
+            total = jnp.where(denom != 0, total / jnp.where(denom != 0, denom, 1.0), 0.0)
+        merged = base32 + spec.lam * total
+    flat = d.reshape(n, -1)
+    norms = jnp.linalg.norm(flat, axis=1)
+    gram = flat @ flat.T
+    cos = gram / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
+    stats = {
+        "task_vector_norms": jnp.linalg.norm((thetas.astype(jnp.float32) - base32[None]).reshape(n, -1), axis=1),
+        "cosine": cos,
+        "kept_fraction": jnp.mean(keep.reshape(n, -1).astype(jnp.float32), axis=1),
+        "flipped_fraction": flipped,
+        "nonfinite": jnp.sum(~jnp.isfinite(merged)),
+    }
+    return merged.astype(out_dtype), stats
+
+
+def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, path: str | None = None):
+    """Merges one tensor (HF layout); returns (merged array, stats dict of numpy values).
+
+    ``path`` (our param path) selects per-group weights; defaults to ``name``.
+    """
+    weights = spec.weights_for(path or name)
+    if len(thetas) != len(weights):
+        raise MergeError(f"{name}: {len(thetas)} models to merge but {len(weights)} weights given")
+    for i, t in enumerate(thetas):
+        if tuple(t.shape) != tuple(base.shape):
+            raise MergeError(f"{name}: model {i + 1} has shape {list(t.shape)} but the base has {list(base.shape)}")
+    for i, t in enumerate([base, *thetas]):
+        if np.dtype(t.dtype).kind not in MERGEABLE_KINDS:
+            raise MergeError(f"{name}: dtype {np.dtype(t.dtype)} of {'the base' if i == 0 else f'model {i}'} cannot be merged")
+    out_dtype = jnp.dtype(spec.out_dtype)
+    merged, stats = _merge_core(
+        jnp.asarray(base), jnp.stack([jnp.asarray(t) for t in thetas]), jnp.asarray(weights, jnp.float32),
+        tensor_key(spec.seed, name), spec, out_dtype,
+    )
+    stats = {k: np.asarray(v) for k, v in stats.items()}
+    if stats["nonfinite"]:
+        raise MergeError(f"{name}: merge produced {int(stats['nonfinite'])} non-finite values (inf/NaN in an input?)")
+    return merged, stats
+
+
+# --------------------------------------------------------------------------- vocab policy
+
+_VOCAB_ROWS = {"model.embed_tokens.weight", "lm_head.weight"}  # HF layout: vocab on axis 0
+
+
+def merge_named(name: str, base, thetas: Sequence[Any], primary, spec: MergeSpec, path: str | None = None):
+    """merge_tensor plus the vocab policy for embeddings and lm_head.
+
+    The VLM and the coder may have different vocab sizes. Rows that every model
+    has are merged; the output keeps the primary model's (the VLM's) shape,
+    and rows beyond the shared ones are the primary's, untouched.
+    """
+    if name in _VOCAB_ROWS:
+        rows = min(int(t.shape[0]) for t in [base, *thetas])
+        if any(t.shape[1:] != primary.shape[1:] for t in [base, *thetas]):
+            raise MergeError(f"{name}: hidden sizes differ between models: "
+                             f"{[list(t.shape) for t in [base, *thetas]]}")
+        if any(t.shape[0] != rows for t in [base, *thetas]) or primary.shape[0] != rows:
+            merged, stats = merge_tensor(name, base[:rows], [t[:rows] for t in thetas], spec, path)
+            out = np.empty(primary.shape, np.dtype(spec.out_dtype))
+            out[:rows] = np.asarray(merged)
+            out[rows:] = np.asarray(primary[rows:]).astype(out.dtype)
+            stats["vocab_rows_merged"] = rows
+            return out, stats
+    return merge_tensor(name, base, thetas, spec, path)
