@@ -1,0 +1,193 @@
+"""Merging real (tiny) checkpoints: streamed == in-memory, vision copied, transformers loads the result."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from viscodex_jax import checkpoint
+from viscodex_jax.checkpoint.hf import SIDE_FILES, flatten, iter_hf_tensors
+from viscodex_jax.checkpoint.safetensors_io import ShardedWriter
+from viscodex_jax.merge import MergeError, MergeSpec
+from viscodex_jax.merge_checkpoints import merge_checkpoints, merge_params
+from viscodex_jax.tiny import make_tiny_checkpoints
+
+
+def _reshard(src: str, dst: str, max_bytes: int, drop=(), edit=None):
+    os.makedirs(dst)
+    w = ShardedWriter(dst, max_bytes)
+    for _, name, _, read in iter_hf_tensors(src):
+        if name in drop:
+            continue
+        a = read()
+        w.add(name, edit(name, a) if edit else a)
+    w.finish()
+    for f in ("config.json",) + SIDE_FILES:
+        if os.path.isfile(os.path.join(src, f)):
+            shutil.copy(os.path.join(src, f), dst)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    paths = make_tiny_checkpoints(str(root / "orig"), seed=11)
+    out = {}
+    for k, p in paths.items():  # several shards per model
+        out[k] = str(root / k)
+        _reshard(p, out[k], 400_000)
+        assert len([f for f in os.listdir(out[k]) if f.endswith(".safetensors")]) > 2
+    return out
+
+
+def _tensors(d):
+    return {name: read() for _, name, _, read in iter_hf_tensors(d)}
+
+
+@pytest.mark.parametrize("spec", [
+    MergeSpec(method="task_arithmetic", weights=(0.7, 0.3)),
+    MergeSpec(method="ties", weights=(0.6, 0.5), density=0.4, lam=0.9),
+    MergeSpec(method="dare_ties", weights=(0.7, 0.3), density=0.5, seed=2),
+    MergeSpec(method="task_arithmetic", weights=(0.7, 0.3), exclude=(r"/mlp/",),
+              group_weights=((r"/self_attn/", (0.5, 0.5)),)),
+], ids=["task_arithmetic", "ties", "dare_ties", "groups"])
+def test_streamed_equals_in_memory_and_vision_is_copied(tiny, tmp_path, spec):
+    out = str(tmp_path / "merged")
+    report = merge_checkpoints(tiny["base"], [tiny["vlm"], tiny["coder"]], out, spec, max_shard_bytes=500_000)
+    assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 1
+    cfg, streamed = checkpoint.load_hf_params(out)
+    _, base = checkpoint.load_hf_params(tiny["base"])
+    _, vlm = checkpoint.load_hf_params(tiny["vlm"])
+    _, coder = checkpoint.load_hf_params(tiny["coder"])
+    mem, mem_report = merge_params(base, [vlm, coder], spec, cfg)
+    fs, fm, fv = flatten(streamed), flatten(mem), flatten(vlm)
+    assert fs.keys() == fm.keys()
+    for k in fs:
+        assert fs[k].dtype == fm[k].dtype and fs[k].tobytes() == fm[k].tobytes(), "/".join(k)
+    # the vision tower and merger are the VLM's, bit for bit, in streamed output files too
+    src, got = _tensors(tiny["vlm"]), _tensors(out)
+    vis = [n for n in src if n.startswith("visual.")]
+    assert vis and all(got[n].dtype == src[n].dtype and got[n].tobytes() == src[n].tobytes() for n in vis)
+    assert sorted(report["copied"]) == sorted(n for n in src if n.startswith("visual.") or
+                                              (spec.exclude and ".mlp." in n and not n.startswith("visual.")))
+    assert set(report["merged"]) == set(mem_report["merged"])
+    saved = json.load(open(os.path.join(out, "merge_report.json")))
+    assert saved["method"] == spec.method and len(saved["merged"]) == len(report["merged"])
+    if spec.exclude:  # excluded MLPs are the VLM's
+        k = ("model", "layers", "mlp", "up_proj", "kernel")
+        assert fs[k].tobytes() == fv[k].astype(fs[k].dtype).tobytes()
+    if spec.method == "task_arithmetic":
+        # VisCodex: base + 0.7 tau_vlm + 0.3 tau_code; attention uses the group weights when given
+        k = ("model", "layers", "self_attn", "q_proj", "kernel")
+        w = (0.5, 0.5) if spec.group_weights else (0.7, 0.3)
+        ref = flatten(base)[k] + w[0] * (fv[k] - flatten(base)[k]) + w[1] * (flatten(coder)[k] - flatten(base)[k])
+        np.testing.assert_allclose(fs[k].astype(np.float32), ref, atol=1e-2)  # bf16 output
+
+
+def test_merged_checkpoint_loads_in_transformers_with_our_logits(tiny, tmp_path):
+    out = str(tmp_path / "merged32")
+    merge_checkpoints(tiny["base"], [tiny["vlm"], tiny["coder"]], out, MergeSpec(out_dtype="float32"))
+    from transformers import AutoModelForImageTextToText
+
+    import viscodex_jax as vx
+    from viscodex_jax.demo import demo_chart
+
+    model = vx.load(out)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "plot it"}]}]
+    batch = model.processor([msgs], images=[[demo_chart()]])
+    ours = np.asarray(model.logits(batch))
+    hf = AutoModelForImageTextToText.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(batch["input_ids"]).long(), attention_mask=torch.tensor(batch["attention_mask"]),
+                 position_ids=torch.tensor(batch["positions"]).long(), pixel_values=torch.tensor(batch["pixel_values"]),
+                 image_grid_thw=torch.tensor(batch["image_grid_thw"])).logits.numpy()
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_vocab_mismatch_merges_shared_rows_and_keeps_vlm_extra_rows(tiny):
+    cfg, base = checkpoint.load_hf_params(tiny["base"])
+    vcfg, vlm = checkpoint.load_hf_params(tiny["vlm"])
+    _, coder = checkpoint.load_hf_params(tiny["coder"])
+    v = vcfg.text.vocab_size
+    small = lambda p: {**p, "model": {**p["model"], "embed_tokens": {"embedding": p["model"]["embed_tokens"]["embedding"][: v - 64]}},
+                       "lm_head": {"kernel": p["lm_head"]["kernel"][:, : v - 64]}}
+    spec = MergeSpec(out_dtype="float32")
+    merged, report = merge_params(base, [vlm, small(coder)], spec, vcfg)
+    emb = merged["model"]["embed_tokens"]["embedding"]
+    ve, be, ce = (p["model"]["embed_tokens"]["embedding"] for p in (vlm, base, coder))
+    np.testing.assert_array_equal(emb[v - 64:], ve[v - 64:])
+    np.testing.assert_allclose(emb[: v - 64], 0.7 * ve[: v - 64] + 0.3 * ce[: v - 64], atol=1e-6)
+    assert report["merged"]["model.embed_tokens.weight"]["vocab_rows_merged"] == v - 64
+    np.testing.assert_array_equal(merged["lm_head"]["kernel"][:, v - 64:], vlm["lm_head"]["kernel"][:, v - 64:])
+    del cfg, be
+
+
+def _no_output(tmp_path, name):
+    assert not os.path.exists(tmp_path / name)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(f".{name}.tmp-")]
+
+
+def test_error_missing_tensor(tiny, tmp_path):
+    coder = str(tmp_path / "coder_missing")
+    _reshard(tiny["coder"], coder, 10**9, drop=("model.layers.1.self_attn.k_proj.bias",))
+    with pytest.raises(MergeError, match=r"model.layers.1.self_attn.k_proj.bias.*not in .*coder_missing"):
+        merge_checkpoints(tiny["base"], [tiny["vlm"], coder], str(tmp_path / "out"), MergeSpec())
+    _no_output(tmp_path, "out")
+
+
+def test_error_shape_mismatch(tiny, tmp_path):
+    coder = str(tmp_path / "coder_shape")
+    _reshard(tiny["coder"], coder, 10**9,
+             edit=lambda n, a: a[:, :-2] if n == "model.layers.0.mlp.down_proj.weight" else a)
+    with pytest.raises(MergeError, match=r"model.layers.0.mlp.down_proj.weight: model 2 has shape \[64, 126\]"):
+        merge_checkpoints(tiny["base"], [tiny["vlm"], coder], str(tmp_path / "out"), MergeSpec())
+    _no_output(tmp_path, "out")
+
+
+def test_error_dtype_cannot_be_merged(tiny, tmp_path):
+    coder = str(tmp_path / "coder_int")
+    _reshard(tiny["coder"], coder, 10**9,
+             edit=lambda n, a: a.astype(np.int32) if n == "model.norm.weight" else a)
+    with pytest.raises(MergeError, match=r"model.norm.weight: dtype int32"):
+        merge_checkpoints(tiny["base"], [tiny["vlm"], coder], str(tmp_path / "out"), MergeSpec())
+    _no_output(tmp_path, "out")
+
+
+def test_error_weights_wrong_length(tiny, tmp_path):
+    with pytest.raises(MergeError, match="2 models to merge but 3 weights"):
+        merge_checkpoints(tiny["base"], [tiny["vlm"], tiny["coder"]], str(tmp_path / "out"),
+                          MergeSpec(weights=(0.5, 0.3, 0.2)))
+    _no_output(tmp_path, "out")
+
+
+def test_error_unwritable_output(tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises((MergeError, OSError), match="file"):
+        merge_checkpoints(tiny["base"], [tiny["vlm"], tiny["coder"]], str(blocker / "out"), MergeSpec())
+    assert blocker.read_text() == "not a directory"
+
+
+def test_error_disk_full_leaves_nothing(tiny, tmp_path, monkeypatch):
+    from viscodex_jax.checkpoint import safetensors_io
+
+    calls = {"n": 0}
+    real = safetensors_io.write_safetensors
+
+    def failing(path, tensors, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second shard hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(safetensors_io, "write_safetensors", failing)
+    with pytest.raises(MergeError, match="No space left on device"):
+        merge_checkpoints(tiny["base"], [tiny["vlm"], tiny["coder"]], str(tmp_path / "out"), MergeSpec(),
+                          max_shard_bytes=300_000)
+    assert calls["n"] == 2
+    _no_output(tmp_path, "out")
