@@ -445,10 +445,11 @@ def render(results: dict[str, Any]) -> str:
         f"Checkpoint conversion, {m['cpu_count']} CPUs ({m['cpu_model']}), {m['platform']}; "
         f"jax {m['versions']['jax']}, orbax {m['versions']['orbax-checkpoint']}, "
         f"transformers {m['versions']['transformers']}, torch {m['versions']['torch']}; "
-        f"{results['config']['cache']} page cache, median of {results['config']['repeats']} fresh processes.",
+        f"{results['config']['cache']} page cache; median of {results['config']['repeats']} fresh processes per task "
+        f"(after {results['config']['warmup']} untimed).",
         "",
-        "| model | task | s | GB/s | peak RSS GB | RSS before GB | × floor | ours / transformers |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | task | s | s min–max | GB/s | peak RSS GB | RSS before GB | × floor | ours / transformers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, mres in results["models"].items():
         gb = mres["ckpt_bytes"] / 1e9
@@ -458,7 +459,8 @@ def render(results: dict[str, Any]) -> str:
                 continue
             vs_ref = r.get("vs_transformers")
             lines.append(
-                f"| {name} ({gb:.2f} GB) | {label} | {r['seconds']:.2f} | {_fmt(r['gb_per_s'], '.2f')} | "
+                f"| {name} ({gb:.2f} GB) | {label} | {r['seconds']:.2f} | {r['seconds_min']:.2f}–{r['seconds_max']:.2f} | "
+                f"{_fmt(r['gb_per_s'], '.2f')} | "
                 f"{r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} | {_fmt(r['vs_floor'], '.2f')}× | "
                 f"{(_fmt(vs_ref, '.2f') + '×') if vs_ref is not None else ''} |"
             )
@@ -499,6 +501,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(t[0] for t in TASKS)}")
     p.add_argument("--repeats", type=int, default=5, help="fresh processes per task; the median time is reported")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed fresh processes per task first (a VM backs freshly touched memory slowly)")
     p.add_argument("--cold", action="store_true", help="posix_fadvise(DONTNEED) the files before every task")
     p.add_argument("--recreate", action="store_true", help="rebuild the cached checkpoints")
     p.add_argument("--seed", type=int, default=0)
@@ -515,7 +519,7 @@ def main(argv: list[str]) -> None:
     t_start = time.perf_counter()
     results: dict[str, Any] = dict(
         machine=machine_info(),
-        config=dict(repeats=a.repeats, cache="cold (fadvise DONTNEED)" if a.cold else "warm",
+        config=dict(repeats=a.repeats, warmup=a.warmup, cache="cold (fadvise DONTNEED)" if a.cold else "warm",
                     shard_size=SHARD_SIZE, seed=a.seed, work_dir=a.work_dir, models={n: _spec(n) for n in names},
                     floor_task=FLOOR_TASK, reference_task=REF_TASK),
         models={},
@@ -537,7 +541,7 @@ def main(argv: list[str]) -> None:
             warm(files)
         for key, label, _ in tasks:
             samples = []
-            for rep in range(a.repeats):
+            for rep in range(-a.warmup, a.repeats):
                 out_dir = None
                 if key == "ours_convert":
                     out_dir = os.path.join(a.work_dir, f"_orbax_out-{name}")
@@ -553,8 +557,9 @@ def main(argv: list[str]) -> None:
                 finally:
                     if out_dir:
                         shutil.rmtree(out_dir, ignore_errors=True)
-                samples.append(s)
-                print(f"[{name}] {label} #{rep + 1}: {s['seconds']:.2f}s, peak RSS {s['peak_rss'] / 1e9:.2f} GB",
+                if rep >= 0:
+                    samples.append(s)
+                print(f"[{name}] {label} {'warmup' if rep < 0 else '#' + str(rep + 1)}: {s['seconds']:.2f}s, peak RSS {s['peak_rss'] / 1e9:.2f} GB",
                       file=sys.stderr, flush=True)
             mres["tasks"][key] = summarise(samples, nbytes)
         floor = mres["tasks"].get(FLOOR_TASK)

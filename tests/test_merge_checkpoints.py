@@ -191,3 +191,39 @@ def test_error_disk_full_leaves_nothing(tiny, tmp_path, monkeypatch):
                           max_shard_bytes=300_000)
     assert calls["n"] == 2
     _no_output(tmp_path, "out")
+
+
+def test_config_recipe_and_lambda_sweep(tiny, tmp_path):
+    import importlib.util
+
+    from viscodex_jax.merge_recipe import lambda_sweep, run_merge, spec_from_config
+
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                                     "merge_viscodex_33b.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    assert c.lam == 0.85 and c.method == "task_arithmetic"
+    c.base_dir, c.vlm_dir, c.coder_dir = tiny["base"], tiny["vlm"], tiny["coder"]
+    c.out_dir, c.orbax_dir = str(tmp_path / "hf"), str(tmp_path / "orbax")
+    c.merge_embeddings = False
+    s = spec_from_config(c)
+    assert np.allclose(s.weights, (0.85, 0.15)) and not s.merges("model/embed_tokens/embedding") and s.merges("model/norm/scale")
+    report = run_merge(c)
+    assert "model.embed_tokens.weight" in report["copied"] and os.path.isdir(c.orbax_dir)
+    c.out_dir = str(tmp_path / "sweep")
+    os.makedirs(c.out_dir)
+    scores = {}
+
+    def score(d):  # distance of the merged norm from the VLM's: grows as lam moves away from 1
+        got = checkpoint.load_hf_params(d)[1]["model"]["norm"]["scale"].astype(np.float32)
+        ref = checkpoint.load_hf_params(tiny["vlm"])[1]["model"]["norm"]["scale"]
+        scores[d] = float(np.abs(got - ref).sum())
+        return scores[d]
+
+    result = lambda_sweep(c, [0.7, 0.9], score=score)
+    assert [r["lam"] for r in result["rows"]] == [0.7, 0.9] and result["best_lam"] == 0.9
+    assert json.load(open(os.path.join(c.out_dir, "sweep.json")))["best_lam"] == 0.9
+    with pytest.raises(MergeError, match="--config.base_dir"):
+        c.base_dir = ""
+        run_merge(c)

@@ -146,20 +146,22 @@ def merge_checkpoints(
     idx = [_index(d) for d in [base_dir, *model_dirs]]
     names = [os.path.basename(os.path.normpath(d)) for d in [base_dir, *model_dirs]]
     report = _Report(spec, names)
-    total = sum(np.prod(s) for _, _, s in idx[1].values())
+    total = sum(os.path.getsize(f) for f in {file for ix in idx for file, _, _ in ix.values()})
     t0 = time.time()
     try:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             writer = ShardedWriter(tmp, max_shard_bytes)
-            bar = tqdm.tqdm(total=int(total), unit="param", unit_scale=True, desc="merge", mininterval=1.0)
-            for canon, (file, read, shape) in idx[1].items():
+            bar = tqdm.tqdm(total=int(total), unit="B", unit_scale=True, desc="merge (input read)", mininterval=1.0)
+            for canon, (file, read, _) in idx[1].items():
                 hit = hf_map.hf_to_path(canon, expected)
                 if hit is None:
                     raise MergeError(f"{file}: tensor {canon!r} does not belong to a {cfg.model_type} model")
                 path = "/".join(hit[0])
                 if not spec.merges(path):
-                    writer.add(canon, read())  # copied untouched: the vision tower stays the VLM's
+                    arr = read()
+                    writer.add(canon, arr)  # copied untouched: the vision tower stays the VLM's
                     report.data["copied"].append(canon)
+                    bar.update(arr.nbytes)
                 else:
                     srcs = []
                     for j, ix in enumerate(idx):
@@ -173,8 +175,8 @@ def merge_checkpoints(
                     merged, stats = merge_named(canon, srcs[0], srcs[1:], srcs[1], spec, path)
                     writer.add(canon, np.asarray(merged))
                     report.merged(canon, stats)
+                    bar.update(sum(x.nbytes for x in srcs))
                     del srcs, merged
-                bar.update(int(np.prod(shape)))
             bar.close()
             for j, ix in enumerate(idx):
                 if j == 1:

@@ -1,0 +1,35 @@
+"""Merge a VLM and a coder into one model (the VisCodex recipe), or sweep lam.
+
+    python launch/merge.py --config=configs/merge_viscodex_8b.py --config.base_dir=... \
+        --config.vlm_dir=... --config.coder_dir=... --config.out_dir=...
+    python launch/merge.py --config=configs/merge_viscodex_8b.py ... --config.sweep_lams=0.7,0.8,0.85,0.9
+"""
+
+import json
+
+from absl import app, logging
+from ml_collections import config_flags
+
+from viscodex_jax.logs import quiet_third_party
+from viscodex_jax.merge_recipe import lambda_sweep, run_merge
+
+CONFIG = config_flags.DEFINE_config_file("config", "configs/merge_viscodex_8b.py", "Merge config.")
+
+
+def main(argv):
+    del argv
+    quiet_third_party()
+    c = CONFIG.value
+    if c.sweep_lams:
+        result = lambda_sweep(c, [float(x) for x in c.sweep_lams.split(",")])
+        for r in result["rows"]:
+            print(f"lam={r['lam']:<5g} score={r['score']:.5f}  {r['dir']}")
+        print(f"best lam: {result['best_lam']}")
+        return
+    report = run_merge(c)
+    print(json.dumps(report["summary"] if "summary" in report else {}, indent=2))
+    logging.info("wrote %s", c.out_dir)
+
+
+if __name__ == "__main__":
+    app.run(main)
