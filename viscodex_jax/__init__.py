@@ -4,13 +4,18 @@
     model = vx.load("path/to/Qwen2.5-VL-7B-Instruct")     # HF dir or our orbax dir
     batch = model.processor([messages], images=[[img]])
     logits = model.logits(batch)
+    texts = vx.generate(model, [messages], images=[[img]], max_new_tokens=256, sampler=vx.TopP(0.95))
     vx.save_hf(model, "out_dir")
 """
 
 __version__ = "0.1.0"
 
-from viscodex_jax.api import Model, load, save_hf
+from viscodex_jax.api import Model, generate, load, save_hf
+from viscodex_jax.sampling import Greedy, Temperature, TopK, TopP
 from viscodex_jax.data.processor import Processor
 from viscodex_jax.model.config import ModelConfig, load_config
 
-__all__ = ["Model", "ModelConfig", "Processor", "load", "load_config", "save_hf"]
+__all__ = [
+    "Greedy", "Model", "ModelConfig", "Processor", "Temperature", "TopK", "TopP",
+    "generate", "load", "load_config", "save_hf",
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,3 +60,57 @@ def save_hf(model: Model, out_dir: str, dtype: Any = None, max_shard_bytes: int 
     """Writes ``model`` as a HF checkpoint that transformers (and vLLM) load as-is."""
     return checkpoint.save_hf(model.params, model.config, model.raw_config, out_dir, side_files_from=model.path,
                               dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def generate(
+    model: Model,
+    prompts: Sequence[Any],
+    images: Sequence[Sequence[Any]] | None = None,
+    max_new_tokens: int = 256,
+    sampler: Any = None,
+    seed: int = 0,
+    stream: Callable[[str], None] | None = None,
+    settings: Any = None,
+) -> list[str]:
+    """Chat prompts (message lists or rendered strings) + images -> generated texts.
+
+    ``stream`` receives the text of row 0 piece by piece as it is generated.
+    A single message list is accepted for one prompt.
+    """
+    from viscodex_jax.sampling import DecodeSettings, Greedy, generate_ids
+
+    if model.processor is None:
+        raise ValueError(f"{model.path}: checkpoint has no tokenizer files; cannot generate text")
+    if prompts and isinstance(prompts[0], dict):
+        prompts, images = [prompts], [images] if images is not None and images and not isinstance(images[0], (list, tuple)) else images
+    tok = model.processor.tokenizer
+    batch = model.processor(list(prompts), images=images)
+    eos = sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None})
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    settings = settings or DecodeSettings(max_new_tokens=max_new_tokens)
+    callback = None
+    if stream is not None:
+        emitted: list[int] = []
+        printed = [""]
+
+        def callback(tokens, step):
+            if tokens[0] not in eos and (not emitted or emitted[-1] not in eos):
+                emitted.append(int(tokens[0]))
+                text = tok.decode(emitted, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    stream(text[len(printed[0]):])
+                    printed[0] = text
+            elif tokens[0] in eos:
+                emitted.append(int(tokens[0]))
+
+    out = generate_ids(model.config, model.params, batch, eos, pad, sampler or Greedy(),
+                       jax.random.PRNGKey(seed), settings, callback)
+    texts = []
+    for row in out:
+        row = list(row)
+        for i, t in enumerate(row):
+            if t in eos:
+                row = row[:i]
+                break
+        texts.append(tok.decode(row, skip_special_tokens=True))
+    return texts

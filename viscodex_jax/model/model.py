@@ -83,13 +83,15 @@ class CausalLM(nn.Module):
         cache: dict[str, Array] | None = None,
         cache_index: Array | int = 0,
         return_hidden: bool = False,
+        last_only: bool = False,
     ):
         """Forward pass.
 
         input_ids [B, T]; positions [B, T] (Qwen2) or [3, B, T] (M-RoPE);
         attention_mask [B, S] over key slots (S = T without a cache, the cache
-        length with one). Returns logits [B, T, V] (or final hidden states),
-        plus the updated cache when one was given.
+        length with one). Returns logits [B, T, V] (or final hidden states;
+        ``last_only``: just the last position, [B, 1, V]), plus the updated
+        cache when one was given.
         """
         c = self.cfg
         x = self.embed(input_ids, pixel_values, vision_meta, image_features)
@@ -98,6 +100,8 @@ class CausalLM(nn.Module):
         cos, sin = text_rope(positions, c.text.head_dim, c.text.rope_theta, c.text.mrope_section)
         mask = attention_mask_for(input_ids.shape[1], attention_mask, cache_index if cache is not None else 0, segment_ids)
         h, new_cache = self.model(x, cos, sin, mask, cache, cache_index)
+        if last_only:
+            h = h[:, -1:]
         out = h if return_hidden else self.logits_from_hidden(h)
         return (out, new_cache) if cache is not None else out
 

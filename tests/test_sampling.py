@@ -1,0 +1,152 @@
+"""Sampling: greedy equals transformers' generate, the cached decode equals full recompute, samplers."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import IMG, vl_prompt
+
+from viscodex_jax.checkpoint import load_hf_params
+from viscodex_jax.model.model import CausalLM
+from viscodex_jax.model.rope_index import get_rope_index, text_positions
+from viscodex_jax.model.vision import metadata_arrays, vision_metadata
+from viscodex_jax.sampling import DecodeSettings, Greedy, Temperature, TopK, TopP, generate_ids
+
+NEW = 10
+CASES = {
+    "text_only": ("qwen2_untied", [], [[9]]),
+    "vl_text_only": ("vl_b", [], [[12]]),
+    "one_image": ("vl_a", [(1, 8, 12)], [[3, 4]]),
+    "two_images": ("vl_c", [(1, 4, 6), (1, 6, 6)], [[2, 3, 2]]),
+    "batch_different_lengths": ("vl_a", [(1, 4, 4), (1, 6, 8)], [[1, 9], [6, 2], [13]]),
+}
+
+
+def _batch(model_name, grids, lens, seed=0):
+    rng = np.random.default_rng(seed)
+    rows, k = [], 0
+    for row_lens in lens:
+        n = len(row_lens) - 1
+        rows.append(vl_prompt(grids[k:k + n], row_lens, rng))
+        k += n
+    t = max(map(len, rows))
+    ids = np.zeros((len(rows), t), np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = r
+        mask[i, t - len(r):] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if model_name.startswith("vl"):
+        batch["positions"], _ = get_rope_index(ids, grids, IMG, 2, mask)
+    else:
+        batch["positions"] = text_positions(mask)
+    if grids:
+        n = sum(a * b * c for a, b, c in grids)
+        batch["pixel_values"] = rng.standard_normal((n, 1176)).astype(np.float32)
+        batch["image_grid_thw"] = np.asarray(grids)
+    return batch
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path):
+    return load_hf_params(path)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_equals_transformers_generate(hf_checkpoint, case):
+    model_name, grids, lens = CASES[case]
+    path = hf_checkpoint(model_name)
+    cfg, params = _load(path)
+    batch = _batch(model_name, grids, lens)
+    ours = generate_ids(cfg, params, batch, eos_ids=[319], pad_id=0,
+                        settings=DecodeSettings(max_new_tokens=NEW, prompt_bucket=16, patch_bucket=64))
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cls = AutoModelForImageTextToText if model_name.startswith("vl") else AutoModelForCausalLM
+    hf = cls.from_pretrained(path, attn_implementation="eager").eval()
+    ids = torch.tensor(batch["input_ids"])
+    kw = dict(input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"]), max_new_tokens=NEW,
+              do_sample=False, eos_token_id=319, pad_token_id=0)
+    if model_name.startswith("vl"):
+        kw["mm_token_type_ids"] = (ids == IMG).int()
+    if grids:
+        kw.update(pixel_values=torch.tensor(batch["pixel_values"]), image_grid_thw=torch.tensor(batch["image_grid_thw"]))
+    with torch.no_grad():
+        ref = hf.generate(**kw)[:, ids.shape[1]:].numpy()
+    np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
+
+
+def test_cached_decode_equals_full_recompute_every_step(hf_checkpoint):
+    path = hf_checkpoint("vl_a")
+    cfg, params = _load(path)
+    grids = [(1, 6, 8)]
+    batch = _batch("vl_a", grids, [[4, 3], [9, 0]][:1])
+    out = generate_ids(cfg, params, batch, eos_ids=[319], settings=DecodeSettings(max_new_tokens=6, prompt_bucket=8))
+    model = CausalLM(cfg)
+    meta = metadata_arrays(vision_metadata(grids, cfg.vision))
+    ids = batch["input_ids"]
+    for step in range(out.shape[1]):
+        full = np.concatenate([ids, out[:, :step]], axis=1)
+        pos, _ = get_rope_index(full, grids, IMG, 2)
+        logits = model.apply({"params": params}, full, pos, np.ones_like(full), pixel_values=batch["pixel_values"],
+                             vision_meta=meta)
+        assert int(jnp.argmax(logits[0, -1])) == out[0, step], f"step {step}"
+
+
+def test_stop_on_any_eos_per_row_and_pad_after(hf_checkpoint):
+    path = hf_checkpoint("qwen2_untied")
+    cfg, params = _load(path)
+    batch = _batch("qwen2_untied", [], [[7], [11]])
+    free = generate_ids(cfg, params, batch, eos_ids=[10**6], settings=DecodeSettings(max_new_tokens=8, prompt_bucket=8))
+    eos = [int(free[0, 2]), int(free[1, 4])]  # make each row stop at a different step
+    out = generate_ids(cfg, params, batch, eos_ids=eos, pad_id=-1,
+                       settings=DecodeSettings(max_new_tokens=8, prompt_bucket=8))
+    for row in range(2):
+        first = next(i for i, t in enumerate(free[row]) if t in eos)
+        np.testing.assert_array_equal(out[row, :first + 1], free[row, :first + 1])
+        assert (out[row, first + 1:] == -1).all()
+
+
+def test_streaming_gives_the_same_tokens(hf_checkpoint):
+    path = hf_checkpoint("vl_a")
+    cfg, params = _load(path)
+    batch = _batch("vl_a", [(1, 4, 4)], [[3, 5]])
+    settings = DecodeSettings(max_new_tokens=6, prompt_bucket=8)
+    seen = []
+    streamed = generate_ids(cfg, params, batch, eos_ids=[319], settings=settings,
+                            stream=lambda toks, step: seen.append(int(toks[0])))
+    plain = generate_ids(cfg, params, batch, eos_ids=[319], settings=settings)
+    np.testing.assert_array_equal(streamed, plain)
+    assert seen == list(plain[0, :len(seen)]) and len(seen) == 6
+
+
+def test_fixed_key_is_reproducible_and_topk1_is_greedy(hf_checkpoint):
+    path = hf_checkpoint("qwen2_tied_gqa3")
+    cfg, params = _load(path)
+    batch = _batch("qwen2", [], [[6], [10]])
+    s = DecodeSettings(max_new_tokens=8, prompt_bucket=8)
+    run = lambda sampler, seed: generate_ids(cfg, params, batch, [10**6], sampler=sampler, key=jax.random.PRNGKey(seed),
+                                             settings=s)
+    a, b = run(Temperature(1.5), 0), run(Temperature(1.5), 0)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, run(Temperature(1.5), 1))
+    np.testing.assert_array_equal(run(TopK(1, 2.0), 3), run(Greedy(), 0))
+
+
+def test_top_p_distribution_on_known_logits():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.log(jnp.asarray(probs))[None]
+    kept = TopP(0.7).filter(logits)
+    assert np.isfinite(np.asarray(kept[0, :2])).all() and np.isneginf(np.asarray(kept[0, 2:])).all()
+    keys = jax.random.split(jax.random.PRNGKey(0), 20000)
+    draws = np.asarray(jax.vmap(lambda k: TopP(0.7)(logits, k))(keys)).ravel()
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.015)
+    # p just above the first token's mass keeps exactly two; p below it keeps only the top token
+    assert np.isfinite(np.asarray(TopP(0.51).filter(logits))).sum() == 2
+    assert np.isfinite(np.asarray(TopP(0.4).filter(logits))).sum() == 1
