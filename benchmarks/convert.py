@@ -424,6 +424,7 @@ def machine_info() -> dict[str, Any]:
     except (OSError, StopIteration):
         pass
     return dict(
+        loadavg_at_start=list(os.getloadavg()),
         cpu_count=os.cpu_count(),
         cpu_affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         cpu_model=cpu_model,
@@ -446,7 +447,8 @@ def render(results: dict[str, Any]) -> str:
         f"jax {m['versions']['jax']}, orbax {m['versions']['orbax-checkpoint']}, "
         f"transformers {m['versions']['transformers']}, torch {m['versions']['torch']}; "
         f"{results['config']['cache']} page cache; median of {results['config']['repeats']} fresh processes per task "
-        f"(after {results['config']['warmup']} untimed).",
+        f"(after {results['config']['warmup']} untimed); load average {m['loadavg_at_start'][0]:.2f} at start, "
+        f"{m.get('loadavg_at_end', [float('nan')])[0]:.2f} at end.",
         "",
         "| model | task | s | s min–max | GB/s | peak RSS GB | RSS before GB | × floor | ours / transformers |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -517,6 +519,9 @@ def main(argv: list[str]) -> None:
             p.error(f"unknown models {sorted(unknown)}")
     tasks = [t for t in TASKS if a.tasks is None or t[0] in a.tasks.split(",")]
     t_start = time.perf_counter()
+    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other work will skew timings",
+              file=sys.stderr, flush=True)
     results: dict[str, Any] = dict(
         machine=machine_info(),
         config=dict(repeats=a.repeats, warmup=a.warmup, cache="cold (fadvise DONTNEED)" if a.cold else "warm",
@@ -580,6 +585,7 @@ def main(argv: list[str]) -> None:
         mres["ours_vs_transformers"] = ratios
         results["models"][name] = mres
     results["wall_s"] = time.perf_counter() - t_start
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     table = render(results)
     results["markdown"] = table
     os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)

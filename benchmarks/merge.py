@@ -1,0 +1,528 @@
+"""Checkpoint merge benchmark: ours (merge_checkpoints) against mergekit and an I/O floor.
+
+What it does:
+
+1. Builds (and caches under ``--work_dir``) randomly initialised bf16 HF
+   checkpoints with real shapes, 500 MB shards, using ``benchmarks/convert.py``'s
+   ``make_checkpoint`` (meta-device model, seeded fill, ``save_pretrained``):
+
+   * ``0.5b``: three text-only ``Qwen2ForCausalLM`` checkpoints with Qwen2.5-0.5B's
+     shapes (vocab 151936, hidden 896, intermediate 4864, 24 layers, 14/2 heads,
+     tied): ``base`` (seed ``--seed``) and ``model1``/``model2`` = base + seeded
+     Gaussian noise (std ``--noise_std``, computed in fp32, stored bf16; same
+     files/shard layout as the base).
+   * ``vl`` (our real VisCodex case): a ``Qwen2_5_VLForConditionalGeneration`` with the
+     same text shapes and the real Qwen2.5-VL vision tower (depth 32, hidden 1280,
+     intermediate 3420, 16 heads, out 896, full attention in 7/15/23/31, window 112,
+     mrope_section [8, 12, 12]) whose text tensors are base + noise, merged as
+     model1 (the primary) with the text ``model2`` as the coder and the text base.
+   * ``1.5b`` (off by default): like ``0.5b`` with Qwen2.5-1.5B's shapes (hidden
+     1536, intermediate 8960, 28 layers, 12/2 heads, tied).
+
+2. For task_arithmetic, ties (density 0.5) and dare_ties (density 0.5), with
+   weights (0.7, 0.3), times in a fresh subprocess each:
+
+   * ``ours``      ``merge_checkpoints(base, [model1, model2], out, MergeSpec(...),
+                   max_shard_bytes=500e6)`` (bf16 out, fp32 compute);
+   * ``mergekit``  ``mergekit-yaml`` (its CLI, from a separate venv, ``--mergekit``)
+                   on the same three text checkpoints, ``dtype: float32`` (compute) and
+                   ``out_dtype: bfloat16``, ``--out-shard-size 250M`` (parameters, =
+                   500 MB bf16), ``--lazy-unpickle``; text cases only;
+   * ``floor``     every tensor of the three inputs read with our safetensors reader
+                   and one model's worth (the primary's tensors) written with our
+                   ``ShardedWriter`` (500 MB shards): what any streaming merge must pay.
+
+   Peak RSS is the child's ``ru_maxrss`` from ``wait4`` (it includes interpreter and
+   library imports, and for mergekit any mmap'd file pages it touched).
+   ``wall s`` is the whole child process (what a user waits for, imports included);
+   ``work s`` excludes imports (known for ours and the floor only). ours/mergekit
+   compares wall seconds; ours/floor compares work seconds. Ours' outputs are
+   compared with mergekit's (fraction of bit-equal bf16 values, max |diff|).
+   For the VL case it also tries mergekit once without and once with
+   ``--allow-crimes`` and records what it says.
+
+3. Prints a Markdown table and writes JSON to ``--json_out``.
+
+Run from the repository root (mergekit in its own venv, CPU torch pinned first)::
+
+    python3 -m venv /tmp/mk && /tmp/mk/bin/pip install torch==2.13.0 && /tmp/mk/bin/pip install mergekit
+    .venv/bin/python benchmarks/merge.py                    # 0.5b + vl, ~10 min on 2 cores (+2 min first time)
+    .venv/bin/python benchmarks/merge.py --cases 0.5b --methods task_arithmetic   # quick
+    .venv/bin/python benchmarks/merge.py --cases 0.5b,vl,1.5b                   # add 1.5B (~10 GB disk more)
+
+Page cache is warm (inputs are read once before timing). Outputs are deleted after
+each task (mergekit's after comparison with ours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import convert as cb  # noqa: E402  (benchmarks/convert.py: checkpoint builder and helpers)
+
+# Qwen2.5-1.5B's text shapes, registered with convert.py's builder (also in children, which import this module).
+cb.MODELS.setdefault("qwen2.5-1.5b", dict(
+    kind="text", text=dict(cb.TEXT, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                           num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072),
+    rope_theta=cb.ROPE_THETA, tie_word_embeddings=True))
+
+CASES = {
+    # name: (text model for base/model1/model2, VL model for model1 or None)
+    "0.5b": ("qwen2.5-0.5b", None),
+    "vl": ("qwen2.5-0.5b", "qwen2.5-vl-0.5b"),
+    "1.5b": ("qwen2.5-1.5b", None),
+}
+METHODS = ("task_arithmetic", "ties", "dare_ties")
+WEIGHTS = (0.7, 0.3)
+SHARD_BYTES = 500 * 10**6
+DERIVED_SPEC = "merge_bench_spec.json"
+DERIVED_VERSION = 1
+RESULT_MARK = cb.RESULT_MARK
+CHILD_ENV = dict(cb.CHILD_ENV, TQDM_DISABLE="1")
+
+
+def spec_kwargs(method: str, density: float) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(method=method, weights=WEIGHTS, out_dtype="bfloat16")
+    if method != "task_arithmetic":
+        kw["density"] = density
+    if method == "dare_ties":
+        kw["dare_rescale"] = "l1"  # mergekit's DARE rescale: keep each task vector's per-tensor L1 norm
+    return kw
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def derive_checkpoint(src: str, base: str, out: str, seed: int, std: float, spec: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``src`` with every tensor that the base also has replaced by bf16(base + std * N(0, 1)).
+
+    Keeps src's file layout, index and side files; other tensors (the vision tower) are src's.
+    """
+    import numpy as np
+
+    from viscodex_jax.checkpoint import hf_map
+    from viscodex_jax.checkpoint.hf import atomic_dir, copy_side_files, iter_hf_tensors
+    from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, iter_index, write_safetensors
+
+    t0 = time.perf_counter()
+    base_ix = {hf_map.canonical_name(n): read for _, n, _, read in iter_hf_tensors(base)}
+    noised = 0
+    with atomic_dir(out, overwrite=True) as tmp:
+        for path, _ in iter_index(src):
+            f = SafetensorsFile(path)
+            tensors = {}
+            for name in f.keys():
+                read_base = base_ix.get(hf_map.canonical_name(name))
+                if read_base is None:
+                    tensors[name] = f.read(name)
+                    continue
+                b = read_base()
+                if b.shape != f.shape(name):
+                    raise ValueError(f"{name}: shape {f.shape(name)} in {src} but {b.shape} in {base}")
+                rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+                noise = rng.standard_normal(b.shape, dtype=np.float32)
+                noise *= std
+                noise += b.astype(np.float32)
+                tensors[name] = noise.astype(b.dtype)
+                noised += b.size
+                del b, noise
+            write_safetensors(os.path.join(tmp, os.path.basename(path)), tensors, f.metadata or {"format": "pt"})
+            del tensors
+        for name in ("config.json", "model.safetensors.index.json"):
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        copy_side_files(src, tmp)
+        with open(os.path.join(tmp, DERIVED_SPEC), "w") as fh:
+            json.dump(spec, fh, indent=2)
+    return dict(total_s=time.perf_counter() - t0, noised_params=noised)
+
+
+def base_ready(ckpt: str, name: str, seed: int) -> bool:
+    if not cb.checkpoint_ready(ckpt, name):
+        return False
+    with open(os.path.join(ckpt, cb.SPEC_FILE)) as f:
+        return json.load(f).get("seed") == seed
+
+
+def derived_ready(ckpt: str, spec: dict[str, Any]) -> bool:
+    try:
+        with open(os.path.join(ckpt, DERIVED_SPEC)) as f:
+            return json.load(f) == spec and bool(cb.weight_files(ckpt))
+    except (OSError, ValueError):
+        return False
+
+
+def prepare(work: str, text: str, vl: str | None, a: argparse.Namespace) -> dict[str, str]:
+    """Creates (or reuses) base, model1 (text or VL) and model2; returns their dirs."""
+    dirs = {"base": os.path.join(work, f"{text}-base"), "model2": os.path.join(work, f"{text}-model2"),
+            "model1": os.path.join(work, f"{vl or text}-model1")}
+
+    def make(name, ckpt, seed):
+        print(f"  creating {name} (seed {seed}) in {ckpt} ...", file=sys.stderr, flush=True)
+        r = spawn_child(dict(task="make", name=name, ckpt=ckpt, seed=seed), a.timeout)
+        print(f"  created in {r['wall_s']:.0f}s", file=sys.stderr, flush=True)
+
+    if a.recreate or not base_ready(dirs["base"], text, a.seed):
+        make(text, dirs["base"], a.seed)
+    for role, src_name, noise_seed in (("model1", vl or text, a.seed + 1), ("model2", text, a.seed + 2)):
+        spec = dict(version=DERIVED_VERSION, source=src_name, source_seed=a.seed + 10 if vl and role == "model1" else a.seed,
+                    base=text, base_seed=a.seed, noise_seed=noise_seed, noise_std=a.noise_std)
+        if not a.recreate and derived_ready(dirs[role], spec):
+            continue
+        src, raw = dirs["base"], None
+        if src_name != text:  # a fresh random VL checkpoint, whose text tensors are then replaced
+            raw = os.path.join(work, f".{src_name}-raw")
+            make(src_name, raw, spec["source_seed"])
+            src = raw
+        print(f"  deriving {role} = base + noise from {src} ...", file=sys.stderr, flush=True)
+        r = spawn_child(dict(task="derive", src=src, base=dirs["base"], out=dirs[role], seed=noise_seed,
+                             std=a.noise_std, spec=spec), a.timeout)
+        print(f"  derived in {r['wall_s']:.0f}s", file=sys.stderr, flush=True)
+        if raw:
+            shutil.rmtree(raw, ignore_errors=True)
+    return dirs
+
+
+# ----------------------------------------------------------------------------- child tasks
+
+
+def _status() -> dict[str, int]:
+    return cb._proc_status()
+
+
+def task_ours(base: str, models: list[str], out: str, method: str, density: float) -> dict[str, Any]:
+    import jax
+    import ml_dtypes
+    import numpy as np
+
+    from viscodex_jax import merge as vm
+    from viscodex_jax.merge import MergeSpec
+    from viscodex_jax.merge_checkpoints import merge_checkpoints
+
+    jax.devices()
+    workaround = None
+    if np.dtype(ml_dtypes.bfloat16).kind not in vm.MERGEABLE_KINDS:
+        # viscodex_jax.merge checks dtype.kind in "f", but numpy reports bfloat16's kind as "V", so every bf16
+        # checkpoint is refused. Until that is fixed, accept "V" too (only bf16 reaches it here).
+        vm.MERGEABLE_KINDS += "V"
+        workaround = "MERGEABLE_KINDS += 'V' (bf16 kind is 'V')"
+    spec = MergeSpec(**spec_kwargs(method, density))
+    before = _status()
+    t0 = time.perf_counter()
+    report = merge_checkpoints(base, models, out, spec, max_shard_bytes=SHARD_BYTES, overwrite=True)
+    dt = time.perf_counter() - t0
+    return dict(work_s=dt, rss_before=before["VmRSS"], peak_rss=_status()["VmHWM"], out_bytes=cb.ckpt_bytes(out),
+                n_out_files=len(cb.weight_files(out)), **report["summary"] if "summary" in report else {},
+                merged_tensors=len(report["merged"]), copied_tensors=len(report["copied"]), workaround=workaround)
+
+
+def task_floor(base: str, models: list[str], out: str) -> dict[str, Any]:
+    from viscodex_jax.checkpoint.hf import atomic_dir, iter_hf_tensors
+    from viscodex_jax.checkpoint.safetensors_io import ShardedWriter
+
+    before = _status()
+    t0 = time.perf_counter()
+    read = 0
+    with atomic_dir(out, overwrite=True) as tmp:
+        writer = ShardedWriter(tmp, SHARD_BYTES)
+        for j, d in enumerate([models[0], base, *models[1:]]):
+            for _, name, _, rd in iter_hf_tensors(d):
+                arr = rd()
+                read += arr.nbytes
+                if j == 0:
+                    writer.add(name, arr)  # one model's worth written: the primary's tensors
+                del arr
+        writer.finish()
+    dt = time.perf_counter() - t0
+    return dict(work_s=dt, rss_before=before["VmRSS"], peak_rss=_status()["VmHWM"], bytes_read=read,
+                out_bytes=cb.ckpt_bytes(out))
+
+
+def child_main(argv: list[str]) -> None:
+    a = json.loads(argv[0])
+    t = a.pop("task")
+    if t == "make":
+        res = cb.make_checkpoint(a["name"], a["ckpt"], a["seed"])
+    elif t == "derive":
+        res = derive_checkpoint(**a)
+    elif t == "ours":
+        res = task_ours(**a)
+    elif t == "floor":
+        res = task_floor(**a)
+    else:
+        raise ValueError(f"unknown task {t!r}")
+    sys.stdout.write(RESULT_MARK + json.dumps(res) + "\n")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def run_proc(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Runs cmd; returns rc, wall seconds, this child's wait4 ru_maxrss (bytes), stdout and stderr."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=dict(os.environ, **CHILD_ENV, **(env or {})),
+                                cwd=REPO)
+        timed_out = False
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - t0 > timeout:
+                proc.kill()
+                timed_out = True
+                pid, status, ru = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return dict(rc=proc.returncode, wall_s=wall, maxrss=ru.ru_maxrss * 1024, timed_out=timed_out,
+                    stdout=out.read().decode(errors="replace"), stderr=err.read().decode(errors="replace"))
+
+
+def spawn_child(args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    p = run_proc([sys.executable, os.path.abspath(__file__), "_child", json.dumps(args)], timeout)
+    lines = [ln for ln in p["stdout"].splitlines() if ln.startswith(RESULT_MARK)]
+    if p["rc"] != 0 or not lines:
+        raise RuntimeError(f"child {args} failed (exit {p['rc']}):\n{p['stdout'][-3000:]}\n{p['stderr'][-6000:]}")
+    res = json.loads(lines[-1][len(RESULT_MARK):])
+    res.update(wall_s=p["wall_s"], peak_rss=max(res.get("peak_rss", 0), p["maxrss"]))
+    return res
+
+
+def mergekit_yaml(method: str, density: float, dirs: dict[str, str], compute_dtype: str) -> str:
+    def params(w):
+        return f"{{weight: {w}}}" if method == "task_arithmetic" else f"{{weight: {w}, density: {density}}}"
+
+    shared = "{normalize: false, lambda: 1.0}" if method == "task_arithmetic" else "{normalize: true, lambda: 1.0}"
+    return (f"merge_method: {method}\nbase_model: {dirs['base']}\nmodels:\n"
+            f"  - model: {dirs['model1']}\n    parameters: {params(WEIGHTS[0])}\n"
+            f"  - model: {dirs['model2']}\n    parameters: {params(WEIGHTS[1])}\n"
+            f"parameters: {shared}\ndtype: {compute_dtype}\nout_dtype: bfloat16\n")
+
+
+def run_mergekit(a, method: str, dirs: dict[str, str], out: str, extra: list[str] = ()) -> dict[str, Any]:
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = out.rstrip("/") + ".yml"
+    with open(cfg, "w") as f:
+        f.write(mergekit_yaml(method, a.density, dirs, a.mergekit_dtype))
+    cmd = [a.mergekit, cfg, out, "--out-shard-size", "250M", "--lazy-unpickle", "--no-copy-tokenizer",
+           "--no-write-model-card", "--random-seed", str(a.seed), "--quiet", *extra]
+    p = run_proc(cmd, a.timeout, env={"HF_HUB_OFFLINE": "1"})
+    return dict(cmd=" ".join(cmd), config=open(cfg).read(), rc=p["rc"], wall_s=p["wall_s"], peak_rss=p["maxrss"],
+                timed_out=p["timed_out"], stderr_tail=p["stderr"][-4000:],
+                out_bytes=cb.ckpt_bytes(out) if os.path.isdir(out) else 0)
+
+
+def compare(ours: str, theirs: str) -> dict[str, Any]:
+    """Bit-equal fraction and max |diff| between two bf16 HF checkpoints, by canonical tensor name."""
+    import numpy as np
+
+    from viscodex_jax.checkpoint import hf_map
+    from viscodex_jax.checkpoint.hf import iter_hf_tensors
+
+    a = {hf_map.canonical_name(n): r for _, n, _, r in iter_hf_tensors(ours)}
+    b = {hf_map.canonical_name(n): r for _, n, _, r in iter_hf_tensors(theirs)}
+    n = eq = 0
+    maxdiff = 0.0
+    for k in sorted(set(a) & set(b)):
+        x, y = a[k](), b[k]()
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return dict(error=f"{k}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}")
+        n += x.size
+        eq += int(np.count_nonzero(x.view(np.uint16) == y.view(np.uint16)))
+        maxdiff = max(maxdiff, float(np.max(np.abs(x.astype(np.float32) - y.astype(np.float32)))))
+    return dict(only_ours=sorted(set(a) - set(b)), only_mergekit=sorted(set(b) - set(a)),
+                n_compared=n, bit_equal_fraction=eq / n if n else None, max_abs_diff=maxdiff)
+
+
+def _fmt(x, spec, suffix=""):
+    return "—" if x is None else format(x, spec) + suffix
+
+
+def render(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    v = results["versions"]
+    lines = [
+        f"Checkpoint merge (base + 2 models, weights {list(WEIGHTS)}, bf16 out, 500 MB shards), "
+        f"{m['cpu_count']} CPUs ({m['cpu_model']}); jax {m['versions']['jax']}, mergekit {v.get('mergekit')} "
+        f"(torch {v.get('mergekit_torch')}); warm page cache; one fresh process per row.",
+        "",
+        "| case | method | impl | wall s | work s | input GB/s | peak RSS GB | × mergekit (time / RSS) | × floor (time) "
+        "| vs mergekit: bit-equal / max abs diff |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cname, c in results["cases"].items():
+        gb = c["input_bytes"] / 1e9
+        label = f"{cname} ({gb:.2f} GB in)"
+        for r in c["rows"]:
+            if r.get("failed"):
+                lines.append(f"| {label} | {r['method']} | {r['impl']} | failed (exit {r['rc']}) | | | | | | |")
+                continue
+            cmpd = r.get("compare") or {}
+            cmp_s = (f"{cmpd['bit_equal_fraction'] * 100:.2f}% / {cmpd['max_abs_diff']:.2g}"
+                     if cmpd.get("bit_equal_fraction") is not None else "")
+            lines.append(
+                f"| {label} | {r['method']} | {r['impl']} | {r['wall_s']:.1f} | {_fmt(r.get('work_s'), '.1f')} | "
+                f"{r['gb_per_s']:.2f} | {r['peak_rss'] / 1e9:.2f} | "
+                f"{_fmt(r.get('x_mergekit_time'), '.2f', '×')}{' / ' + _fmt(r.get('x_mergekit_rss'), '.2f', '×') if r.get('x_mergekit_time') else ''} | "
+                f"{_fmt(r.get('x_floor'), '.2f', '×') if r['impl'] == 'ours' else ''} | {cmp_s} |")
+    lines += [
+        "",
+        "wall s: the whole child process (imports included); work s: without imports (ours, floor). input GB/s = "
+        "bytes of the three input checkpoints / wall s. Peak RSS: the child's ru_maxrss (imports, and mmap'd file "
+        "pages for mergekit, included). × mergekit = ours / mergekit (wall s, peak RSS); × floor = ours / floor "
+        "(work s). floor = read every tensor of the three inputs + write the primary's tensors (500 MB shards). "
+        f"mergekit runs with dtype {results['config']['mergekit_dtype']} (compute), out_dtype bfloat16; "
+        "dare_ties draws differ (torch vs JAX RNG), so its bit-equal fraction is not expected to be high.",
+    ]
+    for cname, c in results["cases"].items():
+        for tag, t in c.get("mergekit_attempts", {}).items():
+            lines.append(f"\n{cname}: mergekit {tag}: exit {t['rc']} after {t['wall_s']:.1f}s: {t['summary']}")
+    return "\n".join(lines)
+
+
+def _summary_line(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if any(w in ln for w in ("Error", "error", "Exception", "mismatch", "Mismatch", "RuntimeError")):
+            return ln[:300]
+    return (lines[-1][:300] if lines else "(no output)")
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmarks", "merge_ckpts"),
+                   help="cached input checkpoints; outputs are written here and deleted")
+    p.add_argument("--json_out", default=os.path.join(REPO, "runs", "benchmarks", "merge.json"))
+    p.add_argument("--cases", default="0.5b,vl", help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--vl_methods", default=None, help="methods for the vl case (default: --methods)")
+    p.add_argument("--density", type=float, default=0.5)
+    p.add_argument("--mergekit", default="/tmp/mk/bin/mergekit-yaml", help="mergekit-yaml path ('' to skip)")
+    p.add_argument("--mergekit_dtype", default="float32", help="mergekit's compute dtype (ours computes in float32)")
+    p.add_argument("--no_compare", action="store_true", help="skip comparing ours' output with mergekit's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise_std", type=float, default=0.002, help="std of model_i - base (weights have std 0.02)")
+    p.add_argument("--recreate", action="store_true", help="rebuild the cached input checkpoints")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    a = p.parse_args(argv)
+    cases = [c for c in a.cases.split(",") if c]
+    methods = [m for m in a.methods.split(",") if m]
+    vl_methods = [m for m in (a.vl_methods or a.methods).split(",") if m]
+    for bad in (set(cases) - set(CASES)) | (set(methods + vl_methods) - set(METHODS)):
+        p.error(f"unknown case or method {bad!r}")
+    use_mk = bool(a.mergekit) and os.path.exists(a.mergekit)
+    if a.mergekit and not use_mk:
+        print(f"mergekit not found at {a.mergekit}: ours vs floor only", file=sys.stderr)
+
+    t_start = time.perf_counter()
+    versions: dict[str, Any] = {}
+    if use_mk:
+        mkpy = os.path.join(os.path.dirname(a.mergekit), "python")
+        q = run_proc([mkpy, "-c", "from importlib import metadata as m; print(m.version('mergekit'), "
+                      "m.version('torch'), m.version('transformers'))"], 120)
+        versions["mergekit"], versions["mergekit_torch"], versions["mergekit_transformers"] = q["stdout"].split()
+        t = run_proc([mkpy, "-c", "import torch, transformers, mergekit.merge, mergekit.scripts.run_yaml"], 300)
+        versions["mergekit_import_s"] = t["wall_s"]
+    results: dict[str, Any] = dict(
+        machine=cb.machine_info(), versions=versions,
+        config=dict(cases=cases, methods=methods, vl_methods=vl_methods, weights=list(WEIGHTS), density=a.density,
+                    shard_bytes=SHARD_BYTES, seed=a.seed, noise_std=a.noise_std, mergekit_dtype=a.mergekit_dtype,
+                    ours_specs={m: spec_kwargs(m, a.density) for m in METHODS}),
+        cases={})
+    os.makedirs(a.work_dir, exist_ok=True)
+    for cname in cases:
+        text, vl = CASES[cname]
+        print(f"[{cname}] preparing checkpoints", file=sys.stderr, flush=True)
+        dirs = prepare(a.work_dir, text, vl, a)
+        ins = [dirs["base"], dirs["model1"], dirs["model2"]]
+        nbytes = sum(cb.ckpt_bytes(d) for d in ins)
+        for d in ins:
+            cb.warm(cb.weight_files(d))
+        c: dict[str, Any] = dict(dirs=dirs, input_bytes=nbytes, rows=[], mergekit_attempts={})
+        results["cases"][cname] = c
+        out_ours = os.path.join(a.work_dir, f"_out-ours-{cname}")
+        out_mk = os.path.join(a.work_dir, f"_out-mergekit-{cname}")
+        out_floor = os.path.join(a.work_dir, f"_out-floor-{cname}")
+
+        def log(r):
+            print(f"[{cname}] {r['method']:>15} {r['impl']:>8}: wall {r['wall_s']:.1f}s"
+                  f"{'' if r.get('work_s') is None else ', work %.1fs' % r['work_s']}, peak RSS {r['peak_rss'] / 1e9:.2f} GB",
+                  file=sys.stderr, flush=True)
+
+        os.sync()
+        floor = spawn_child(dict(task="floor", base=dirs["base"], models=[dirs["model1"], dirs["model2"]],
+                                 out=out_floor), a.timeout)
+        shutil.rmtree(out_floor, ignore_errors=True)
+        floor.update(method="(any)", impl="floor", gb_per_s=nbytes / 1e9 / floor["wall_s"])
+        log(floor)
+        for method in (vl_methods if vl else methods):
+            os.sync()
+            ours = spawn_child(dict(task="ours", base=dirs["base"], models=[dirs["model1"], dirs["model2"]],
+                                    out=out_ours, method=method, density=a.density), a.timeout)
+            ours.update(method=method, impl="ours", gb_per_s=nbytes / 1e9 / ours["wall_s"],
+                        x_floor=ours["work_s"] / floor["work_s"])
+            log(ours)
+            rows = [ours]
+            if use_mk and not vl:
+                os.sync()
+                mk = run_mergekit(a, method, dirs, out_mk)
+                mk.update(method=method, impl="mergekit", gb_per_s=nbytes / 1e9 / mk["wall_s"])
+                if mk["rc"] != 0:
+                    mk["failed"] = True
+                    print(f"[{cname}] mergekit failed:\n{mk['stderr_tail']}", file=sys.stderr)
+                else:
+                    log(mk)
+                    ours.update(x_mergekit_time=ours["wall_s"] / mk["wall_s"], x_mergekit_rss=ours["peak_rss"] / mk["peak_rss"])
+                    if not a.no_compare:
+                        ours["compare"] = compare(out_ours, out_mk)
+                        print(f"[{cname}]   ours vs mergekit: {ours['compare']}", file=sys.stderr, flush=True)
+                rows.append(mk)
+                shutil.rmtree(out_mk, ignore_errors=True)
+            shutil.rmtree(out_ours, ignore_errors=True)
+            c["rows"].extend(rows)
+        c["rows"].append(floor)
+        if use_mk and vl:
+            for tag, extra in (("without --allow-crimes", []), ("with --allow-crimes", ["--allow-crimes"])):
+                os.sync()
+                mk = run_mergekit(a, "task_arithmetic", dirs, out_mk, extra)
+                mk["summary"] = _summary_line(mk["stderr_tail"]) if mk["rc"] else (
+                    f"succeeded, wrote {mk['out_bytes'] / 1e9:.2f} GB, peak RSS {mk['peak_rss'] / 1e9:.2f} GB")
+                if mk["rc"] == 0:
+                    with open(os.path.join(out_mk, "config.json")) as f:
+                        mk["out_architectures"] = json.load(f).get("architectures")
+                    mk["summary"] += f", architectures {mk['out_architectures']}"
+                c["mergekit_attempts"][tag] = mk
+                print(f"[{cname}] mergekit {tag}: exit {mk['rc']}: {mk['summary']}", file=sys.stderr, flush=True)
+                shutil.rmtree(out_mk, ignore_errors=True)
+    results["wall_s"] = time.perf_counter() - t_start
+    table = render(results)
+    results["markdown"] = table
+    os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
+    with open(a.json_out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(table)
+    print(f"\nwrote {a.json_out} ({results['wall_s']:.0f}s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
