@@ -1,0 +1,198 @@
+"""Runs benchmarks on a checkpoint: batched JAX generation (cached, resumable) -> sandboxed scoring -> reports.
+
+Generations are cached in ``<out_dir>/generations.jsonl`` under a key of
+(checkpoint fingerprint, benchmark, item, sample index, sampling settings), one
+line appended and flushed per finished batch: re-scoring never re-generates,
+and an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import tqdm
+
+from viscodex_jax.eval.base import Benchmark, Item
+
+log = logging.getLogger(__name__)
+
+
+def make_benchmark(name: str, **kw) -> Benchmark:
+    """Benchmarks by name; imported lazily (Design2Code needs a browser, ChartMimic matplotlib)."""
+    if name == "mmcode":
+        from viscodex_jax.eval.mmcode import MMCode
+        return MMCode(**kw)
+    if name == "infibench_v":
+        from viscodex_jax.eval.infibench import InfiBenchV
+        return InfiBenchV(**kw)
+    if name == "chartmimic":
+        from viscodex_jax.eval.chartmimic import ChartMimic
+        return ChartMimic(**kw)
+    if name == "design2code":
+        from viscodex_jax.eval.design2code import Design2Code
+        return Design2Code(**kw)
+    raise ValueError(f"unknown benchmark {name!r}; choose from chartmimic, design2code, mmcode, infibench_v")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    max_new_tokens: int = 1024
+    batch_size: int = 4
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    num_samples: int = 1  # > 1 for pass@k
+    limit: int | None = None
+
+    def sampling_key(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("batch_size", "limit"):  # do not change what is generated
+            d.pop(k)
+        return d
+
+
+def fingerprint(ckpt_dir: str, cache_path: str | None = None) -> str:
+    """sha256 over the checkpoint's files (weights, config, tokenizer), cached by (path, size, mtime)."""
+    files = []
+    for root, _, names in os.walk(ckpt_dir):
+        for n in sorted(names):
+            p = os.path.join(root, n)
+            st = os.stat(p)
+            files.append((os.path.relpath(p, ckpt_dir), st.st_size, st.st_mtime_ns))
+    files.sort()
+    stamp = hashlib.sha256(json.dumps([os.path.abspath(ckpt_dir), files]).encode()).hexdigest()
+    cache = {}
+    if cache_path and os.path.isfile(cache_path):
+        with open(cache_path) as f:
+            cache = json.load(f)
+        if stamp in cache:
+            return cache[stamp]
+    h = hashlib.sha256()
+    for rel, _, _ in files:
+        h.update(rel.encode())
+        with open(os.path.join(ckpt_dir, rel), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    digest = h.hexdigest()[:16]
+    if cache_path:
+        cache[stamp] = digest
+        with open(cache_path, "w") as f:
+            json.dump(cache, f)
+    return digest
+
+
+class GenerationCache:
+    """Append-only JSONL of finished generations."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.entries: dict[str, str] = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by an interruption; that item is generated again
+                    self.entries[rec["key"]] = rec["generation"]
+
+    @staticmethod
+    def key(fp: str, bench: str, item_id: str, sample: int, settings: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps([fp, bench, item_id, sample, settings], sort_keys=True).encode()).hexdigest()
+
+    def add(self, records: Sequence[dict[str, Any]]) -> None:
+        with open(self.path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+                self.entries[r["key"]] = r["generation"]
+            f.flush()
+            os.fsync(f.fileno())
+
+
+GenerateFn = Callable[[Sequence[Item], int], list[str]]  # (items, sample index) -> texts
+
+
+def model_generate_fn(checkpoint: str, settings: EvalSettings, dtype: str = "float32") -> GenerateFn:
+    """Batched generation with our JAX sampler."""
+    import viscodex_jax as vx
+
+    model = vx.load(checkpoint, dtype=dtype)
+    if settings.temperature <= 0:
+        sampler = vx.Greedy()
+    elif settings.top_k > 0:
+        sampler = vx.TopK(settings.top_k, settings.temperature)
+    elif settings.top_p < 1.0:
+        sampler = vx.TopP(settings.top_p, settings.temperature)
+    else:
+        sampler = vx.Temperature(settings.temperature)
+
+    def fn(items: Sequence[Item], sample: int) -> list[str]:
+        return vx.generate(model, [it.messages for it in items], images=[it.images for it in items],
+                           max_new_tokens=settings.max_new_tokens, sampler=sampler, seed=settings.seed + sample)
+
+    return fn
+
+
+def run_eval(
+    checkpoint: str,
+    roots: dict[str, str],
+    out_dir: str,
+    settings: EvalSettings = EvalSettings(),
+    generate_fn: GenerateFn | None = None,
+    benchmarks: dict[str, Benchmark] | None = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Generates (or reuses cached generations), scores, and writes per-item JSONL and the summary."""
+    os.makedirs(out_dir, exist_ok=True)
+    fp = fingerprint(checkpoint, os.path.join(out_dir, ".fingerprints.json"))
+    cache = GenerationCache(os.path.join(out_dir, "generations.jsonl"))
+    skey = settings.sampling_key()
+    summary: dict[str, Any] = {"checkpoint": os.path.abspath(checkpoint), "fingerprint": fp,
+                               "model": model_name or os.path.basename(os.path.normpath(checkpoint)),
+                               "settings": dataclasses.asdict(settings), "benchmarks": {}}
+    all_items: dict[str, list[Item]] = {}
+    for name, root in roots.items():
+        bench = (benchmarks or {}).get(name) or make_benchmark(name)
+        items = all_items[name] = bench.load(root, settings.limit)
+        todo = [(it, s) for s in range(settings.num_samples) for it in items
+                if GenerationCache.key(fp, name, it.id, s, skey) not in cache.entries]
+        if todo:
+            if generate_fn is None:
+                generate_fn = model_generate_fn(checkpoint, settings)
+            bar = tqdm.tqdm(total=len(todo), desc=f"generate {name}", unit="item")
+            for i in range(0, len(todo), settings.batch_size):
+                chunk = todo[i:i + settings.batch_size]
+                by_sample: dict[int, list[Item]] = {}
+                for it, s in chunk:
+                    by_sample.setdefault(s, []).append(it)
+                for s, its in by_sample.items():
+                    texts = generate_fn(its, s)
+                    cache.add([{"key": GenerationCache.key(fp, name, it.id, s, skey), "benchmark": name,
+                                "id": it.id, "sample": s, "generation": t} for it, t in zip(its, texts)])
+                bar.update(len(chunk))
+            bar.close()
+        rows = []
+        t0 = time.time()
+        for it in tqdm.tqdm(items, desc=f"score {name}", unit="item"):
+            for s in range(settings.num_samples):
+                gen = cache.entries[GenerationCache.key(fp, name, it.id, s, skey)]
+                rows.append({"id": it.id, "sample": s, **bench.score(it, gen)})
+        agg = bench.aggregate(rows) if settings.num_samples == 1 or name != "mmcode" else bench.aggregate(
+            rows, ks=tuple(k for k in (1, 5, 10) if k <= settings.num_samples))
+        summary["benchmarks"][name] = {"n_items": len(items), "score_seconds": time.time() - t0, **agg}
+        with open(os.path.join(out_dir, f"{name}_items.jsonl"), "w") as f:
+            for r in rows:
+                gen = cache.entries[GenerationCache.key(fp, name, r["id"], r["sample"], skey)]
+                f.write(json.dumps({**r, "generation": gen}) + "\n")
+        log.info("%s: %s", name, {k: round(v, 2) for k, v in agg.items() if isinstance(v, float)})
+    from viscodex_jax.eval.report import write_reports
+
+    write_reports(summary, out_dir, all_items)
+    return summary
