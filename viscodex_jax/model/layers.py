@@ -20,10 +20,12 @@ class RMSNorm(nn.Module):
 
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
+    axes: tuple[str, ...] = ()  # logical axis names of the scale (for sharding rules)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        init = nn.with_logical_partitioning(nn.initializers.ones, self.axes) if self.axes else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * y.astype(self.dtype)
@@ -41,18 +43,24 @@ class Dense(nn.Module):
     axis: int = 1  # number of trailing input axes to contract
     dtype: jnp.dtype = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+    # Logical axis names (e.g. ("embed", "heads", "head_dim")): sharding rules in the config map them to mesh axes.
+    kernel_axes: tuple[str, ...] = ()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         feats = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         in_shape = x.shape[-self.axis :]
-        kernel = self.param("kernel", self.kernel_init, in_shape + feats, jnp.float32)
+        kinit, binit = self.kernel_init, nn.initializers.zeros
+        if self.kernel_axes:
+            kinit = nn.with_logical_partitioning(kinit, self.kernel_axes)
+            binit = nn.with_logical_partitioning(binit, self.kernel_axes[len(in_shape):])
+        kernel = self.param("kernel", kinit, in_shape + feats, jnp.float32)
         n_in, n_out = len(in_shape), len(feats)
         lhs = "".join(chr(ord("a") + i) for i in range(n_in))
         out = "".join(chr(ord("n") + i) for i in range(n_out))
         y = jnp.einsum(f"...{lhs},{lhs}{out}->...{out}", x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, feats, jnp.float32)
+            bias = self.param("bias", binit, feats, jnp.float32)
             y = y + bias.astype(self.dtype)
         return y
 

@@ -36,10 +36,17 @@ def attention_mask_for(q_len: int, kv_valid: Array, q_offset: Array | int = 0, s
 
 
 def scatter_image_features(embeds: Array, input_ids: Array, features: Array, image_token_id: int) -> Array:
-    """Places feature rows, in order, at the image-pad positions (row-major over the batch)."""
+    """Places feature rows, in order, at the image-pad positions.
+
+    features [N, D]: one list for the whole batch (row-major); [B, N, D]: one list per row.
+    """
     is_img = input_ids == image_token_id
-    idx = jnp.cumsum(is_img.reshape(-1)) - 1
-    rows = features[jnp.clip(idx, 0, features.shape[0] - 1)].reshape(embeds.shape)
+    if features.ndim == 3:
+        idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, features.shape[1] - 1)
+        rows = jnp.take_along_axis(features, idx[..., None], axis=1)
+    else:
+        idx = jnp.cumsum(is_img.reshape(-1)) - 1
+        rows = features[jnp.clip(idx, 0, features.shape[0] - 1)].reshape(embeds.shape)
     return jnp.where(is_img[..., None], rows.astype(embeds.dtype), embeds)
 
 
@@ -53,9 +60,14 @@ class CausalLM(nn.Module):
         if c.vision is not None:
             self.visual = VisionTower(c.vision, dtype=dtype, impl=c.attention_impl)
         if not c.text.tie_word_embeddings:
-            self.lm_head = Dense(c.text.vocab_size, use_bias=False, dtype=dtype)
+            self.lm_head = Dense(c.text.vocab_size, use_bias=False, dtype=dtype, kernel_axes=("embed", "vocab"))
 
     def encode_images(self, pixel_values: Array, vision_meta: dict[str, Array]) -> Array:
+        """[P, patch_dim] -> [P/m^2, D]; or per row (training batches): [B, P, patch_dim] -> [B, P/m^2, D]."""
+        if pixel_values.ndim == 3:
+            per_row = nn.vmap(lambda mdl, pv, meta: mdl(pv, meta), in_axes=(0, 0),
+                              variable_axes={"params": None}, split_rngs={"params": False})
+            return per_row(self.visual, pixel_values, vision_meta)
         return self.visual(pixel_values, vision_meta)
 
     def embed(self, input_ids, pixel_values=None, vision_meta=None, image_features=None):
@@ -108,6 +120,11 @@ class CausalLM(nn.Module):
 
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:
     """Random params with the real tree structure (for tests and shape checks)."""
+    return nn.meta.unbox(init_boxed(cfg, rng, seq_len))
+
+
+def init_boxed(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:
+    """Params with their logical-axis boxes (flax LogicallyPartitioned) where the modules annotate them."""
     model = CausalLM(cfg)
     ids = jnp.zeros((1, seq_len), jnp.int32)
     mask = jnp.ones((1, seq_len), jnp.int32)
@@ -125,3 +142,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict[str,
 def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
     """The params tree as ShapeDtypeStructs, computed without allocating."""
     return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
+def logical_axes(cfg: ModelConfig) -> dict[str, Any]:
+    """Per-param logical PartitionSpecs (None entries: replicated), from the modules' annotations."""
+    return nn.get_partition_spec(jax.eval_shape(lambda: init_boxed(cfg, jax.random.PRNGKey(0))))

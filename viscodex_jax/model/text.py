@@ -29,9 +29,9 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         c = self.cfg
         hd = c.head_dim
-        q = Dense((c.num_heads, hd), dtype=self.dtype, name="q_proj")(x)
-        k = Dense((c.num_kv_heads, hd), dtype=self.dtype, name="k_proj")(x)
-        v = Dense((c.num_kv_heads, hd), dtype=self.dtype, name="v_proj")(x)
+        q = Dense((c.num_heads, hd), dtype=self.dtype, kernel_axes=("embed", "heads", "head_dim"), name="q_proj")(x)
+        k = Dense((c.num_kv_heads, hd), dtype=self.dtype, kernel_axes=("embed", "kv_heads", "head_dim"), name="k_proj")(x)
+        v = Dense((c.num_kv_heads, hd), dtype=self.dtype, kernel_axes=("embed", "kv_heads", "head_dim"), name="v_proj")(x)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         new_cache = None
@@ -43,7 +43,8 @@ class Attention(nn.Module):
             new_cache = {"k": ck, "v": cv}
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
         out = dot_product_attention(q, k, v, mask, impl=self.impl)
-        out = Dense(c.hidden_size, use_bias=False, axis=2, dtype=self.dtype, name="o_proj")(out)
+        out = Dense(c.hidden_size, use_bias=False, axis=2, dtype=self.dtype, kernel_axes=("heads", "head_dim", "embed"),
+                    name="o_proj")(out)
         return out, new_cache
 
 
@@ -54,14 +55,18 @@ class MLP(nn.Module):
     hidden_size: int
     use_bias: bool
     dtype: Any
+    axes: tuple[str, str] = ()  # (embed, mlp) logical names; empty: not annotated (vision)
 
     @nn.compact
     def __call__(self, x):
-        gate = Dense(self.intermediate_size, use_bias=self.use_bias, dtype=self.dtype, name="gate_proj")(x)
-        up = Dense(self.intermediate_size, use_bias=self.use_bias, dtype=self.dtype, name="up_proj")(x)
-        return Dense(self.hidden_size, use_bias=self.use_bias, dtype=self.dtype, name="down_proj")(
-            nn.silu(gate) * up
-        )
+        up_axes = tuple(self.axes)
+        down_axes = tuple(reversed(self.axes))
+        gate = Dense(self.intermediate_size, use_bias=self.use_bias, dtype=self.dtype, kernel_axes=up_axes,
+                     name="gate_proj")(x)
+        up = Dense(self.intermediate_size, use_bias=self.use_bias, dtype=self.dtype, kernel_axes=up_axes,
+                   name="up_proj")(x)
+        return Dense(self.hidden_size, use_bias=self.use_bias, dtype=self.dtype, kernel_axes=down_axes,
+                     name="down_proj")(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -74,11 +79,11 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, cache, cos, sin, mask, cache_index):
         c = self.cfg
-        h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x)
+        h = RMSNorm(c.rms_norm_eps, self.dtype, ("norm",), name="input_layernorm")(x)
         h, new_cache = Attention(c, self.dtype, self.impl, name="self_attn")(h, cos, sin, mask, cache, cache_index)
         x = x + h
-        h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        x = x + MLP(c.intermediate_size, c.hidden_size, False, self.dtype, name="mlp")(h)
+        h = RMSNorm(c.rms_norm_eps, self.dtype, ("norm",), name="post_attention_layernorm")(x)
+        x = x + MLP(c.intermediate_size, c.hidden_size, False, self.dtype, ("embed", "mlp"), name="mlp")(h)
         return x, new_cache
 
 
@@ -97,7 +102,8 @@ class Decoder(nn.Module):
     def setup(self):
         c = self.cfg
         self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=self.dtype, embedding_init=nn.initializers.normal(0.02)
+            c.vocab_size, c.hidden_size, dtype=self.dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
         if self.remat_policy not in remat_policy_names():
             raise ValueError(f"remat_policy must be one of {remat_policy_names()}, got {self.remat_policy!r}")
@@ -110,8 +116,9 @@ class Decoder(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.dtype, self.impl)
-        self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, ("norm",))
 
     def embed(self, input_ids: Array) -> Array:
         return self.embed_tokens(input_ids).astype(self.dtype)
