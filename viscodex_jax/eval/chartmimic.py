@@ -38,6 +38,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -486,6 +487,17 @@ def compare(gen: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
     return m
 
 
+_FIGSIZE = re.compile(r"figsize\s*=\s*[(\[]\s*([0-9]*\.?[0-9]+)\s*,\s*([0-9]*\.?[0-9]+)\s*[)\]]")
+
+
+def _figsize_hint(reference: str, image_size: tuple[int, int]) -> str:
+    """The figsize for the prompt: the reference code's own (as ChartMimic's per-item dimensions are),
+    else the image size at 100 dpi."""
+    m = _FIGSIZE.search(reference)
+    w, h = (float(m.group(1)), float(m.group(2))) if m else (image_size[0] / 100, image_size[1] / 100)
+    return f"({w:.1f}, {h:.1f})"
+
+
 _ZERO = {"text_f1": 0.0, "layout_f1": 0.0, "type_f1": 0.0, "color_f1": 0.0, "score": 0.0}
 
 
@@ -528,8 +540,7 @@ class ChartMimic(Benchmark):
                 reference = f.read()
             with Image.open(png) as im:
                 image = im.convert("RGB")
-            w, h = image.size
-            text = INSTRUCTION.format(figsize=f"({w / 100:.1f}, {h / 100:.1f})")
+            text = INSTRUCTION.format(figsize=_figsize_hint(reference, image.size))
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
             items.append(Item(name, messages, [image], reference))
             if limit is not None and len(items) >= limit:

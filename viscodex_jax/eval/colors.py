@@ -7,6 +7,8 @@ API:
   given arrays of Lab triples (``(..., 3)``, broadcast against each other).
 * ``color_similarity(c1, c2)`` -> ``max(0, 1 - dE00 / 100)`` in [0, 1] (the rule Design2Code
   and ChartMimic use); 1.0 means identical colors.
+* ``similarity_matrix(colors1, colors2)`` -> pairwise ``color_similarity``, shape (len1, len2)
+  (vectorised; for Hungarian matching of color sets).
 
 Accepted colors: ``"#rgb"``, ``"#rrggbb"``, ``"#rrggbbaa"`` (with or without ``#``; alpha
 ignored), or RGB(A) triples. Triples of Python/numpy integers, or with any value > 1, are
@@ -66,6 +68,8 @@ def _is_single(color: Any) -> bool:
     if isinstance(color, str):
         return True
     arr = np.asarray(color, dtype=object) if not isinstance(color, np.ndarray) else color
+    if arr.size == 0:
+        return False
     return arr.ndim == 1 and not isinstance(arr.flat[0] if arr.size else None, (str, list, tuple, np.ndarray))
 
 

@@ -59,6 +59,7 @@ CHROMIUM_ARGS = (
     # a second layer under the request interception: nothing can reach a real host
     "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
     "--host-resolver-rules=MAP * ~NOTFOUND", "--force-webrtc-ip-handling-policy=disable_non_proxied_udp",
+    "--js-flags=--max-old-space-size=1024",  # a page that eats memory crashes alone, early
     "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio", "--disable-extensions",
     "--disable-default-apps", "--no-default-browser-check", "--disable-breakpad",
     "--disable-features=Translate,OptimizationHints,MediaRouter,DialMediaRouteProvider,AutofillServerCommunication",
@@ -352,6 +353,10 @@ class Renderer:
                         await asyncio.wait_for(fn(), 20)
                     except BaseException:
                         pass
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:  # e.g. route handlers of a page that was torn down
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
 
         if loop.is_running():
             try:

@@ -1,0 +1,105 @@
+"""Mesh construction and logical-axis rules: one code path for 1 CPU, 8 fake CPUs, a GPU host, a TPU pod.
+
+Modules annotate params with logical axes ("embed", "mlp", "heads", ...);
+configs hold the rules that map them to mesh axes ("data", "fsdp", "tensor").
+A dimension whose size the mesh axes do not divide is left unsharded on those
+axes (logged), rather than failing deep inside XLA.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Default rules: FSDP over the model dimension, tensor parallelism over heads/mlp/vocab.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; -1 in one place takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one -1")
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    try:
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # noqa: BLE001 - CPU/odd topologies: a plain reshape is fine
+        arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES)
+
+
+def _axis_size(mesh: Mesh, axes: Any) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def logical_to_mesh_spec(logical: P | None, shape: Sequence[int], mesh: Mesh, rules, name: str = "") -> P:
+    """Maps one logical PartitionSpec to a mesh PartitionSpec, dropping axes that do not divide."""
+    if logical is None or len(logical) == 0:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for dim, ax in zip(shape, logical):
+        mesh_axes = table.get(ax) if ax is not None else None
+        if mesh_axes is None:
+            out.append(None)
+            continue
+        tup = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        tup = tuple(a for a in tup if a not in used and mesh.shape[a] > 1)
+        if not tup:
+            out.append(None)
+            continue
+        if dim % _axis_size(mesh, tup):
+            log.info("%s: dim %d (%s) not divisible by mesh axes %s; replicated on them", name, dim, ax, tup)
+            out.append(None)
+            continue
+        used.update(tup)
+        out.append(tup[0] if len(tup) == 1 else tup)
+    return P(*out)
+
+
+def tree_shardings(shapes: Any, logical: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a tree of arrays/ShapeDtypeStructs given its logical specs tree."""
+    flat_l = {jax.tree_util.keystr(k): v for k, v in
+              jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: x is None or isinstance(x, P))[0]}
+
+    def one(path, x):
+        key = jax.tree_util.keystr(path)
+        return NamedSharding(mesh, logical_to_mesh_spec(flat_l.get(key), x.shape, mesh, rules, key))
+
+    return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """Sharding of a batch array: the batch axis over the rule for "batch", the rest replicated."""
+    spec = [None] * ndim
+    spec[batch_axis] = dict(rules).get("batch")
+    return NamedSharding(mesh, P(*spec))

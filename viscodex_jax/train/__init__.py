@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: loss, sharded train state and step, checkpointing, the loop."""
