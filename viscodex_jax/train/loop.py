@@ -89,6 +89,10 @@ def run_training(c) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(c.model.init_checkpoint)
     mesh = make_mesh(tuple(c.mesh.shape))
     rules = _rules(c)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if c.data.batch_size % shards:
+        raise ValueError(f"--config.data.batch_size={c.data.batch_size} must be a multiple of the mesh's data x fsdp "
+                         f"size {shards} (--config.mesh.shape={tuple(c.mesh.shape)} on {jax.device_count()} devices)")
     keys = trainable_keys(params, c.train.trainable if isinstance(c.train.trainable, str) else tuple(c.train.trainable))
     ocfg = OptimConfig(**{k: c.optim[k] for k in c.optim.keys()})
     optimizer = make_optimizer(ocfg, keys)
