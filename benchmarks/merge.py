@@ -270,9 +270,33 @@ def child_main(argv: list[str]) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
+def cpu_busy_s() -> float:
+    """Seconds of CPU time the whole machine has spent busy (all CPUs, /proc/stat) since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(max_wait: float, busy_frac: float = 0.15) -> float:
+    """Waits (up to max_wait s) until the machine is at most busy_frac busy over a 1 s window; returns s waited."""
+    t0 = time.perf_counter()
+    ncpu = os.cpu_count() or 1
+    while time.perf_counter() - t0 < max_wait:
+        b0, w0 = cpu_busy_s(), time.perf_counter()
+        time.sleep(1.0)
+        if (cpu_busy_s() - b0) / ((time.perf_counter() - w0) * ncpu) <= busy_frac:
+            break
+    return time.perf_counter() - t0
+
+
 def run_proc(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Runs cmd; returns rc, wall seconds, this child's wait4 ru_maxrss (bytes), stdout and stderr."""
+    """Runs cmd; returns rc, wall and CPU seconds, this child's wait4 ru_maxrss (bytes), stdout and stderr.
+
+    ``bg_cpu_frac``: the share of the machine's CPU that other processes used meanwhile (0 on a quiet machine).
+    """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        busy0 = cpu_busy_s()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=dict(os.environ, **CHILD_ENV, **(env or {})),
                                 cwd=REPO)
@@ -288,20 +312,24 @@ def run_proc(cmd: list[str], timeout: float, env: dict[str, str] | None = None) 
                 break
             time.sleep(0.02)
         wall = time.perf_counter() - t0
+        cpu = ru.ru_utime + ru.ru_stime
+        bg = max(0.0, (cpu_busy_s() - busy0 - cpu) / (wall * (os.cpu_count() or 1)))
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return dict(rc=proc.returncode, wall_s=wall, maxrss=ru.ru_maxrss * 1024, timed_out=timed_out,
+        return dict(rc=proc.returncode, wall_s=wall, cpu_s=cpu, bg_cpu_frac=bg, maxrss=ru.ru_maxrss * 1024,
+                    timed_out=timed_out,
                     stdout=out.read().decode(errors="replace"), stderr=err.read().decode(errors="replace"))
 
 
-def spawn_child(args: dict[str, Any], timeout: float) -> dict[str, Any]:
-    p = run_proc([sys.executable, os.path.abspath(__file__), "_child", json.dumps(args)], timeout)
+def spawn_child(args: dict[str, Any], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    p = run_proc([sys.executable, os.path.abspath(__file__), "_child", json.dumps(args)], timeout, env)
     lines = [ln for ln in p["stdout"].splitlines() if ln.startswith(RESULT_MARK)]
     if p["rc"] != 0 or not lines:
         raise RuntimeError(f"child {args} failed (exit {p['rc']}):\n{p['stdout'][-3000:]}\n{p['stderr'][-6000:]}")
     res = json.loads(lines[-1][len(RESULT_MARK):])
-    res.update(wall_s=p["wall_s"], peak_rss=max(res.get("peak_rss", 0), p["maxrss"]))
+    res.update(wall_s=p["wall_s"], cpu_s=p["cpu_s"], bg_cpu_frac=p["bg_cpu_frac"],
+               peak_rss=max(res.get("peak_rss", 0), p["maxrss"]))
     return res
 
 
@@ -324,7 +352,8 @@ def run_mergekit(a, method: str, dirs: dict[str, str], out: str, extra: list[str
     cmd = [a.mergekit, cfg, out, "--out-shard-size", "250M", "--lazy-unpickle", "--no-copy-tokenizer",
            "--no-write-model-card", "--random-seed", str(a.seed), "--quiet", *extra]
     p = run_proc(cmd, a.timeout, env={"HF_HUB_OFFLINE": "1"})
-    return dict(cmd=" ".join(cmd), config=open(cfg).read(), rc=p["rc"], wall_s=p["wall_s"], peak_rss=p["maxrss"],
+    return dict(cmd=" ".join(cmd), config=open(cfg).read(), rc=p["rc"], wall_s=p["wall_s"], cpu_s=p["cpu_s"],
+                bg_cpu_frac=p["bg_cpu_frac"], peak_rss=p["maxrss"],
                 timed_out=p["timed_out"], stderr_tail=p["stderr"][-4000:],
                 out_bytes=cb.ckpt_bytes(out) if os.path.isdir(out) else 0)
 
