@@ -498,6 +498,11 @@ def _figsize_hint(reference: str, image_size: tuple[int, int]) -> str:
     return f"({w:.1f}, {h:.1f})"
 
 
+def direct_mimic_prompt(reference: str, image_size: tuple[int, int]) -> str:
+    """The instruction an item is asked with (training data can use the same wording)."""
+    return INSTRUCTION.format(figsize=_figsize_hint(reference, image_size))
+
+
 _ZERO = {"text_f1": 0.0, "layout_f1": 0.0, "type_f1": 0.0, "color_f1": 0.0, "score": 0.0}
 
 
@@ -540,7 +545,7 @@ class ChartMimic(Benchmark):
                 reference = f.read()
             with Image.open(png) as im:
                 image = im.convert("RGB")
-            text = INSTRUCTION.format(figsize=_figsize_hint(reference, image.size))
+            text = direct_mimic_prompt(reference, image.size)
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
             items.append(Item(name, messages, [image], reference))
             if limit is not None and len(items) >= limit:
