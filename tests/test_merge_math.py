@@ -124,3 +124,19 @@ def test_errors():
         MergeSpec(method="slerp")
     with pytest.raises(MergeError, match="non-finite"):
         merge_tensor("w", base, [thetas[0], np.full_like(base, np.inf)], MergeSpec())
+
+
+@pytest.mark.parametrize("method,density", [("task_arithmetic", 1.0), ("ties", 0.3), ("linear", 1.0)])
+def test_row_chunked_merge_equals_whole_tensor(monkeypatch, method, density):
+    """Big tensors are merged in row chunks (bounded memory); the result must not depend on it."""
+    from viscodex_jax import merge as merge_mod
+
+    base, thetas = _rand(11, shape=(40, 9))
+    spec = MergeSpec(method=method, weights=(0.6, 0.5), density=density, out_dtype="float32")
+    whole, s1 = merge_tensor("emb", base, thetas, spec)
+    monkeypatch.setattr(merge_mod, "CHUNK_ELEMENTS", 9 * 7)  # 7 rows per chunk, 6 chunks
+    chunked, s2 = merge_tensor("emb", base, thetas, spec)
+    assert isinstance(chunked, np.ndarray) and chunked.shape == (40, 9)
+    np.testing.assert_array_equal(np.asarray(whole), chunked)
+    np.testing.assert_allclose(s1["task_vector_norms"], s2["task_vector_norms"], rtol=1e-6)
+    np.testing.assert_allclose(s1["kept_fraction"], s2["kept_fraction"])

@@ -8,6 +8,10 @@
   tiny coder's training, and held-out problems in MMCode's layout.
 * Held-out charts in ChartMimic's layout (``<name>.py`` + ``<name>.png``).
 
+The MCD chart records are replaced by short bar/line programs (rendered with
+matplotlib): the sample's richer charts need more capacity and steps than a
+2-layer, 64-wide model gets in a CPU demo.
+
 Held-out programs are new statements (other example values) of task families
 the coder saw; tiny models do not generalise further, and the report says so.
 """
@@ -81,6 +85,38 @@ def _describe(record: dict[str, Any]) -> str:
     return "An image of a short Python program."
 
 
+_CHART_WORDS = ("Sales", "Users", "Revenue", "Growth", "Orders", "Visits", "Costs", "Profit")
+_CHART_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+
+
+def _simple_chart(rng: np.random.Generator) -> str:
+    """A short, regular chart program: the tiny demo models can learn its shape in a few minutes."""
+    n = int(rng.integers(3, 6))
+    values = [int(v) for v in rng.integers(1, 10, n)]
+    color = str(rng.choice(_CHART_COLORS))
+    title = str(rng.choice(_CHART_WORDS))
+    if rng.random() < 0.5:
+        call = f"plt.bar({list('ABCDE'[:n])}, {values}, color='{color}')"
+    else:
+        call = f"plt.plot({list(range(1, n + 1))}, {values}, color='{color}')"
+    return ("import matplotlib.pyplot as plt\n\nplt.figure(figsize=(2.24, 2.24), dpi=100)\n"
+            f"{call}\nplt.title('{title}')\nplt.show()\n")
+
+
+def _simple_charts(records: list[dict[str, Any]], base: str, tag: str, rng: np.random.Generator) -> None:
+    """Replaces the chart records' code and images with simple charts (same count, same prompt shape)."""
+    from viscodex_jax.data.mcd_sample import draw_chart
+
+    for i, r in enumerate(x for x in records if x["category"] == "chart"):
+        code = _simple_chart(rng)
+        rel = f"mcd_images/chart_images/simple_{tag}_{i}.png"
+        with open(os.path.join(base, rel), "wb") as f:
+            f.write(draw_chart(code))
+        r["images"] = [rel]
+        r["messages"] = [{"role": "user", "content": "<image>" + direct_mimic_prompt(code, (224, 224))},
+                         {"role": "assistant", "content": code}]
+
+
 def _write(path: str, records: list[dict[str, Any]]) -> str:
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
@@ -95,20 +131,22 @@ def make_demo_data(out_dir: str, seed: int = 0, n_per_category: int = 12, n_prog
                           heldout_fraction=0.25)
     with open(mcd["train"]) as f:
         train = json.load(f)
-    # Chart records ask with the benchmark's own direct-mimic wording, as a tiny model cannot bridge
-    # two phrasings of the same request; the image comes first, as the chat template puts it.
-    for r in train:
-        if r["category"] == "chart":
-            r["messages"][0]["content"] = "<image>" + direct_mimic_prompt(r["messages"][-1]["content"], (224, 224))
-    # Charts are oversampled (the real MCD is 35% charts; here each category has as many records).
-    train += [r for r in train if r["category"] == "chart"] * (chart_oversample - 1)
-    _write(mcd["train"], train)
     with open(mcd["heldout"]) as f:
         heldout = json.load(f)
+    # Chart records: short regular programs, asked with the benchmark's own direct-mimic wording (a
+    # tiny model cannot bridge two phrasings of one request); the image comes first, as the chat
+    # template puts it.
+    chart_rng = np.random.default_rng(seed + 2000)
+    base = os.path.dirname(mcd["train"])
+    _simple_charts(train, base, "train", chart_rng)
+    _simple_charts(heldout, base, "heldout", chart_rng)
+    _write(mcd["heldout"], heldout)
     describe = [{"images": r["images"], "category": r["category"], "messages": [
         {"role": "user", "content": "<image>\nDescribe this image."},
         {"role": "assistant", "content": _describe(r)}]} for r in train if r["images"]]
     describe_path = _write(os.path.join(os.path.dirname(mcd["train"]), "describe_train.json"), describe)
+    # Charts are oversampled in the SFT data (the real MCD is 35% charts; the sample is balanced).
+    _write(mcd["train"], train + [r for r in train if r["category"] == "chart"] * (chart_oversample - 1))
 
     rng = np.random.default_rng(seed + 1000)
     programs = [_problem(rng, i % len(_FAMILIES)) for i in range(n_programs)]
@@ -127,7 +165,6 @@ def make_demo_data(out_dir: str, seed: int = 0, n_per_category: int = 12, n_prog
 
     cm_dir = os.path.join(out_dir, "heldout_chartmimic", "direct_demo")
     os.makedirs(cm_dir, exist_ok=True)
-    base = os.path.dirname(mcd["heldout"])
     for i, r in enumerate(x for x in heldout if x["category"] == "chart"):
         with open(os.path.join(cm_dir, f"chart_{i}.py"), "w") as f:
             f.write(r["messages"][-1]["content"])

@@ -114,23 +114,38 @@ def tensor_key(seed: int, name: str) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), h)
 
 
-def _topk_mask(d: jax.Array, density: float) -> jax.Array:
-    """Keeps the ``ceil(density * n)`` largest-magnitude entries (ties at the threshold kept)."""
-    flat = jnp.abs(d).reshape(-1)
-    k = max(1, int(np.ceil(density * flat.size)))
-    thresh = jnp.sort(flat)[flat.size - k]
-    return jnp.abs(d) >= thresh
+# Big tensors (embeddings, lm_head) are merged in row chunks of at most this many elements, so the
+# float32 temporaries stay a few hundred MB whatever the vocab and hidden size.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def topk_thresholds(base: np.ndarray, thetas: Sequence[np.ndarray], density: float) -> np.ndarray:
+    """Per model, the magnitude of its ``ceil(density * n)``-th largest task-vector entry.
+
+    Computed on the host with numpy's linear-time selection (a full sort of a
+    150k x 3584 embedding is the slow part of TIES otherwise). Entries with
+    magnitude >= the threshold are kept, ties included.
+    """
+    base32 = np.asarray(base, np.float32)
+    out = []
+    for t in thetas:
+        mag = np.abs(np.asarray(t, np.float32) - base32).reshape(-1)
+        k = max(1, int(np.ceil(density * mag.size)))
+        out.append(np.partition(mag, mag.size - k)[mag.size - k])
+    return np.asarray(out, np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "out_dtype"))
-def _merge_core(base, thetas, weights, key, spec: MergeSpec, out_dtype):
+def _merge_core(base, thetas, weights, key, thresh, spec: MergeSpec, out_dtype):
+    """Merges one tensor (or a row chunk of it); returns it and sums for the report."""
     base32 = base.astype(jnp.float32)
     d = thetas.astype(jnp.float32) - base32[None]  # [n, ...]
     n = d.shape[0]
+    bshape = (n,) + (1,) * (d.ndim - 1)
     keep = jnp.ones(d.shape, bool)
     sparse = spec.sparsify is not None and spec.density < 1.0
     if spec.sparsify == "topk" and spec.density < 1.0:
-        keep = jax.vmap(lambda x: _topk_mask(x, spec.density))(d)
+        keep = jnp.abs(d) >= thresh.reshape(bshape)
         d = jnp.where(keep, d, 0.0)
     elif spec.sparsify == "dare" and spec.density < 1.0:
         keys = jax.random.split(key, n)
@@ -167,18 +182,16 @@ def _merge_core(base, thetas, weights, key, spec: MergeSpec, out_dtype):
             denom = jnp.sum(jnp.where(contrib, w, 0.0), axis=0)  # disjoint mean: only contributors count
             total = jnp.where(denom != 0, total / jnp.where(denom != 0, denom, 1.0), 0.0)
         merged = base32 + spec.lam * total
+    raw = (thetas.astype(jnp.float32) - base32[None]).reshape(n, -1)
     flat = d.reshape(n, -1)
-    norms = jnp.linalg.norm(flat, axis=1)
-    gram = flat @ flat.T
-    cos = gram / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
-    stats = {
-        "task_vector_norms": jnp.linalg.norm((thetas.astype(jnp.float32) - base32[None]).reshape(n, -1), axis=1),
-        "cosine": cos,
-        "kept_fraction": jnp.mean(keep.reshape(n, -1).astype(jnp.float32), axis=1),
-        "flipped_fraction": flipped,
+    sums = {
+        "sq_norms": jnp.sum(raw * raw, axis=1),
+        "gram": flat @ flat.T,
+        "kept": jnp.sum(keep.reshape(n, -1), axis=1),
+        "flipped": flipped * flat.shape[1],
         "nonfinite": jnp.sum(~jnp.isfinite(merged)),
     }
-    return merged.astype(out_dtype), stats
+    return merged.astype(out_dtype), sums
 
 
 def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, path: str | None = None):
@@ -196,14 +209,44 @@ def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, p
         if np.dtype(t.dtype).kind not in MERGEABLE_KINDS:
             raise MergeError(f"{name}: dtype {np.dtype(t.dtype)} of {'the base' if i == 0 else f'model {i}'} cannot be merged")
     out_dtype = jnp.dtype(spec.out_dtype)
-    merged, stats = _merge_core(
-        jnp.asarray(base), jnp.stack([jnp.asarray(t) for t in thetas]), jnp.asarray(weights, jnp.float32),
-        tensor_key(spec.seed, name), spec, out_dtype,
-    )
-    stats = {k: np.asarray(v) for k, v in stats.items()}
-    if stats["nonfinite"]:
-        raise MergeError(f"{name}: merge produced {int(stats['nonfinite'])} non-finite values (inf/NaN in an input?)")
-    return merged, stats
+    n, shape = len(thetas), tuple(base.shape)
+    thresh = np.zeros((n,), np.float32)
+    if spec.sparsify == "topk" and spec.density < 1.0:
+        thresh = topk_thresholds(base, thetas, spec.density)
+    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // max(row, 1))
+    whole = len(shape) < 2 or shape[0] <= rows_per_chunk or (spec.sparsify == "dare" and spec.dare_rescale == "l1"
+                                                             and spec.density < 1.0)  # L1 rescale is per tensor
+    bounds = [(0, shape[0] if shape else 1)] if whole else [
+        (i, min(i + rows_per_chunk, shape[0])) for i in range(0, shape[0], rows_per_chunk)]
+    key = tensor_key(spec.seed, name)
+    w = jnp.asarray(weights, jnp.float32)
+    out = None
+    total: dict[str, np.ndarray] = {}
+    for c, (lo, hi) in enumerate(bounds):
+        sl = (lambda x: x) if whole else (lambda x: x[lo:hi])
+        merged, sums = _merge_core(jnp.asarray(sl(base)), jnp.stack([jnp.asarray(sl(t)) for t in thetas]), w,
+                                   key if whole else jax.random.fold_in(key, c), jnp.asarray(thresh), spec, out_dtype)
+        if whole:
+            out = merged
+        else:
+            if out is None:
+                out = np.empty(shape, out_dtype)
+            out[lo:hi] = np.asarray(merged)
+        for k, v in sums.items():
+            total[k] = total.get(k, 0) + np.asarray(v, np.float64)
+    if total["nonfinite"]:
+        raise MergeError(f"{name}: merge produced {int(total['nonfinite'])} non-finite values (inf/NaN in an input?)")
+    numel = max(int(np.prod(shape)), 1)
+    norms = np.sqrt(total["sq_norms"])
+    kept_norms = np.sqrt(np.diag(total["gram"]))
+    stats = {
+        "task_vector_norms": norms,
+        "cosine": total["gram"] / np.maximum(kept_norms[:, None] * kept_norms[None, :], 1e-30),
+        "kept_fraction": total["kept"] / numel,
+        "flipped_fraction": float(total["flipped"]) / numel,
+    }
+    return out, stats
 
 
 # --------------------------------------------------------------------------- vocab policy

@@ -42,8 +42,12 @@ def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mes
     if -1 in shape:
         known = int(np.prod([s for s in shape if s != -1]))
         shape[shape.index(-1)] = len(devices) // known
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    n = int(np.prod(shape))
+    if n > len(devices) or (n < len(devices) and jax.process_count() > 1):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {n} devices, have {len(devices)}")
+    if n < len(devices):  # an explicit small mesh (e.g. a tiny model) on a bigger host: use the first devices
+        log.info("mesh %s uses %d of %d devices", tuple(shape), n, len(devices))
+        devices = devices[:n]
     try:
         from jax.experimental import mesh_utils
 

@@ -88,7 +88,8 @@ def _chart_code(rng: np.random.Generator, i: int) -> str:
     return head + body + "plt.tight_layout()\nplt.show()\n"
 
 
-def _draw_chart(code: str) -> bytes:
+def draw_chart(code: str) -> bytes:
+    """PNG of a chart program we wrote ourselves (trusted code, run in-process)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -240,7 +241,7 @@ def _make_category(cat: str, n: int, rng: np.random.Generator) -> list[tuple[dic
         if cat == "chart":
             code = _chart_code(rng, i)
             rel = f"mcd_images/chart_images/{i}.png"
-            images[rel] = _draw_chart(code)
+            images[rel] = draw_chart(code)
             messages = [{"role": "user", "content": CHART_PROMPT}, {"role": "assistant", "content": code}]
         elif cat == "html":
             html, boxes = _html_page(rng, i)
