@@ -77,3 +77,19 @@ def vl_prompt(n_images_grids: list[tuple[int, int, int]], text_lens: list[int], 
         ids += [VSTART] + [IMG] * (g[0] * g[1] * g[2] // 4) + [VEND]
         ids += list(rng.integers(0, 290, tl))
     return ids
+
+
+def left_padded_prompts(grids: list[tuple[int, int, int]], lens: list[list[int]], rng: np.random.Generator):
+    """Rows of vl_prompt (images consumed from ``grids`` in order), left-padded: (ids, mask) int64 [B, T]."""
+    rows, k = [], 0
+    for row_lens in lens:
+        n = len(row_lens) - 1
+        rows.append(vl_prompt(grids[k:k + n], row_lens, rng))
+        k += n
+    t = max(map(len, rows))
+    ids = np.zeros((len(rows), t), np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = r
+        mask[i, t - len(r):] = 1
+    return ids, mask

@@ -331,7 +331,6 @@ def test_packing_shapes_segments_positions(sample, tok, cfgs):
     B, T, P = 2, 384, 384
     packer = Packer(B, T, tok.pad_token_id, vl.vision, patches_per_row=P)
     batches = list(pack_records(encoded, packer))
-    by_index = {e.index: e for e in encoded}
     seen = []
     for batch in batches:
         assert batch["input_ids"].shape == (B, T) and batch["input_ids"].dtype == np.int32

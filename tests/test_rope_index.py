@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, make_hf_model, vl_prompt
+from conftest import IMG, left_padded_prompts, make_hf_model
 
 from viscodex_jax.model.config import config_from_dict
 from viscodex_jax.model.rope_index import get_rope_index
@@ -29,17 +29,7 @@ def hf_vl():
 def test_get_rope_index_matches_transformers(hf_vl, case):
     grids, lens = CASES[case]
     rng = np.random.default_rng(1)
-    rows, k = [], 0
-    for row_lens in lens:
-        n = len(row_lens) - 1
-        rows.append(vl_prompt(grids[k:k + n], row_lens, rng))
-        k += n
-    t = max(map(len, rows))
-    ids = np.zeros((len(rows), t), np.int64)
-    mask = np.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):] = r
-        mask[i, t - len(r):] = 1
+    ids, mask = left_padded_prompts(grids, lens, rng)
     ours, deltas = get_rope_index(ids, grids, IMG, 2, mask)
     tt = torch.tensor(ids)
     ref, ref_d = hf_vl.model.get_rope_index(

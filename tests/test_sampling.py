@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, vl_prompt
+from conftest import IMG, left_padded_prompts
 
 from viscodex_jax.checkpoint import load_hf_params
 from viscodex_jax.model.model import CausalLM
@@ -29,17 +29,7 @@ CASES = {
 
 def _batch(model_name, grids, lens, seed=0):
     rng = np.random.default_rng(seed)
-    rows, k = [], 0
-    for row_lens in lens:
-        n = len(row_lens) - 1
-        rows.append(vl_prompt(grids[k:k + n], row_lens, rng))
-        k += n
-    t = max(map(len, rows))
-    ids = np.zeros((len(rows), t), np.int64)
-    mask = np.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):] = r
-        mask[i, t - len(r):] = 1
+    ids, mask = left_padded_prompts(grids, lens, rng)
     batch = {"input_ids": ids, "attention_mask": mask}
     if model_name.startswith("vl"):
         batch["positions"], _ = get_rope_index(ids, grids, IMG, 2, mask)
@@ -150,3 +140,18 @@ def test_top_p_distribution_on_known_logits():
     # p just above the first token's mass keeps exactly two; p below it keeps only the top token
     assert np.isfinite(np.asarray(TopP(0.51).filter(logits))).sum() == 2
     assert np.isfinite(np.asarray(TopP(0.4).filter(logits))).sum() == 1
+
+
+def test_generate_api_streams_the_same_text(tmp_path):
+    import viscodex_jax as vx
+    from viscodex_jax.demo import demo_chart
+    from viscodex_jax.tiny import make_tiny_checkpoints
+
+    model = vx.load(make_tiny_checkpoints(str(tmp_path / "t"), seed=2)["vlm"])
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Write the code."}]}]
+    pieces = []
+    one = vx.generate(model, msgs, images=[demo_chart()], max_new_tokens=12, stream=pieces.append)
+    batch = vx.generate(model, [msgs, [{"role": "user", "content": "hi"}]], images=[[demo_chart()], []],
+                        max_new_tokens=12)
+    assert len(one) == 1 and "".join(pieces) == one[0] and one[0]
+    assert batch[0] == one[0]  # batching and padding do not change row 0

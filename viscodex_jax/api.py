@@ -62,6 +62,26 @@ def save_hf(model: Model, out_dir: str, dtype: Any = None, max_shard_bytes: int 
                               dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
+def _text_streamer(tok, eos: Sequence[int], stream: Callable[[str], None]):
+    """Turns row 0's token stream into text pieces (holding back half of a multi-byte character)."""
+    emitted: list[int] = []
+    printed = [""]
+
+    def callback(tokens, step):
+        del step
+        if emitted and emitted[-1] in eos:
+            return
+        emitted.append(int(tokens[0]))
+        if tokens[0] in eos:
+            return
+        text = tok.decode(emitted, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            stream(text[len(printed[0]):])
+            printed[0] = text
+
+    return callback
+
+
 def generate(
     model: Model,
     prompts: Sequence[Any],
@@ -81,28 +101,14 @@ def generate(
 
     if model.processor is None:
         raise ValueError(f"{model.path}: checkpoint has no tokenizer files; cannot generate text")
-    if prompts and isinstance(prompts[0], dict):
-        prompts, images = [prompts], [images] if images is not None and images and not isinstance(images[0], (list, tuple)) else images
+    if prompts and isinstance(prompts[0], dict):  # one conversation given without the batch list
+        prompts, images = [prompts], None if images is None else [images]
     tok = model.processor.tokenizer
     batch = model.processor(list(prompts), images=images)
     eos = sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     settings = settings or DecodeSettings(max_new_tokens=max_new_tokens)
-    callback = None
-    if stream is not None:
-        emitted: list[int] = []
-        printed = [""]
-
-        def callback(tokens, step):
-            if tokens[0] not in eos and (not emitted or emitted[-1] not in eos):
-                emitted.append(int(tokens[0]))
-                text = tok.decode(emitted, skip_special_tokens=True)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    stream(text[len(printed[0]):])
-                    printed[0] = text
-            elif tokens[0] in eos:
-                emitted.append(int(tokens[0]))
-
+    callback = _text_streamer(tok, eos, stream) if stream is not None else None
     out = generate_ids(model.config, model.params, batch, eos, pad, sampler or Greedy(),
                        jax.random.PRNGKey(seed), settings, callback)
     texts = []

@@ -41,7 +41,6 @@ import os
 import re
 from typing import Any, Sequence
 
-import numpy as np
 from PIL import Image
 
 from viscodex_jax.eval.base import Benchmark, Item, extract_code

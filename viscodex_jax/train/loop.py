@@ -25,8 +25,8 @@ import tqdm
 from viscodex_jax import checkpoint as ckpt_io
 from viscodex_jax.sharding import make_mesh
 from viscodex_jax.train.metrics import MetricWriter, peak_flops_per_device, train_flops
-from viscodex_jax.train.step import (OptimConfig, batch_shardings, init_state, make_optimizer, make_train_step,
-                                     state_shardings, trainable_keys)
+from viscodex_jax.train.step import (OptimConfig, batch_shardings, init_state, make_optimizer, make_schedule,
+                                     make_train_step, state_shardings, trainable_keys)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ def run_training(c) -> dict[str, Any]:
     bsh = batch_shardings(first, mesh, rules, accum=accum > 1)
     jitted = jax.jit(step_fn, in_shardings=(ssh, bsh), out_shardings=(ssh, None), donate_argnums=0)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    lr_at = make_schedule(ocfg)
     peak = peak_flops_per_device(c.train.peak_tflops)
     preempt = _Preemption()
     metrics: dict[str, Any] = {}
@@ -151,7 +152,7 @@ def run_training(c) -> dict[str, Any]:
             tokens = int(m["tokens"])
             flops = train_flops(model_cfg, local, accum)
             metrics = {"step": step + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                       "lr": float(make_lr(ocfg)(step)), "tokens_per_s": tokens / dt,
+                       "lr": float(lr_at(step)), "tokens_per_s": tokens / dt,
                        "model_tflops_per_s": flops / dt / 1e12, "skipped": skipped}
             if peak:
                 metrics["mfu"] = flops / dt / (peak * jax.device_count())
@@ -179,14 +180,6 @@ def run_training(c) -> dict[str, Any]:
         ckpt_io.save_hf(params, model_cfg, raw, c.export_hf, side_files_from=c.model.init_checkpoint,
                         dtype=jnp.dtype(c.export_dtype) if c.export_dtype else None, overwrite=True)
     return metrics
-
-
-def make_lr(ocfg: OptimConfig):
-    import optax
-
-    return optax.warmup_cosine_decay_schedule(0.0, ocfg.lr, ocfg.warmup_steps,
-                                              max(ocfg.total_steps, ocfg.warmup_steps + 1),
-                                              end_value=ocfg.lr * ocfg.end_lr_ratio)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

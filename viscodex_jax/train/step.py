@@ -57,9 +57,13 @@ def trainable_keys(params: dict[str, Any], patterns: Sequence[str] | str) -> lis
     return chosen
 
 
+def make_schedule(c: OptimConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup_steps, max(c.total_steps, c.warmup_steps + 1),
+                                              end_value=c.lr * c.end_lr_ratio)
+
+
 def make_optimizer(c: OptimConfig, keys: Sequence[str]) -> optax.GradientTransformation:
-    sched = optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup_steps, max(c.total_steps, c.warmup_steps + 1),
-                                               end_value=c.lr * c.end_lr_ratio)
+    sched = make_schedule(c)
     decay_mask = {k: not any(re.search(p, k) for p in _NO_DECAY) for k in keys}
     return optax.chain(optax.clip_by_global_norm(c.clip_norm),
                        optax.adamw(sched, c.b1, c.b2, c.eps, weight_decay=c.weight_decay, mask=decay_mask))
