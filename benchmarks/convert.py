@@ -384,6 +384,7 @@ def spawn(args: list[str], timeout: float) -> dict[str, Any]:
         )
     res = json.loads(lines[-1][len(RESULT_MARK):])
     res["wait4_maxrss"] = ru.ru_maxrss * 1024
+    res["child_cpu_s"] = ru.ru_utime + ru.ru_stime
     return res
 
 
@@ -402,6 +403,33 @@ def warm(files: list[str]) -> None:
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds spent busy by the whole machine so far (all processes, from /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process plus its waited-for children."""
+    import resource
+
+    ru_s, ru_c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru_s.ru_utime + ru_s.ru_stime + ru_c.ru_utime + ru_c.ru_stime
+
+
+def wait_idle(max_s: float, min_idle: float = 0.9) -> float:
+    """Waits (up to max_s) for a 1 s window with the CPUs at least min_idle idle; returns seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < max_s:
+        b0, w0 = _busy_cpu_s(), time.monotonic()
+        time.sleep(1.0)
+        busy = (_busy_cpu_s() - b0) / ((time.monotonic() - w0) * (os.cpu_count() or 1))
+        if busy <= 1 - min_idle:
+            break
+    return time.monotonic() - t0
 
 
 def machine_info() -> dict[str, Any]:
@@ -448,10 +476,12 @@ def render(results: dict[str, Any]) -> str:
         f"transformers {m['versions']['transformers']}, torch {m['versions']['torch']}; "
         f"{results['config']['cache']} page cache; median of {results['config']['repeats']} fresh processes per task "
         f"(after {results['config']['warmup']} untimed); load average {m['loadavg_at_start'][0]:.2f} at start, "
-        f"{m.get('loadavg_at_end', [float('nan')])[0]:.2f} at end.",
+        f"{m.get('loadavg_at_end', [float('nan')])[0]:.2f} at end; other processes took "
+        f"{results.get('foreign_cpu_frac', float('nan')):.0%} of the CPU while the timed processes ran.",
         "",
-        "| model | task | s | s min–max | GB/s | peak RSS GB | RSS before GB | × floor | ours / transformers |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | task | s | s min–max | GB/s | peak RSS GB | RSS before GB | × floor | ours / transformers "
+        "| others' CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, mres in results["models"].items():
         gb = mres["ckpt_bytes"] / 1e9
@@ -464,7 +494,7 @@ def render(results: dict[str, Any]) -> str:
                 f"| {name} ({gb:.2f} GB) | {label} | {r['seconds']:.2f} | {r['seconds_min']:.2f}–{r['seconds_max']:.2f} | "
                 f"{_fmt(r['gb_per_s'], '.2f')} | "
                 f"{r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} | {_fmt(r['vs_floor'], '.2f')}× | "
-                f"{(_fmt(vs_ref, '.2f') + '×') if vs_ref is not None else ''} |"
+                f"{(_fmt(vs_ref, '.2f') + '×') if vs_ref is not None else ''} | {r['foreign_cpu_frac']:.0%} |"
             )
     lines += [
         "",
@@ -472,7 +502,8 @@ def render(results: dict[str, Any]) -> str:
         "child's VmHWM (includes imports, which 'RSS before' shows, and file-backed mmap pages). "
         "× floor = seconds / 'floor: raw read (copy)'. ours / transformers = seconds / "
         "'transformers from_pretrained + touch' (weights actually paged in); the lazy row reads almost "
-        "nothing because transformers 5 keeps bf16 safetensors weights mmap-backed.",
+        "nothing because transformers 5 keeps bf16 safetensors weights mmap-backed. others' CPU = share of the "
+        "machine's CPU time that other processes used while this row's processes ran (0% = uncontended).",
     ]
     return "\n".join(lines)
 
@@ -490,6 +521,9 @@ def summarise(samples: list[dict[str, Any]], nbytes: int) -> dict[str, Any]:
         peak_rss_gb=peak / 1e9,
         rss_before_gb=before / 1e9,
         peak_rss_delta_gb=(peak - before) / 1e9,
+        # share of the machine's CPU that other processes used while these children ran
+        foreign_cpu_frac=sum(s.get("foreign_cpu_s", 0.0) for s in samples)
+        / max(1e-9, sum(s.get("child_wall_s", 0.0) for s in samples) * (os.cpu_count() or 1)),
         samples=samples,
     )
 
@@ -502,7 +536,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--quick", action="store_true", help="text 0.5B model only")
     p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(t[0] for t in TASKS)}")
-    p.add_argument("--repeats", type=int, default=5, help="fresh processes per task; the median time is reported")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per task; the median time is reported")
+    p.add_argument("--wait_idle", type=float, default=0,
+                   help="before each run, wait up to this many seconds for the CPUs to be >=90%% idle (shared hosts)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed fresh processes per task first (a VM backs freshly touched memory slowly)")
     p.add_argument("--cold", action="store_true", help="posix_fadvise(DONTNEED) the files before every task")
@@ -518,7 +554,7 @@ def main(argv: list[str]) -> None:
         if unknown:
             p.error(f"unknown models {sorted(unknown)}")
     tasks = [t for t in TASKS if a.tasks is None or t[0] in a.tasks.split(",")]
-    t_start = time.perf_counter()
+    t_start, busy0, own0 = time.perf_counter(), _busy_cpu_s(), _own_cpu_s()
     if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other work will skew timings",
               file=sys.stderr, flush=True)
@@ -558,13 +594,20 @@ def main(argv: list[str]) -> None:
                     args = ["--task", key, "--ckpt", ckpt, "--kind", kind]
                     if out_dir:
                         args += ["--out", out_dir]
+                    waited = wait_idle(a.wait_idle) if a.wait_idle > 0 else 0.0
+                    busy0, w0 = _busy_cpu_s(), time.monotonic()
                     s = spawn(args, a.timeout)
+                    # CPU time other processes took while this child ran (contention diagnostic).
+                    s["foreign_cpu_s"] = max(0.0, _busy_cpu_s() - busy0 - s["child_cpu_s"])
+                    s["child_wall_s"] = time.monotonic() - w0
+                    s["waited_idle_s"] = waited
                 finally:
                     if out_dir:
                         shutil.rmtree(out_dir, ignore_errors=True)
                 if rep >= 0:
                     samples.append(s)
-                print(f"[{name}] {label} {'warmup' if rep < 0 else '#' + str(rep + 1)}: {s['seconds']:.2f}s, peak RSS {s['peak_rss'] / 1e9:.2f} GB",
+                print(f"[{name}] {label} {'warmup' if rep < 0 else '#' + str(rep + 1)}: {s['seconds']:.2f}s, "
+                      f"peak RSS {s['peak_rss'] / 1e9:.2f} GB, other processes {s['foreign_cpu_s']:.1f} CPU-s",
                       file=sys.stderr, flush=True)
             mres["tasks"][key] = summarise(samples, nbytes)
         floor = mres["tasks"].get(FLOOR_TASK)
@@ -586,6 +629,11 @@ def main(argv: list[str]) -> None:
         results["models"][name] = mres
     results["wall_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    # CPU time other processes used during the run: the machine's busy time minus ours (2 CPUs -> 2 s/s max).
+    results["machine"]["foreign_cpu_s"] = max(0.0, (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0))
+    all_samples = [x for mres in results["models"].values() for t in mres["tasks"].values() for x in t["samples"]]
+    results["foreign_cpu_frac"] = sum(x["foreign_cpu_s"] for x in all_samples) / max(
+        1e-9, sum(x["child_wall_s"] for x in all_samples) * (os.cpu_count() or 1))
     table = render(results)
     results["markdown"] = table
     os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)

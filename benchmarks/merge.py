@@ -32,23 +32,40 @@ What it does:
                    and one model's worth (the primary's tensors) written with our
                    ``ShardedWriter`` (500 MB shards): what any streaming merge must pay.
 
+   Ours runs with ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce`` (``--ours_xla_flags``):
+   without it jaxlib 0.10's CPU backend runs merge._merge_core's model-axis sums ~100-400x slower
+   (``--ours_default_xla METHODS`` adds rows without the flag). If viscodex_jax.merge still refuses bf16
+   (``np.dtype(bfloat16).kind`` is "V", not "f"), the child adds "V" to ``MERGEABLE_KINDS`` and says so
+   in the JSON (``workaround``).
+
    Peak RSS is the child's ``ru_maxrss`` from ``wait4`` (it includes interpreter and
    library imports, and for mergekit any mmap'd file pages it touched).
    ``wall s`` is the whole child process (what a user waits for, imports included);
    ``work s`` excludes imports (known for ours and the floor only). ours/mergekit
    compares wall seconds; ours/floor compares work seconds. Ours' outputs are
    compared with mergekit's (fraction of bit-equal bf16 values, max |diff|).
-   For the VL case it also tries mergekit once without and once with
-   ``--allow-crimes`` and records what it says.
+   For the VL case (task_arithmetic only by default, ``--vl_methods``) it also tries
+   mergekit once without and once with ``--allow-crimes`` and records what it says.
+   The machine may be shared: before each task it waits (up to ``--quiet_wait`` s) for
+   other load to drop, and reports the share of CPU that other processes used meanwhile.
 
 3. Prints a Markdown table and writes JSON to ``--json_out``.
+
+Settings, ours vs mergekit (aligned where possible): both compute in fp32 and write bf16;
+lambda 1; task_arithmetic normalize false; ties and dare_ties normalize true (our disjoint
+mean; mergekit's dare_ties default is false); dare_ties rescale by per-tensor L1 norm (ours
+``dare_rescale="l1"``, mergekit's ``rescale: true``; our default "inverse_p" is not what
+mergekit does). Not alignable: DARE masks (JAX PRNG keyed by seed and tensor name vs torch's
+global RNG); TIES keeps ceil(density*n) entries plus ties at the threshold, mergekit exactly
+int(density*n); where sum_i w_i d_i is exactly 0 we elect no sign, mergekit elects +;
+task_arithmetic sums in a different order (a few values differ by one bf16 ulp).
 
 Run from the repository root (mergekit in its own venv, CPU torch pinned first)::
 
     python3 -m venv /tmp/mk && /tmp/mk/bin/pip install torch==2.13.0 && /tmp/mk/bin/pip install mergekit
-    .venv/bin/python benchmarks/merge.py                    # 0.5b + vl, ~10 min on 2 cores (+2 min first time)
+    .venv/bin/python benchmarks/merge.py                    # 0.5b + vl, ~15 min on 2 cores (+2 min first time)
     .venv/bin/python benchmarks/merge.py --cases 0.5b --methods task_arithmetic   # quick
-    .venv/bin/python benchmarks/merge.py --cases 0.5b,vl,1.5b                   # add 1.5B (~10 GB disk more)
+    .venv/bin/python benchmarks/merge.py --cases 0.5b,vl,1.5b   # add 1.5B (+9.3 GB disk, ~14 GB RAM for ours)
 
 Page cache is warm (inputs are read once before timing). Outputs are deleted after
 each task (mergekit's after comparison with ours).
@@ -57,8 +74,10 @@ each task (mergekit's after comparison with ours).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,6 +110,23 @@ DERIVED_SPEC = "merge_bench_spec.json"
 DERIVED_VERSION = 1
 RESULT_MARK = cb.RESULT_MARK
 CHILD_ENV = dict(cb.CHILD_ENV, TQDM_DISABLE="1")
+# jaxlib 0.10's CPU backend hands reductions to YNNPACK; a sum over the model axis of a broadcast product
+# (jnp.sum(w[:, None, None] * x, axis=0), as in merge._merge_core) then runs ~400x slower (4 s instead of 10 ms
+# for a 2x4864x896 f32 array). This flag keeps those reductions in XLA's own emitter.
+YNN_REDUCE_OFF = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
+
+
+CODE_FILES = ("viscodex_jax/merge.py", "viscodex_jax/merge_checkpoints.py", "viscodex_jax/checkpoint/safetensors_io.py",
+              "viscodex_jax/checkpoint/hf.py", "viscodex_jax/checkpoint/hf_map.py")
+
+
+def code_hash() -> str:
+    """A short hash of the merge code under test (it may be edited between runs)."""
+    h = hashlib.sha256()
+    for f in CODE_FILES:
+        with open(os.path.join(REPO, f), "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:12]
 
 
 def spec_kwargs(method: str, density: float) -> dict[str, Any]:
@@ -212,6 +248,7 @@ def task_ours(base: str, models: list[str], out: str, method: str, density: floa
     from viscodex_jax.merge_checkpoints import merge_checkpoints
 
     jax.devices()
+    code = code_hash()  # read right after the imports: the code this child runs
     workaround = None
     if np.dtype(ml_dtypes.bfloat16).kind not in vm.MERGEABLE_KINDS:
         # viscodex_jax.merge checks dtype.kind in "f", but numpy reports bfloat16's kind as "V", so every bf16
@@ -225,7 +262,8 @@ def task_ours(base: str, models: list[str], out: str, method: str, density: floa
     dt = time.perf_counter() - t0
     return dict(work_s=dt, rss_before=before["VmRSS"], peak_rss=_status()["VmHWM"], out_bytes=cb.ckpt_bytes(out),
                 n_out_files=len(cb.weight_files(out)), merged_tensors=len(report["merged"]),
-                copied_tensors=len(report["copied"]), workaround=workaround)
+                copied_tensors=len(report["copied"]), workaround=workaround,
+                code=code)
 
 
 def task_floor(base: str, models: list[str], out: str) -> dict[str, Any]:
@@ -298,7 +336,7 @@ def run_proc(cmd: list[str], timeout: float, env: dict[str, str] | None = None) 
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         busy0 = cpu_busy_s()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=dict(os.environ, **CHILD_ENV, **(env or {})),
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **CHILD_ENV, **(env or {})},
                                 cwd=REPO)
         timed_out = False
         while True:
@@ -385,53 +423,61 @@ def _fmt(x, spec, suffix=""):
 
 
 def render(results: dict[str, Any]) -> str:
-    m = results["machine"]
-    v = results["versions"]
+    m, v, cfg = results["machine"], results["versions"], results["config"]
     lines = [
-        f"Checkpoint merge (base + 2 models, weights {list(WEIGHTS)}, bf16 out, 500 MB shards), "
-        f"{m['cpu_count']} CPUs ({m['cpu_model']}); jax {m['versions']['jax']}, mergekit {v.get('mergekit')} "
-        f"(torch {v.get('mergekit_torch')}); warm page cache; one fresh process per row.",
+        f"Checkpoint merge: base + 2 models, weights {list(WEIGHTS)}, density {cfg['density']} (ties, dare_ties), "
+        f"bf16 in/out, 500 MB shards; {m['cpu_count']} CPUs ({m['cpu_model']}), jax {m['versions']['jax']}, "
+        f"mergekit {v.get('mergekit', '—')} (torch {v.get('mergekit_torch', '—')}); warm page cache; "
+        f"one fresh process per row; merge code {cfg['code']}.",
+        f"'ours' runs with XLA_FLAGS={cfg['ours_xla_flags'] or '(none)'}"
+        + ("; 'ours, default XLA' without it." if cfg["ours_default_xla"] else "."),
         "",
-        "| case | method | impl | wall s | work s | input GB/s | peak RSS GB | × mergekit (time / RSS) | × floor (time) "
-        "| vs mergekit: bit-equal / max abs diff |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | method | impl | wall s | work s | CPU s | input GB/s | peak RSS GB | ours ÷ mergekit (time / RSS) "
+        "| ours ÷ floor (work s) | = mergekit: bit-equal / max abs diff | other load |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cname, c in results["cases"].items():
-        gb = c["input_bytes"] / 1e9
-        label = f"{cname} ({gb:.2f} GB in)"
+        label = f"{cname} ({c['input_bytes'] / 1e9:.2f} GB in)"
         for r in c["rows"]:
             if r.get("failed"):
-                lines.append(f"| {label} | {r['method']} | {r['impl']} | failed (exit {r['rc']}) | | | | | | |")
+                lines.append(f"| {label} | {r['method']} | {r['impl']} | failed (exit {r['rc']}) | | | | | | | | |")
                 continue
-            cmpd = r.get("compare") or {}
-            cmp_s = (f"{cmpd['bit_equal_fraction'] * 100:.2f}% / {cmpd['max_abs_diff']:.2g}"
-                     if cmpd.get("bit_equal_fraction") is not None else "")
+            cm = r.get("compare") or {}
+            cmp_s = (f"{cm['bit_equal_fraction'] * 100:.2f}% / {cm['max_abs_diff']:.2g}"
+                     if cm.get("bit_equal_fraction") is not None else "")
+            vs_mk = (f"{r['x_mergekit_time']:.2f}× / {r['x_mergekit_rss']:.2f}×" if r.get("x_mergekit_time") else "")
             lines.append(
                 f"| {label} | {r['method']} | {r['impl']} | {r['wall_s']:.1f} | {_fmt(r.get('work_s'), '.1f')} | "
-                f"{r['gb_per_s']:.2f} | {r['peak_rss'] / 1e9:.2f} | "
-                f"{_fmt(r.get('x_mergekit_time'), '.2f', '×')}{' / ' + _fmt(r.get('x_mergekit_rss'), '.2f', '×') if r.get('x_mergekit_time') else ''} | "
-                f"{_fmt(r.get('x_floor'), '.2f', '×') if r['impl'] == 'ours' else ''} | {cmp_s} |")
+                f"{r['cpu_s']:.1f} | {r['gb_per_s']:.3f} | {r['peak_rss'] / 1e9:.2f} | {vs_mk} | "
+                f"{_fmt(r.get('x_floor'), '.2f', '×') if r['impl'].startswith('ours') else ''} | {cmp_s} | "
+                f"{r['bg_cpu_frac'] * 100:.0f}% |")
     lines += [
         "",
-        "wall s: the whole child process (imports included); work s: without imports (ours, floor). input GB/s = "
-        "bytes of the three input checkpoints / wall s. Peak RSS: the child's ru_maxrss (imports, and mmap'd file "
-        "pages for mergekit, included). × mergekit = ours / mergekit (wall s, peak RSS); × floor = ours / floor "
-        "(work s). floor = read every tensor of the three inputs + write the primary's tensors (500 MB shards). "
-        f"mergekit runs with dtype {results['config']['mergekit_dtype']} (compute), out_dtype bfloat16; "
-        "dare_ties draws differ (torch vs JAX RNG), so its bit-equal fraction is not expected to be high.",
+        "wall s: the whole child process (interpreter and imports included); work s: without imports (ours: "
+        "jit compiles included), known for ours and the floor only; CPU s: the child's user+sys. input GB/s = "
+        "bytes of the three input checkpoints / wall s. Peak RSS: the child's ru_maxrss (imports included; for "
+        "mergekit also the mmap'd input pages it touched). ours ÷ mergekit: wall s and peak RSS; ours ÷ floor: "
+        "work s. floor: every tensor of the three inputs read + the primary's tensors written (500 MB shards). "
+        f"mergekit: dtype {cfg['mergekit_dtype']} (compute), out_dtype bfloat16. dare_ties draws differ (torch vs "
+        "JAX RNG), so its bit-equal share is that of tensors where nothing is dropped. other load: the share of "
+        "the machine's CPU used by other processes during the row (this machine is shared).",
     ]
+    if v.get("mergekit_import_s"):
+        lines.append(f"mergekit's imports (torch, transformers, mergekit) alone take {v['mergekit_import_s']:.1f} s "
+                     "of its wall s.")
     for cname, c in results["cases"].items():
         for tag, t in c.get("mergekit_attempts", {}).items():
-            lines.append(f"\n{cname}: mergekit {tag}: exit {t['rc']} after {t['wall_s']:.1f}s: {t['summary']}")
+            lines.append(f"{cname}: mergekit {tag}: exit {t['rc']} after {t['wall_s']:.1f} s: {t['summary']}")
     return "\n".join(lines)
 
 
 def _summary_line(stderr: str) -> str:
+    """The last exception line of a traceback; a multi-line message is shortened to its first and last lines."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if any(w in ln for w in ("Error", "error", "Exception", "mismatch", "Mismatch", "RuntimeError")):
-            return ln[:300]
-    return (lines[-1][:300] if lines else "(no output)")
+    for i in range(len(lines) - 1, -1, -1):
+        if re.match(r"^[\w.]+(Error|Exception):", lines[i]):
+            return (lines[i] + (" … " + lines[-1] if i < len(lines) - 1 else ""))[:300]
+    return lines[-1][:300] if lines else "(no output)"
 
 
 def main(argv: list[str]) -> None:
@@ -441,24 +487,33 @@ def main(argv: list[str]) -> None:
     p.add_argument("--json_out", default=os.path.join(REPO, "runs", "benchmarks", "merge.json"))
     p.add_argument("--cases", default="0.5b,vl", help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--vl_methods", default=None, help="methods for the vl case (default: --methods)")
+    p.add_argument("--vl_methods", default="task_arithmetic",
+                   help="methods for the vl case (VisCodex uses task_arithmetic; the others add text-only work)")
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--mergekit", default="/tmp/mk/bin/mergekit-yaml", help="mergekit-yaml path ('' to skip)")
     p.add_argument("--mergekit_dtype", default="float32", help="mergekit's compute dtype (ours computes in float32)")
+    p.add_argument("--ours_xla_flags", default=YNN_REDUCE_OFF,
+                   help="XLA_FLAGS for ours ('' for none); the default avoids a >100x slow XLA CPU reduction path")
+    p.add_argument("--ours_default_xla", default="",
+                   help="comma-separated methods to also run ours with no extra XLA flags (slow: minutes each)")
     p.add_argument("--no_compare", action="store_true", help="skip comparing ours' output with mergekit's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise_std", type=float, default=0.002, help="std of model_i - base (weights have std 0.02)")
+    p.add_argument("--quiet_wait", type=float, default=15,
+                   help="before each task, wait up to this many s for the machine to be <15%% busy")
     p.add_argument("--recreate", action="store_true", help="rebuild the cached input checkpoints")
-    p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     a = p.parse_args(argv)
     cases = [c for c in a.cases.split(",") if c]
     methods = [m for m in a.methods.split(",") if m]
-    vl_methods = [m for m in (a.vl_methods or a.methods).split(",") if m]
-    for bad in (set(cases) - set(CASES)) | (set(methods + vl_methods) - set(METHODS)):
+    vl_methods = [m for m in a.vl_methods.split(",") if m]
+    default_xla = [m for m in a.ours_default_xla.split(",") if m]
+    for bad in (set(cases) - set(CASES)) | (set(methods + vl_methods + default_xla) - set(METHODS)):
         p.error(f"unknown case or method {bad!r}")
     use_mk = bool(a.mergekit) and os.path.exists(a.mergekit)
     if a.mergekit and not use_mk:
         print(f"mergekit not found at {a.mergekit}: ours vs floor only", file=sys.stderr)
+    ours_env = {"XLA_FLAGS": " ".join(x for x in (os.environ.get("XLA_FLAGS", ""), a.ours_xla_flags) if x)}
 
     t_start = time.perf_counter()
     versions: dict[str, Any] = {}
@@ -467,15 +522,21 @@ def main(argv: list[str]) -> None:
         q = run_proc([mkpy, "-c", "from importlib import metadata as m; print(m.version('mergekit'), "
                       "m.version('torch'), m.version('transformers'))"], 120)
         versions["mergekit"], versions["mergekit_torch"], versions["mergekit_transformers"] = q["stdout"].split()
-        t = run_proc([mkpy, "-c", "import torch, transformers, mergekit.merge, mergekit.scripts.run_yaml"], 300)
-        versions["mergekit_import_s"] = t["wall_s"]
+        versions["mergekit_import_s"] = run_proc(
+            [mkpy, "-c", "import torch, transformers, mergekit.merge, mergekit.scripts.run_yaml"], 300)["wall_s"]
     results: dict[str, Any] = dict(
         machine=cb.machine_info(), versions=versions,
         config=dict(cases=cases, methods=methods, vl_methods=vl_methods, weights=list(WEIGHTS), density=a.density,
                     shard_bytes=SHARD_BYTES, seed=a.seed, noise_std=a.noise_std, mergekit_dtype=a.mergekit_dtype,
+                    ours_xla_flags=ours_env["XLA_FLAGS"], ours_default_xla=default_xla, code=code_hash(),
                     ours_specs={m: spec_kwargs(m, a.density) for m in METHODS}),
         cases={})
     os.makedirs(a.work_dir, exist_ok=True)
+
+    def quiet():
+        os.sync()  # no writeback of the last task's output during the next one
+        return wait_quiet(a.quiet_wait)
+
     for cname in cases:
         text, vl = CASES[cname]
         print(f"[{cname}] preparing checkpoints", file=sys.stderr, flush=True)
@@ -486,61 +547,68 @@ def main(argv: list[str]) -> None:
             cb.warm(cb.weight_files(d))
         c: dict[str, Any] = dict(dirs=dirs, input_bytes=nbytes, rows=[], mergekit_attempts={})
         results["cases"][cname] = c
-        out_ours = os.path.join(a.work_dir, f"_out-ours-{cname}")
-        out_mk = os.path.join(a.work_dir, f"_out-mergekit-{cname}")
-        out_floor = os.path.join(a.work_dir, f"_out-floor-{cname}")
+        out = {k: os.path.join(a.work_dir, f"_out-{k}-{cname}") for k in ("ours", "mergekit", "floor")}
+        models = [dirs["model1"], dirs["model2"]]
 
-        def log(r):
-            print(f"[{cname}] {r['method']:>15} {r['impl']:>8}: wall {r['wall_s']:.1f}s"
-                  f"{'' if r.get('work_s') is None else ', work %.1fs' % r['work_s']}, peak RSS {r['peak_rss'] / 1e9:.2f} GB",
+        def row(r, method, impl, waited):
+            r.update(method=method, impl=impl, gb_per_s=nbytes / 1e9 / r["wall_s"], quiet_wait_s=waited)
+            print(f"[{cname}] {method:>15} {impl:>18}: wall {r['wall_s']:.1f}s"
+                  f"{'' if r.get('work_s') is None else ', work %.1fs' % r['work_s']}, CPU {r['cpu_s']:.1f}s, "
+                  f"peak RSS {r['peak_rss'] / 1e9:.2f} GB, other load {r['bg_cpu_frac'] * 100:.0f}%",
                   file=sys.stderr, flush=True)
+            return r
 
-        os.sync()
-        floor = spawn_child(dict(task="floor", base=dirs["base"], models=[dirs["model1"], dirs["model2"]],
-                                 out=out_floor), a.timeout)
-        shutil.rmtree(out_floor, ignore_errors=True)
-        floor.update(method="(any)", impl="floor", gb_per_s=nbytes / 1e9 / floor["wall_s"])
-        log(floor)
+        w = quiet()
+        floor = row(spawn_child(dict(task="floor", base=dirs["base"], models=models, out=out["floor"]), a.timeout),
+                    "(any)", "floor", w)
+        shutil.rmtree(out["floor"], ignore_errors=True)
         for method in (vl_methods if vl else methods):
-            os.sync()
-            ours = spawn_child(dict(task="ours", base=dirs["base"], models=[dirs["model1"], dirs["model2"]],
-                                    out=out_ours, method=method, density=a.density), a.timeout)
-            ours.update(method=method, impl="ours", gb_per_s=nbytes / 1e9 / ours["wall_s"],
-                        x_floor=ours["work_s"] / floor["work_s"])
-            log(ours)
-            rows = [ours]
+            rows = []
+            for impl, env in (("ours", ours_env), ("ours, default XLA", {})):
+                if impl != "ours" and method not in default_xla:
+                    continue
+                w = quiet()
+                r = row(spawn_child(dict(task="ours", base=dirs["base"], models=models, out=out["ours"],
+                                         method=method, density=a.density), a.timeout, env), method, impl, w)
+                r["x_floor"] = r["work_s"] / floor["work_s"]
+                rows.append(r)
+                if impl != "ours":
+                    shutil.rmtree(out["ours"], ignore_errors=True)
             if use_mk and not vl:
-                os.sync()
-                mk = run_mergekit(a, method, dirs, out_mk)
-                mk.update(method=method, impl="mergekit", gb_per_s=nbytes / 1e9 / mk["wall_s"])
+                w = quiet()
+                mk = row(run_mergekit(a, method, dirs, out["mergekit"]), method, "mergekit", w)
                 if mk["rc"] != 0:
                     mk["failed"] = True
                     print(f"[{cname}] mergekit failed:\n{mk['stderr_tail']}", file=sys.stderr)
                 else:
-                    log(mk)
-                    ours.update(x_mergekit_time=ours["wall_s"] / mk["wall_s"], x_mergekit_rss=ours["peak_rss"] / mk["peak_rss"])
-                    if not a.no_compare:
-                        ours["compare"] = compare(out_ours, out_mk)
-                        print(f"[{cname}]   ours vs mergekit: {ours['compare']}", file=sys.stderr, flush=True)
+                    for r in rows:
+                        r.update(x_mergekit_time=r["wall_s"] / mk["wall_s"], x_mergekit_rss=r["peak_rss"] / mk["peak_rss"])
+                    if not a.no_compare and os.path.isdir(out["ours"]):
+                        rows[0]["compare"] = compare(out["ours"], out["mergekit"])
+                        print(f"[{cname}]   ours vs mergekit: {rows[0]['compare']}", file=sys.stderr, flush=True)
                 rows.append(mk)
-                shutil.rmtree(out_mk, ignore_errors=True)
-            shutil.rmtree(out_ours, ignore_errors=True)
+                shutil.rmtree(out["mergekit"], ignore_errors=True)
+            shutil.rmtree(out["ours"], ignore_errors=True)
             c["rows"].extend(rows)
         c["rows"].append(floor)
         if use_mk and vl:
             for tag, extra in (("without --allow-crimes", []), ("with --allow-crimes", ["--allow-crimes"])):
-                os.sync()
-                mk = run_mergekit(a, "task_arithmetic", dirs, out_mk, extra)
-                mk["summary"] = _summary_line(mk["stderr_tail"]) if mk["rc"] else (
-                    f"succeeded, wrote {mk['out_bytes'] / 1e9:.2f} GB, peak RSS {mk['peak_rss'] / 1e9:.2f} GB")
-                if mk["rc"] == 0:
-                    with open(os.path.join(out_mk, "config.json")) as f:
+                quiet()
+                mk = run_mergekit(a, "task_arithmetic", dirs, out["mergekit"], extra)
+                if mk["rc"]:
+                    mk["summary"] = _summary_line(mk["stderr_tail"])
+                else:
+                    with open(os.path.join(out["mergekit"], "config.json")) as f:
                         mk["out_architectures"] = json.load(f).get("architectures")
-                    mk["summary"] += f", architectures {mk['out_architectures']}"
+                    mk["summary"] = (f"succeeded: wrote {mk['out_bytes'] / 1e9:.2f} GB "
+                                     f"({mk['out_architectures']}), peak RSS {mk['peak_rss'] / 1e9:.2f} GB")
                 c["mergekit_attempts"][tag] = mk
                 print(f"[{cname}] mergekit {tag}: exit {mk['rc']}: {mk['summary']}", file=sys.stderr, flush=True)
-                shutil.rmtree(out_mk, ignore_errors=True)
+                shutil.rmtree(out["mergekit"], ignore_errors=True)
     results["wall_s"] = time.perf_counter() - t_start
+    seen = {r["code"] for c in results["cases"].values() for r in c["rows"] if r.get("code")} | {results["config"]["code"]}
+    if len(seen) > 1:
+        results["config"]["code"] = "CHANGED DURING THE RUN: " + ", ".join(sorted(seen))
     table = render(results)
     results["markdown"] = table
     os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)

@@ -1,0 +1,535 @@
+"""Greedy decoding benchmark: our jitted sampler against transformers ``generate``, and a memory-bandwidth floor.
+
+What it does:
+
+1. Uses the randomly initialised Qwen2.5-0.5B-shaped text checkpoint that
+   ``benchmarks/convert.py`` builds and caches (``Qwen2ForCausalLM``: vocab 151936,
+   hidden 896, intermediate 4864, 24 layers, 14 heads, 2 kv heads, tied
+   embeddings; bf16 safetensors, made with ``convert.make_checkpoint`` if
+   missing). Both implementations load it as **float32** and compute in float32
+   on the CPU, so they run the very same weights.
+
+2. In one fresh subprocess per implementation (same CPU affinity and thread
+   count for both; see "Threads" below), for batch 1 and batch 8 of seeded random
+   128-token prompts (no padding), 64 new tokens, greedy:
+
+   * ``ours``: ``viscodex_jax.sampling.generate_ids`` (prefill + a
+     ``lax.while_loop`` of 64 decode steps in one jitted program; float32 KV
+     cache of 192 slots, prompt_bucket 64) with an EOS id (-1) that cannot
+     occur, so all 64 tokens are generated. Prefill is timed on its own with
+     the sampler's jitted ``_prefill`` (same cache length); decode = whole
+     ``generate_ids`` - prefill, over 64 decode forward passes. The first call of
+     each program is the warm-up; jit compile time = first call - median call.
+   * ``transformers``: ``Qwen2ForCausalLM.generate`` (greedy, sdpa attention,
+     default dynamic KV cache) with ``eos_token_id=None`` (no EOS stopping), so
+     it also generates exactly 64 tokens. Prefill = ``generate`` with
+     ``max_new_tokens=1``; decode = ``generate(64)`` - ``generate(1)``, over 63
+     decode forward passes (transformers' 64th token comes from the 63rd
+     step's logits; ours runs one more step whose logits are unused).
+
+   Times are medians of ``--repeats`` runs after one untimed warm-up.
+
+3. Memory-bandwidth floor: measured read bandwidth of this machine (best of
+   numpy / torch / XLA sums over a 1 GiB float32 array, same threads) and the
+   bytes one decode step must read at least: every float32 parameter once (the
+   tied embedding once, as the lm_head; the embedding lookup is negligible) plus
+   the valid part of the KV cache (float32, context 129..192, averaged).
+   floor s/step = bytes / bandwidth; floor tokens/s = batch / floor s/step;
+   "% of floor" = floor s/step / measured s/step.
+
+4. Checks that greedy tokens agree between the two (fraction of equal tokens,
+   and the mean fraction of each row before the first difference: random
+   weights can make near-ties, after which the continuations differ).
+
+5. Prints a Markdown table and writes JSON to ``--json_out``.
+
+Threads: each child process is pinned (``sched_setaffinity``) to the first
+``--threads`` CPUs (default: all CPUs this process may use); torch gets
+``torch.set_num_threads(threads)`` and OMP/MKL_NUM_THREADS; XLA's CPU thread
+pool is sized from the affinity mask (with ``--threads 1`` we also pass
+``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``).
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/decode.py              # ~6 min on 2 cores
+    .venv/bin/python benchmarks/decode.py --repeats 1  # quicker, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import convert as cb  # noqa: E402  (benchmarks/convert.py: checkpoint builder, machine info)
+import merge as mb  # noqa: E402  (benchmarks/merge.py: run_proc with background-load accounting, wait_quiet)
+
+MODEL = "qwen2.5-0.5b"
+RESULT_MARK = cb.RESULT_MARK
+PROMPT_LEN = 128
+NEW_TOKENS = 64
+BATCHES = (1, 8)
+PROMPT_BUCKET = 64  # 128 tokens fill two buckets exactly: no padding, cache of round_up(128 + 64, 64) = 192 slots
+NO_EOS = -1  # an id the model cannot produce: every row runs all NEW_TOKENS steps
+IMPLS = (("ours", "ours: viscodex_jax generate_ids"), ("hf", "transformers generate"))
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def _pin(threads: int) -> list[int]:
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+def _peak_rss() -> int:
+    return cb._proc_status()["VmHWM"]
+
+
+def _prompts(vocab: int, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, vocab, size=(max(BATCHES), PROMPT_LEN), dtype=np.int64)
+
+
+def _times(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _timed(fn, repeats: int) -> tuple[float, list[float]]:
+    """(first call s, [timed calls s]); the first call is the warm-up (compile for jitted code)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    return first, _times(fn, repeats)
+
+
+def task_bandwidth(threads: int) -> dict[str, Any]:
+    """Read (sum) and copy bandwidth over 1 GiB float32 arrays: numpy (1 thread), torch and XLA (``threads``)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    n = 256 << 20
+    a = np.ones(n, np.float32)
+    b = np.empty_like(a)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    ja = jnp.asarray(a)
+    jsum = jax.jit(lambda x: x.sum())
+    jcopy = jax.jit(lambda x: x + 1.0)
+
+    def best(fn, k=7):
+        fn()
+        ts = []
+        for _ in range(k):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    nb = a.nbytes
+    res = {
+        "numpy_sum": nb / best(lambda: a.sum()) / 1e9,
+        "torch_sum": nb / best(lambda: ta.sum()) / 1e9,
+        "xla_sum": nb / best(lambda: jsum(ja).block_until_ready()) / 1e9,
+        "numpy_copy_rw": 2 * nb / best(lambda: np.copyto(b, a)) / 1e9,
+        "torch_copy_rw": 2 * nb / best(lambda: tb.copy_(ta)) / 1e9,
+        "xla_add1_rw": 2 * nb / best(lambda: jcopy(ja).block_until_ready()) / 1e9,
+    }
+    reads = {k: v for k, v in res.items() if k.endswith("_sum")}
+    best_key = max(reads, key=reads.get)
+    return dict(gb_per_s=res, read_gb_per_s=reads[best_key], read_source=best_key, array_bytes=nb)
+
+
+def _param_bytes_tree(params) -> int:
+    import jax
+
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(params)))
+
+
+def task_ours(ckpt: str, repeats: int, seed: int) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from viscodex_jax import sampling
+    from viscodex_jax.checkpoint import load_hf_params
+    from viscodex_jax.model.rope_index import text_positions
+
+    jax.devices()
+    t0 = time.perf_counter()
+    cfg, params = load_hf_params(ckpt, dtype=np.float32)
+    params = jax.device_put(params)
+    jax.block_until_ready(params)
+    load_s = time.perf_counter() - t0
+    settings = sampling.DecodeSettings(max_new_tokens=NEW_TOKENS, prompt_bucket=PROMPT_BUCKET, cache_dtype="float32")
+    prompts = _prompts(cfg.text.vocab_size, seed)
+    out: dict[str, Any] = dict(load_s=load_s, param_bytes=_param_bytes_tree(params), dtype=cfg.dtype,
+                               settings=vars(settings) if hasattr(settings, "__dict__") else str(settings),
+                               batches={})
+    for b in BATCHES:
+        ids = prompts[:b].astype(np.int32)
+        mask = np.ones_like(ids)
+        batch = {"input_ids": ids, "attention_mask": mask, "positions": text_positions(mask)}
+        res = {}
+
+        def gen():
+            res["tokens"] = sampling.generate_ids(cfg, params, batch, eos_ids=[NO_EOS], pad_id=0,
+                                                  sampler=sampling.Greedy(), key=jax.random.PRNGKey(0),
+                                                  settings=settings)
+
+        p_ids, p_mask, p_pos, _, extra = sampling._prepare(cfg, batch, settings)
+        cache_len = sampling._round_up(p_ids.shape[1] + settings.max_new_tokens, settings.prompt_bucket)
+
+        def prefill():
+            jax.block_until_ready(sampling._prefill(params, p_ids, p_mask, p_pos, extra, cfg=cfg, cache_len=cache_len,
+                                                    cache_dtype=jnp.dtype(settings.cache_dtype)))
+
+        g_first, g_times = _timed(gen, repeats)
+        p_first, p_times = _timed(prefill, repeats)
+        tokens = np.asarray(res["tokens"])
+        g, p = statistics.median(g_times), statistics.median(p_times)
+        out["batches"][str(b)] = dict(
+            generate_s=g, generate_times=g_times, generate_first_s=g_first, compile_generate_s=g_first - g,
+            prefill_s=p, prefill_times=p_times, prefill_first_s=p_first, compile_prefill_s=p_first - p,
+            decode_s=g - p, decode_steps=NEW_TOKENS, cache_len=cache_len,
+            tokens=tokens.tolist(), n_generated=int(tokens.shape[1]),
+        )
+        print(f"[ours] batch {b}: generate {g:.2f}s (first {g_first:.2f}s), prefill {p:.2f}s (first {p_first:.2f}s)",
+              file=sys.stderr, flush=True)
+    out["peak_rss"] = _peak_rss()
+    return out
+
+
+def task_hf(ckpt: str, repeats: int, seed: int, threads: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = Qwen2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    prompts = _prompts(vocab, seed)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def gc(n):
+        return GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                                pad_token_id=0, bos_token_id=None, num_beams=1, use_cache=True)
+
+    out: dict[str, Any] = dict(load_s=load_s, param_bytes=param_bytes, dtype=str(next(model.parameters()).dtype),
+                               attn_implementation=model.config._attn_implementation, batches={})
+    for b in BATCHES:
+        ids = torch.from_numpy(prompts[:b].copy())
+        mask = torch.ones_like(ids)
+        res = {}
+
+        def run(n):
+            def f():
+                with torch.inference_mode():
+                    res[n] = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc(n))
+            return f
+
+        t0 = time.perf_counter()
+        run(2)()  # warm-up (first-call allocations, oneDNN primitive creation): prefill + one decode step
+        warm_s = time.perf_counter() - t0
+        g_times = _times(run(NEW_TOKENS), repeats)
+        p_times = _times(run(1), repeats)
+        tokens = res[NEW_TOKENS][:, PROMPT_LEN:].numpy().astype(np.int64)
+        g, p = statistics.median(g_times), statistics.median(p_times)
+        out["batches"][str(b)] = dict(
+            generate_s=g, generate_times=g_times, warmup_s=warm_s,
+            prefill_s=p, prefill_times=p_times,
+            decode_s=g - p, decode_steps=NEW_TOKENS - 1,
+            tokens=tokens.tolist(), n_generated=int(tokens.shape[1]),
+        )
+        print(f"[hf] batch {b}: generate {g:.2f}s, prefill {p:.2f}s (warm-up {warm_s:.2f}s)", file=sys.stderr, flush=True)
+    out["peak_rss"] = _peak_rss()
+    return out
+
+
+def task_ablation(ckpt: str, repeats: int) -> dict[str, Any]:
+    """One decode step (context 192 slots): our ``_step`` against the same layers run unrolled.
+
+    ``scan``: ``sampling._step`` as shipped (``nn.scan`` over layer params stacked [L, ...]).
+    ``unrolled``: the same ``DecoderLayer`` module applied layer by layer in Python inside one jit,
+    with each layer's params its own device buffer (no dynamic slice of a stacked array), the
+    same final norm and tied lm_head (``dot(h, E.T)``, as ``nn.Embed.attend``). Same logits.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from viscodex_jax import sampling
+    from viscodex_jax.checkpoint import load_hf_params
+    from viscodex_jax.model.layers import RMSNorm, text_rope
+    from viscodex_jax.model.model import attention_mask_for
+    from viscodex_jax.model.text import DecoderLayer
+
+    cfg, params = load_hf_params(ckpt, dtype=np.float32)
+    params = jax.device_put(params)
+    tc = cfg.text
+    n_layers, cache_len, slot = tc.num_layers, PROMPT_LEN + NEW_TOKENS, PROMPT_LEN + NEW_TOKENS // 2
+    per_layer = [jax.tree_util.tree_map(lambda x, i=i: jnp.array(x[i]), params["model"]["layers"])
+                 for i in range(n_layers)]
+    emb, norm = params["model"]["embed_tokens"]["embedding"], params["model"]["norm"]
+    layer = DecoderLayer(tc, jnp.float32, cfg.attention_impl)
+    final_norm = RMSNorm(tc.rms_norm_eps, jnp.float32)
+
+    @jax.jit
+    def unrolled(per_layer, ck, cv, kv_valid, tok, position, slot):
+        b = tok.shape[0]
+        x = emb[tok][:, None]
+        cos, sin = text_rope(position[:, None], tc.head_dim, tc.rope_theta, None)
+        mask = attention_mask_for(1, kv_valid, slot)
+        nk, nv = [], []
+        for i in range(n_layers):
+            x, c = layer.apply({"params": per_layer[i]}, x, {"k": ck[i], "v": cv[i]}, cos, sin, mask, slot)
+            nk.append(c["k"])
+            nv.append(c["v"])
+        x = final_norm.apply({"params": norm}, x)
+        return jnp.dot(x, emb.T), nk, nv
+
+    out: dict[str, Any] = dict(slot=slot, cache_len=cache_len, batches={})
+    rng = np.random.default_rng(0)
+    for b in BATCHES:
+        shape = (n_layers, b, cache_len, tc.num_kv_heads, tc.head_dim)
+        cache = {k: jnp.asarray(rng.standard_normal(shape, np.float32)) for k in ("k", "v")}
+        ck, cv = [cache["k"][i] for i in range(n_layers)], [cache["v"][i] for i in range(n_layers)]
+        kv_valid = jnp.asarray((np.arange(cache_len) <= slot)[None].repeat(b, 0).astype(np.int32))
+        tok = jnp.asarray(rng.integers(0, tc.vocab_size, b).astype(np.int32))
+        logits_in = jax.nn.one_hot(tok, tc.vocab_size)[:, None] * 10.0  # greedy picks ``tok``
+        position = jnp.full((b,), slot, jnp.int32)
+        eos = jnp.asarray([NO_EOS], jnp.int32)
+        res = {}
+
+        def scan():
+            res["scan"] = jax.block_until_ready(sampling._step(
+                params, cache, kv_valid, logits_in, jnp.zeros((b,), bool), jax.random.PRNGKey(0), slot, position,
+                eos, 0, cfg=cfg, sampler=sampling.Greedy(), mrope=False))
+
+        def unr():
+            res["unrolled"] = jax.block_until_ready(unrolled(per_layer, ck, cv, kv_valid.at[:, slot].set(1), tok,
+                                                             position, slot))
+
+        times = {"scan": [], "unrolled": []}
+        for fn in (scan, unr):
+            fn()  # compile
+        for _ in range(repeats):  # interleaved, so background load hits both alike
+            for name, fn in (("scan", scan), ("unrolled", unr)):
+                times[name] += _times(fn, 2)
+        diff = float(jnp.max(jnp.abs(res["scan"][2][:, 0] - res["unrolled"][0][:, 0])))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out["batches"][str(b)] = dict(times=times, median_s=med, logits_max_abs_diff=diff,
+                                      speedup=med["scan"] / med["unrolled"])
+        print(f"[ablation] batch {b}: scan {med['scan'] * 1e3:.1f} ms, unrolled {med['unrolled'] * 1e3:.1f} ms, "
+              f"max |logit diff| {diff:.2e}", file=sys.stderr, flush=True)
+    return out
+
+
+def child_main(argv: list[str]) -> None:
+    a = json.loads(argv[0])
+    a["cpus"] = _pin(a["threads"])
+    if a["task"] == "bandwidth":
+        res = task_bandwidth(a["threads"])
+    elif a["task"] == "ours":
+        res = task_ours(a["ckpt"], a["repeats"], a["seed"])
+    elif a["task"] == "hf":
+        res = task_hf(a["ckpt"], a["repeats"], a["seed"], a["threads"])
+    elif a["task"] == "ablation":
+        res = task_ablation(a["ckpt"], a["repeats"])
+    else:
+        raise ValueError(a["task"])
+    res["cpus"] = a["cpus"]
+    sys.stdout.write(RESULT_MARK + json.dumps(res) + "\n")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def spawn(args: dict[str, Any], timeout: float, threads: int) -> dict[str, Any]:
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **cb.CHILD_ENV}
+    if threads == 1:
+        env["XLA_FLAGS"] = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""),
+                                                "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1") if x)
+    p = mb.run_proc([sys.executable, os.path.abspath(__file__), "_child", json.dumps(args)], timeout, env)
+    lines = [ln for ln in p["stdout"].splitlines() if ln.startswith(RESULT_MARK)]
+    if p["rc"] != 0 or not lines:
+        raise RuntimeError(f"child {args} failed (exit {p['rc']}):\n{p['stdout'][-3000:]}\n{p['stderr'][-6000:]}")
+    res = json.loads(lines[-1][len(RESULT_MARK):])
+    res.update(wall_s=p["wall_s"], cpu_s=p["cpu_s"], bg_cpu_frac=p["bg_cpu_frac"], maxrss=p["maxrss"])
+    return res
+
+
+def kv_bytes_per_step(cfg_json: dict[str, Any], batch: int, context: float, itemsize: int = 4) -> float:
+    hd = cfg_json["hidden_size"] // cfg_json["num_attention_heads"]
+    return 2.0 * cfg_json["num_hidden_layers"] * batch * context * cfg_json["num_key_value_heads"] * hd * itemsize
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
+    import numpy as np
+
+    x, y = np.asarray(a), np.asarray(b)
+    if x.shape != y.shape:
+        return dict(error=f"shapes differ: {x.shape} vs {y.shape}")
+    eq = x == y
+    first_diff = [int(np.argmin(r)) if not r.all() else r.size for r in eq]
+    return dict(token_agreement=float(eq.mean()), prefix_agreement=float(np.mean(first_diff) / x.shape[1]),
+                first_diff=first_diff, rows_identical=int(sum(r.all() for r in eq)), rows=int(x.shape[0]))
+
+
+def render(r: dict[str, Any]) -> str:
+    m, c = r["machine"], r["config"]
+    bw = r["bandwidth"]
+    lines = [
+        f"Greedy decode, {MODEL} shapes (random weights, float32 on CPU), {PROMPT_LEN}-token prompts, "
+        f"{NEW_TOKENS} new tokens; {c['threads']} threads each ({m['cpu_count']} CPUs, {m['cpu_model']}); "
+        f"jax {m['versions']['jax']}, transformers {m['versions']['transformers']}, torch {m['versions']['torch']}; "
+        f"median of {c['repeats']} after 1 warm-up; load average {m['loadavg_at_start'][0]:.2f} at start, "
+        f"{m['loadavg_at_end'][0]:.2f} at end.",
+        f"Measured read bandwidth {bw['read_gb_per_s']:.1f} GB/s ({bw['read_source']}); one decode step reads "
+        f"≥ {r['param_bytes'] / 1e9:.3f} GB of float32 parameters + the KV cache.",
+        "",
+        "| impl | batch | prefill s | prefill tok/s | decode ms/step | decode tok/s | % of BW floor | "
+        "compile s (gen / prefill) | decode speed ours÷HF | tokens = HF (all / prefix) | other load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in c["batches"]:
+        fl = r["floor"][str(b)]
+        for key, label in IMPLS:
+            x = r["impls"][key]["batches"][str(b)]
+            bg = r["impls"][key]["bg_cpu_frac"]
+            comp = (f"{x['compile_generate_s']:.1f} / {x['compile_prefill_s']:.1f}" if key == "ours" else "—")
+            ratio = f"{r['ratios'][str(b)]['decode_tok_s']:.2f}×" if key == "ours" else ""
+            ag = r["agreement"][str(b)]
+            agree = f"{ag['token_agreement'] * 100:.1f}% / {ag['prefix_agreement'] * 100:.1f}%" if key == "ours" else ""
+            lines.append(
+                f"| {label} | {b} | {x['prefill_s']:.2f} | {x['prefill_tok_s']:.0f} | {x['ms_per_step']:.1f} | "
+                f"{x['decode_tok_s']:.1f} | {x['pct_of_floor']:.0f}% | {comp} | {ratio} | {agree} | {bg * 100:.0f}% |")
+        lines.append(
+            f"| floor: bytes / {bw['read_gb_per_s']:.1f} GB/s | {b} | | | {fl['s_per_step'] * 1e3:.1f} | "
+            f"{fl['tok_s']:.1f} | 100% | | | | |")
+    lines += [
+        "",
+        "prefill: ours = the sampler's jitted prefill alone; transformers = generate(max_new_tokens=1). "
+        "decode = generate(64) − prefill, per decode forward pass (ours 64 passes incl. one whose logits are unused, "
+        "transformers 63); decode tok/s = batch / s per step. compile = first call − median call. "
+        "floor = (float32 params + valid KV cache bytes) / measured read bandwidth; % of floor = floor s/step ÷ "
+        "measured s/step. tokens = HF: share of equal greedy tokens / mean share of each row before its first "
+        "difference. other load: share of the machine's CPU used by other processes during that child.",
+    ]
+    ab = r.get("ablation")
+    if ab:
+        lines += [
+            "",
+            f"Ablation, one decode step of ours (context {ab['slot'] + 1} of {ab['cache_len']} slots), median of "
+            f"{len(next(iter(ab['batches'].values()))['times']['scan'])} interleaved calls "
+            f"(other load {ab['bg_cpu_frac'] * 100:.0f}%):",
+            "",
+            "| batch | sampling._step (nn.scan over stacked layer params) ms | same layers unrolled, per-layer "
+            "buffers ms | scan ÷ unrolled | max abs logit diff |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for b, x in ab["batches"].items():
+            lines.append(f"| {b} | {x['median_s']['scan'] * 1e3:.1f} | {x['median_s']['unrolled'] * 1e3:.1f} | "
+                         f"{x['speedup']:.2f}× | {x['logits_max_abs_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmarks", "ckpts"),
+                   help="where convert.py caches its random checkpoints")
+    p.add_argument("--json_out", default=os.path.join(REPO, "runs", "benchmarks", "decode.json"))
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (median reported)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="CPUs (affinity) and threads for each implementation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_ablation", action="store_true",
+                   help="skip timing one decode step with the layers unrolled instead of scanned (~1 min)")
+    p.add_argument("--quiet_wait", type=float, default=30, help="wait up to this long for a quiet machine first")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    a = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    ckpt = os.path.join(a.work_dir, MODEL)
+    if not cb.checkpoint_ready(ckpt, MODEL):
+        print(f"creating checkpoint in {ckpt} ...", file=sys.stderr, flush=True)
+        cb.spawn(["--task", "make", "--ckpt", ckpt, "--make", MODEL, "--seed", "0"], a.timeout)
+    with open(os.path.join(ckpt, "config.json")) as f:
+        cfg_json = json.load(f)
+    waited = mb.wait_quiet(a.quiet_wait)
+    results: dict[str, Any] = dict(
+        machine=cb.machine_info(),
+        config=dict(model=MODEL, ckpt=ckpt, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, batches=list(BATCHES),
+                    repeats=a.repeats, threads=a.threads, seed=a.seed, prompt_bucket=PROMPT_BUCKET,
+                    waited_for_quiet_s=waited, compute_dtype="float32"),
+        impls={},
+    )
+    common = dict(ckpt=ckpt, repeats=a.repeats, seed=a.seed, threads=a.threads)
+    print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
+    results["bandwidth"] = spawn(dict(common, task="bandwidth"), a.timeout, a.threads)
+    for key, label in IMPLS:
+        print(f"running {label} ...", file=sys.stderr, flush=True)
+        results["impls"][key] = spawn(dict(common, task=key), a.timeout, a.threads)
+
+    param_bytes = results["impls"]["ours"]["param_bytes"]
+    results["param_bytes"] = param_bytes
+    bw = results["bandwidth"]["read_gb_per_s"] * 1e9
+    results["floor"], results["agreement"], results["ratios"] = {}, {}, {}
+    for b in BATCHES:
+        ctx = PROMPT_LEN + (NEW_TOKENS + 1) / 2  # step i (1..64) attends to 128 + i keys
+        nbytes = param_bytes + kv_bytes_per_step(cfg_json, b, ctx)
+        fl = dict(bytes_per_step=nbytes, kv_bytes_per_step=nbytes - param_bytes, s_per_step=nbytes / bw)
+        fl["tok_s"] = b / fl["s_per_step"]
+        results["floor"][str(b)] = fl
+        for key, _ in IMPLS:
+            x = results["impls"][key]["batches"][str(b)]
+            x["s_per_step"] = x["decode_s"] / x["decode_steps"]
+            x["ms_per_step"] = x["s_per_step"] * 1e3
+            x["decode_tok_s"] = b / x["s_per_step"]
+            x["prefill_tok_s"] = b * PROMPT_LEN / x["prefill_s"]
+            x["pct_of_floor"] = 100.0 * fl["s_per_step"] / x["s_per_step"]
+        o, h = results["impls"]["ours"]["batches"][str(b)], results["impls"]["hf"]["batches"][str(b)]
+        results["agreement"][str(b)] = agreement(o["tokens"], h["tokens"])
+        results["ratios"][str(b)] = dict(decode_tok_s=o["decode_tok_s"] / h["decode_tok_s"],
+                                         prefill_tok_s=o["prefill_tok_s"] / h["prefill_tok_s"],
+                                         generate_s=o["generate_s"] / h["generate_s"])
+    if not a.no_ablation:
+        print("ablation: one decode step, scanned vs unrolled layers ...", file=sys.stderr, flush=True)
+        results["ablation"] = spawn(dict(common, task="ablation"), a.timeout, a.threads)
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    results["wall_s"] = time.perf_counter() - t_start
+    table = render(results)
+    results["markdown"] = table
+    os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
+    with open(a.json_out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(table)
+    print(f"\nwrote {a.json_out} ({results['wall_s']:.0f}s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:])

@@ -1,0 +1,306 @@
+"""Train-step benchmark: our jitted step (viscodex_jax.train.step) against the same step in transformers + torch.
+
+What it does:
+
+1. Two text-only Qwen2 models (random weights, stored bf16 or fp32, loaded by
+   both implementations as **float32** and trained in float32 on the CPU):
+
+   * ``tiny``: the base text model of ``viscodex_jax.tiny.make_tiny_checkpoints``
+     (hidden 64, intermediate 128, 2 layers, 4/2 heads, vocab 4160 padded,
+     untied lm_head), batch 4 x 512 tokens;
+   * ``0.5b-wide-4l``: Qwen2.5-0.5B's shapes (vocab 151936, hidden 896,
+     intermediate 4864, 14/2 heads, tied embeddings) but **4 layers instead of
+     24** to keep CPU time sane (the tied 136M-parameter embedding / lm_head is
+     then ~70% of the matmul parameters), batch 2 x 256 tokens. Built with
+     ``benchmarks/convert.py``'s ``make_checkpoint`` (meta device, seeded fill,
+     bf16 ``save_pretrained``) and cached under ``--work_dir``.
+
+2. One fresh subprocess per (model, implementation), same CPU affinity and
+   thread count for both (see decode.py's "Threads"; documented in the JSON):
+
+   * ``ours``: ``make_train_step(cfg, make_optimizer(OptimConfig(...)), trainable_keys(params, "llm"),
+     vocab_chunk=8192)`` jitted with ``donate_argnums=0`` as ``train/loop.py`` does;
+     batch {input_ids, labels = input_ids, segment_ids = 1, positions = arange};
+     loss = token-mean cross-entropy (chunked over the vocab), AdamW (b1 0.9, b2
+     0.999, eps 1e-8, weight decay 0), global-norm clipping at 1.0.
+   * ``transformers``: ``Qwen2ForCausalLM(input_ids, labels=labels).loss.backward()``,
+     ``clip_grad_norm_(1.0)``, ``torch.optim.AdamW`` (same hyper-parameters,
+     torch's CPU default implementation), ``zero_grad(set_to_none=True)``;
+     sdpa attention.
+
+   Both train all parameters (ours: the "llm" preset = every text parameter).
+   ``--warmup`` untimed steps first (ours' first one includes the jit compile,
+   reported separately as first step - median step), then the median of
+   ``--steps`` timed steps (each timed to completion: ``block_until_ready`` /
+   synchronous torch). Model FLOP/s uses ``viscodex_jax.train.metrics.train_flops``
+   (6 N per token + causal attention) for both. The first step's loss of the
+   two implementations is compared (same weights, same batch).
+
+3. Prints a Markdown table (with ours ÷ transformers) and writes JSON to ``--json_out``.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/train_step.py                 # ~5 min on 2 cores (+~30 s first time)
+    .venv/bin/python benchmarks/train_step.py --models tiny   # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import convert as cb  # noqa: E402  (benchmarks/convert.py: checkpoint builder, machine info)
+import decode as db  # noqa: E402  (benchmarks/decode.py: pinned child processes with the same thread settings)
+
+WIDE = "qwen2.5-0.5b-4l"
+# Qwen2.5-0.5B's text shapes with 4 layers, registered with convert.py's builder (also in children).
+cb.MODELS.setdefault(WIDE, dict(kind="text", text=dict(cb.TEXT, num_hidden_layers=4), rope_theta=cb.ROPE_THETA,
+                                tie_word_embeddings=True))
+MODELS = {
+    # name: (checkpoint kind, batch, seq_len, timed steps, warm-up steps)
+    "tiny": dict(batch=4, seq=512, steps=10, warmup=2),
+    "0.5b-wide-4l": dict(batch=2, seq=256, steps=3, warmup=1),
+}
+IMPLS = (("ours", "ours: viscodex_jax train step (jit)"), ("hf", "transformers + torch AdamW"))
+OPTIM = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
+VOCAB_CHUNK = 8192
+RESULT_MARK = cb.RESULT_MARK
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def _batch(vocab: int, b: int, t: int, seed: int) -> dict[str, Any]:
+    import numpy as np
+
+    ids = np.random.default_rng(seed).integers(0, vocab, size=(b, t)).astype(np.int32)
+    return {"input_ids": ids, "labels": ids.copy(), "segment_ids": np.ones_like(ids),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+
+
+def task_ours(ckpt: str, b: int, t: int, steps: int, warmup: int, seed: int) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    from viscodex_jax.checkpoint import load_hf_params
+    from viscodex_jax.train.metrics import text_params, train_flops
+    from viscodex_jax.train.step import (OptimConfig, init_state, make_optimizer, make_train_step,
+                                         trainable_keys)
+
+    jax.devices()
+    cfg, params = load_hf_params(ckpt, dtype=np.float32)
+    keys = trainable_keys(params, "llm")
+    opt = make_optimizer(OptimConfig(warmup_steps=0, total_steps=1000, **OPTIM), keys)
+    state = jax.device_put(init_state(jax.device_put(params), opt, keys))
+    del params
+    step = jax.jit(make_train_step(cfg, opt, keys, vocab_chunk=VOCAB_CHUNK), donate_argnums=0)
+    batch = _batch(cfg.text.vocab_size, b, t, seed)
+    dev_batch = jax.device_put(batch)
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, m = step(state, dev_batch)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+        losses.append(float(m["loss"]))
+        print(f"[ours] step {i}: {times[-1]:.3f}s loss {losses[-1]:.5f}", file=sys.stderr, flush=True)
+    med = statistics.median(times[warmup:])
+    return dict(step_s=med, step_times=times[warmup:], warmup_times=times[:warmup], first_step_s=times[0],
+                compile_s=times[0] - med, losses=losses, flops=train_flops(cfg, batch),
+                matmul_params=text_params(cfg), n_trainable=len(keys),
+                n_params=int(sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))),
+                peak_rss=db._peak_rss())
+
+
+def task_hf(ckpt: str, b: int, t: int, steps: int, warmup: int, seed: int, threads: int) -> dict[str, Any]:
+    import torch
+    from transformers import Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    model = Qwen2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=OPTIM["lr"], betas=(OPTIM["b1"], OPTIM["b2"]), eps=OPTIM["eps"],
+                            weight_decay=OPTIM["weight_decay"])
+    batch = _batch(model.config.vocab_size, b, t, seed)
+    ids = torch.from_numpy(batch["input_ids"]).long()
+    labels = ids.clone()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, OPTIM["clip_norm"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
+        print(f"[hf] step {i}: {times[-1]:.3f}s loss {losses[-1]:.5f}", file=sys.stderr, flush=True)
+    med = statistics.median(times[warmup:])
+    return dict(step_s=med, step_times=times[warmup:], warmup_times=times[:warmup], first_step_s=times[0],
+                losses=losses, n_params=sum(p.numel() for p in params),
+                attn_implementation=model.config._attn_implementation,
+                adamw=dict(foreach=opt.defaults.get("foreach"), fused=opt.defaults.get("fused")),
+                peak_rss=db._peak_rss())
+
+
+def child_main(argv: list[str]) -> None:
+    a = json.loads(argv[0])
+    cpus = db._pin(a["threads"])
+    if a["task"] == "make":
+        res = cb.make_checkpoint(a["name"], a["ckpt"], a["seed"])
+    elif a["task"] == "make_tiny":
+        from viscodex_jax.tiny import ensure_tiny_checkpoints
+
+        res = ensure_tiny_checkpoints(a["ckpt"], seed=a["seed"])
+    elif a["task"] == "ours":
+        res = task_ours(a["ckpt"], a["batch"], a["seq"], a["steps"], a["warmup"], a["seed"])
+    elif a["task"] == "hf":
+        res = task_hf(a["ckpt"], a["batch"], a["seq"], a["steps"], a["warmup"], a["seed"], a["threads"])
+    else:
+        raise ValueError(a["task"])
+    res["cpus"] = cpus
+    sys.stdout.write(RESULT_MARK + json.dumps(res) + "\n")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def spawn(args: dict[str, Any], timeout: float, threads: int) -> dict[str, Any]:
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **cb.CHILD_ENV}
+    if threads == 1:
+        env["XLA_FLAGS"] = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""),
+                                                "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1") if x)
+    p = db.mb.run_proc([sys.executable, os.path.abspath(__file__), "_child", json.dumps(args)], timeout, env)
+    lines = [ln for ln in p["stdout"].splitlines() if ln.startswith(RESULT_MARK)]
+    if p["rc"] != 0 or not lines:
+        raise RuntimeError(f"child {args} failed (exit {p['rc']}):\n{p['stdout'][-3000:]}\n{p['stderr'][-6000:]}")
+    res = json.loads(lines[-1][len(RESULT_MARK):])
+    res.update(wall_s=p["wall_s"], cpu_s=p["cpu_s"], bg_cpu_frac=p["bg_cpu_frac"], maxrss=p["maxrss"])
+    return res
+
+
+def render(r: dict[str, Any]) -> str:
+    m, c = r["machine"], r["config"]
+    lines = [
+        f"Train step (forward + backward + clip + AdamW), float32 on CPU, {c['threads']} threads each "
+        f"({m['cpu_count']} CPUs, {m['cpu_model']}); jax {m['versions']['jax']}, transformers "
+        f"{m['versions']['transformers']}, torch {m['versions']['torch']}; load average "
+        f"{m['loadavg_at_start'][0]:.2f} at start, {m['loadavg_at_end'][0]:.2f} at end.",
+        "",
+        "| model | batch × seq | impl | step s (median) | min–max | tokens/s | model GFLOP/s | ours ÷ transformers "
+        "(tokens/s) | compile s | first-step loss | peak RSS GB | other load |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, mr in r["models"].items():
+        for key, label in IMPLS:
+            x = mr["impls"][key]
+            ratio = f"{mr['ratio_tokens_per_s']:.2f}×" if key == "ours" else ""
+            comp = f"{x['compile_s']:.1f}" if key == "ours" else "—"
+            lines.append(
+                f"| {name} | {mr['batch']} × {mr['seq']} | {label} | {x['step_s']:.3f} | "
+                f"{min(x['step_times']):.3f}–{max(x['step_times']):.3f} | {x['tokens_per_s']:.0f} | "
+                f"{x['gflops_per_s']:.1f} | {ratio} | {comp} | {x['losses'][0]:.5f} | {x['maxrss'] / 1e9:.2f} | "
+                f"{x['bg_cpu_frac'] * 100:.0f}% |")
+    lines += [
+        "",
+        "step s: median of the timed steps after the warm-up steps (tiny: 10 after 2; 0.5b-wide-4l: 3 after 1 — "
+        "its 24-layer original is too slow for CPU). model GFLOP/s = train_flops (6 N per token + causal "
+        "attention; the same count for both) / step s. compile = ours' first step − median step. first-step loss: "
+        "same weights and batch, so the two should agree to ~1e-5. other load: share of the machine's CPU used by "
+        "other processes during that child (this machine is shared).",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmarks", "ckpts"))
+    p.add_argument("--json_out", default=os.path.join(REPO, "runs", "benchmarks", "train_step.json"))
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: per model)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: per model)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="CPUs (affinity) and threads for each implementation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet_wait", type=float, default=30, help="wait up to this long for a quiet machine first")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    a = p.parse_args(argv)
+    names = [n for n in a.models.split(",") if n]
+    unknown = set(names) - set(MODELS)
+    if unknown:
+        p.error(f"unknown models {sorted(unknown)}")
+
+    t_start = time.perf_counter()
+    ckpts = {}
+    common = dict(seed=a.seed, threads=a.threads)
+    if "tiny" in names:
+        tiny_dir = os.path.join(a.work_dir, "tiny")
+        ckpts["tiny"] = spawn(dict(common, task="make_tiny", ckpt=tiny_dir), a.timeout, a.threads)["base"]
+    if "0.5b-wide-4l" in names:
+        ckpt = os.path.join(a.work_dir, WIDE)
+        if not cb.checkpoint_ready(ckpt, WIDE):
+            print(f"creating {WIDE} checkpoint in {ckpt} ...", file=sys.stderr, flush=True)
+            spawn(dict(common, task="make", name=WIDE, ckpt=ckpt), a.timeout, a.threads)
+        ckpts["0.5b-wide-4l"] = ckpt
+    waited = db.mb.wait_quiet(a.quiet_wait)
+    results: dict[str, Any] = dict(
+        machine=cb.machine_info(),
+        config=dict(threads=a.threads, seed=a.seed, optim=OPTIM, vocab_chunk=VOCAB_CHUNK, compute_dtype="float32",
+                    waited_for_quiet_s=waited,
+                    thread_setup="child pinned to the first N CPUs (sched_setaffinity); torch.set_num_threads(N), "
+                                 "OMP/MKL_NUM_THREADS=N; XLA sizes its pool from the affinity mask"),
+        models={},
+    )
+    for name in names:
+        spec = dict(MODELS[name])
+        if a.steps is not None:
+            spec["steps"] = a.steps
+        if a.warmup is not None:
+            spec["warmup"] = a.warmup
+        with open(os.path.join(ckpts[name], "config.json")) as f:
+            cfg_json = json.load(f)
+        mr: dict[str, Any] = dict(ckpt=ckpts[name], config={k: cfg_json.get(k) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "tie_word_embeddings")}, **spec, impls={})
+        for key, label in IMPLS:
+            print(f"[{name}] {label} ...", file=sys.stderr, flush=True)
+            x = spawn(dict(common, task=key, ckpt=ckpts[name], **spec), a.timeout, a.threads)
+            mr["impls"][key] = x
+        flops = mr["impls"]["ours"]["flops"]
+        mr["flops_per_step"] = flops
+        for key, _ in IMPLS:
+            x = mr["impls"][key]
+            x["tokens_per_s"] = spec["batch"] * spec["seq"] / x["step_s"]
+            x["gflops_per_s"] = flops / x["step_s"] / 1e9
+        o, h = mr["impls"]["ours"], mr["impls"]["hf"]
+        mr["ratio_tokens_per_s"] = o["tokens_per_s"] / h["tokens_per_s"]
+        mr["first_loss_abs_diff"] = abs(o["losses"][0] - h["losses"][0])
+        results["models"][name] = mr
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    results["wall_s"] = time.perf_counter() - t_start
+    table = render(results)
+    results["markdown"] = table
+    os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
+    with open(a.json_out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(table)
+    print(f"\nwrote {a.json_out} ({results['wall_s']:.0f}s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
