@@ -32,11 +32,10 @@ What it does:
                    and one model's worth (the primary's tensors) written with our
                    ``ShardedWriter`` (500 MB shards): what any streaming merge must pay.
 
-   Ours runs with ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce`` (``--ours_xla_flags``):
-   without it jaxlib 0.10's CPU backend runs merge._merge_core's model-axis sums ~100-400x slower
-   (``--ours_default_xla METHODS`` adds rows without the flag). If viscodex_jax.merge still refuses bf16
-   (``np.dtype(bfloat16).kind`` is "V", not "f"), the child adds "V" to ``MERGEABLE_KINDS`` and says so
-   in the JSON (``workaround``).
+   ``--ours_xla_flags`` sets XLA_FLAGS for our runs (default: none). jaxlib 0.10's CPU backend used to
+   run a reduction over the 2-3 model axis 100-400x slower than a chain of adds; merge._merge_core now
+   adds the models unrolled, and ``--ours_xla_flags=--xla_cpu_experimental_ynn_fusion_type=-reduce``
+   shows the difference the flag still makes.
 
    Peak RSS is the child's ``ru_maxrss`` from ``wait4`` (it includes interpreter and
    library imports, and for mergekit any mmap'd file pages it touched).
@@ -112,7 +111,8 @@ RESULT_MARK = cb.RESULT_MARK
 CHILD_ENV = dict(cb.CHILD_ENV, TQDM_DISABLE="1")
 # jaxlib 0.10's CPU backend hands reductions to YNNPACK; a sum over the model axis of a broadcast product
 # (jnp.sum(w[:, None, None] * x, axis=0), as in merge._merge_core) then runs ~400x slower (4 s instead of 10 ms
-# for a 2x4864x896 f32 array). This flag keeps those reductions in XLA's own emitter.
+# for a 2x4864x896 f32 array; a whole task_arithmetic merge_tensor of one 4864x896 MLP weight: 8.5 s CPU instead
+# of 0.12 s). This flag keeps those reductions in XLA's own emitter.
 YNN_REDUCE_OFF = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 
 
@@ -240,21 +240,13 @@ def _status() -> dict[str, int]:
 
 def task_ours(base: str, models: list[str], out: str, method: str, density: float) -> dict[str, Any]:
     import jax
-    import ml_dtypes
-    import numpy as np
 
-    from viscodex_jax import merge as vm
     from viscodex_jax.merge import MergeSpec
     from viscodex_jax.merge_checkpoints import merge_checkpoints
 
     jax.devices()
     code = code_hash()  # read right after the imports: the code this child runs
     workaround = None
-    if np.dtype(ml_dtypes.bfloat16).kind not in vm.MERGEABLE_KINDS:
-        # viscodex_jax.merge checks dtype.kind in "f", but numpy reports bfloat16's kind as "V", so every bf16
-        # checkpoint is refused. Until that is fixed, accept "V" too (only bf16 reaches it here).
-        vm.MERGEABLE_KINDS += "V"
-        workaround = "MERGEABLE_KINDS += 'V' (bf16 kind is 'V')"
     spec = MergeSpec(**spec_kwargs(method, density))
     before = _status()
     t0 = time.perf_counter()
@@ -492,7 +484,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--mergekit", default="/tmp/mk/bin/mergekit-yaml", help="mergekit-yaml path ('' to skip)")
     p.add_argument("--mergekit_dtype", default="float32", help="mergekit's compute dtype (ours computes in float32)")
-    p.add_argument("--ours_xla_flags", default=YNN_REDUCE_OFF,
+    p.add_argument("--ours_xla_flags", default="",
                    help="XLA_FLAGS for ours ('' for none); the default avoids a >100x slow XLA CPU reduction path")
     p.add_argument("--ours_default_xla", default="",
                    help="comma-separated methods to also run ours with no extra XLA flags (slow: minutes each)")

@@ -140,3 +140,15 @@ def test_row_chunked_merge_equals_whole_tensor(monkeypatch, method, density):
     np.testing.assert_array_equal(np.asarray(whole), chunked)
     np.testing.assert_allclose(s1["task_vector_norms"], s2["task_vector_norms"], rtol=1e-6)
     np.testing.assert_allclose(s1["kept_fraction"], s2["kept_fraction"])
+
+
+def test_bfloat16_inputs_merge_like_their_float32_values():
+    """Released checkpoints are bf16: they must merge (computed in float32)."""
+    import ml_dtypes
+
+    base, thetas = _rand(5)
+    bf = lambda x: x.astype(ml_dtypes.bfloat16)
+    spec = MergeSpec(method="ties", weights=(0.7, 0.3), density=0.5, out_dtype="float32")
+    got, _ = merge_tensor("w", bf(base), [bf(t) for t in thetas], spec)
+    want, _ = merge_tensor("w", bf(base).astype(np.float32), [bf(t).astype(np.float32) for t in thetas], spec)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -46,7 +46,23 @@ import jax.numpy as jnp
 import numpy as np
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-MERGEABLE_KINDS = "f"  # float dtypes only: merging integer or bool tensors has no meaning
+
+
+def _mergeable(dtype) -> bool:
+    """Floating dtypes only (bfloat16 included): merging integer or bool tensors has no meaning."""
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def _over_models(x: jax.Array) -> jax.Array:
+    """Sum over the (small, static) model axis 0, unrolled.
+
+    XLA:CPU lowers a reduction over a leading axis of 2-3 into a slow loop
+    (seconds per MLP weight); a chain of adds is as fast as the memory allows.
+    """
+    total = x[0]
+    for i in range(1, x.shape[0]):
+        total = total + x[i]
+    return total
 
 
 class MergeError(ValueError):
@@ -163,7 +179,7 @@ def _merge_core(base, thetas, weights, key, thresh, spec: MergeSpec, out_dtype):
     contrib = jnp.broadcast_to(keep, d.shape)
     flipped = jnp.zeros((), jnp.float32)
     if spec.sign_consensus:
-        elected = jnp.sign(jnp.sum(wd, axis=0))
+        elected = jnp.sign(_over_models(wd))
         agree = (jnp.sign(d) == elected[None]) & (d != 0)
         flipped = jnp.mean(((jnp.sign(d) != elected[None]) & (d != 0)).astype(jnp.float32))
         wd = jnp.where(agree, wd, 0.0)
@@ -174,12 +190,12 @@ def _merge_core(base, thetas, weights, key, thresh, spec: MergeSpec, out_dtype):
         # base cancels exactly instead of leaving fp32 rounding of |base|.
         wsum = jnp.sum(weights.astype(jnp.float32))
         s = spec.lam / wsum if spec.do_normalize else jnp.float32(spec.lam)
-        wt = jnp.sum(w * thetas.astype(jnp.float32), axis=0)
+        wt = _over_models(w * thetas.astype(jnp.float32))
         merged = (1.0 - s * wsum) * base32 + s * wt
     else:
-        total = jnp.sum(wd, axis=0)
+        total = _over_models(wd)
         if spec.do_normalize:
-            denom = jnp.sum(jnp.where(contrib, w, 0.0), axis=0)  # disjoint mean: only contributors count
+            denom = _over_models(jnp.where(contrib, w, 0.0))  # disjoint mean: only contributors count
             total = jnp.where(denom != 0, total / jnp.where(denom != 0, denom, 1.0), 0.0)
         merged = base32 + spec.lam * total
     raw = (thetas.astype(jnp.float32) - base32[None]).reshape(n, -1)
@@ -206,7 +222,7 @@ def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, p
         if tuple(t.shape) != tuple(base.shape):
             raise MergeError(f"{name}: model {i + 1} has shape {list(t.shape)} but the base has {list(base.shape)}")
     for i, t in enumerate([base, *thetas]):
-        if np.dtype(t.dtype).kind not in MERGEABLE_KINDS:
+        if not _mergeable(t.dtype):
             raise MergeError(f"{name}: dtype {np.dtype(t.dtype)} of {'the base' if i == 0 else f'model {i}'} cannot be merged")
     out_dtype = jnp.dtype(spec.out_dtype)
     n, shape = len(thetas), tuple(base.shape)
