@@ -41,13 +41,15 @@ What it does:
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/convert.py            # both models, ~5 min on 2 cores (+30 s first time)
-    .venv/bin/python benchmarks/convert.py --quick    # text 0.5B only
+    .venv/bin/python benchmarks/convert.py            # both models: ~4 min on 2 idle cores (+30 s the first time)
+    .venv/bin/python benchmarks/convert.py --quick    # text 0.5B only: ~1.5 min
 
 Timings are with a warm page cache (the files are read once before measuring);
 ``--cold`` instead asks the kernel to drop each file's cached pages
 (posix_fadvise DONTNEED) before every task, which helps only where the disk is
-not itself cached by a host.
+not itself cached by a host. On a shared machine, ``--wait_idle 30`` waits (up
+to 30 s) for idle CPUs before each run, and the "others' CPU" column says how
+much CPU other processes took while each row ran: rows far from 0% are skewed.
 """
 
 from __future__ import annotations

@@ -261,7 +261,8 @@ def task_hf(ckpt: str, repeats: int, seed: int, threads: int) -> dict[str, Any]:
             decode_s=g - p, decode_steps=NEW_TOKENS - 1,
             tokens=tokens.tolist(), n_generated=int(tokens.shape[1]),
         )
-        print(f"[hf] batch {b}: generate {g:.2f}s, prefill {p:.2f}s (warm-up {warm_s:.2f}s)", file=sys.stderr, flush=True)
+        print(f"[hf] batch {b}: generate {g:.2f}s, prefill {p:.2f}s (warm-up {warm_s:.2f}s)", file=sys.stderr,
+              flush=True)
     out["peak_rss"] = _peak_rss()
     return out
 
@@ -296,7 +297,6 @@ def task_ablation(ckpt: str, repeats: int) -> dict[str, Any]:
 
     @jax.jit
     def unrolled(per_layer, ck, cv, kv_valid, tok, position, slot):
-        b = tok.shape[0]
         x = emb[tok][:, None]
         cos, sin = text_rope(position[:, None], tc.head_dim, tc.rope_theta, None)
         mask = attention_mask_for(1, kv_valid, slot)
@@ -366,18 +366,33 @@ def child_main(argv: list[str]) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
-def spawn(args: dict[str, Any], timeout: float, threads: int) -> dict[str, Any]:
+XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def child_env(threads: int) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **cb.CHILD_ENV}
     if threads == 1:
-        env["XLA_FLAGS"] = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""),
-                                                "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1") if x)
-    p = mb.run_proc([sys.executable, os.path.abspath(__file__), "_child", json.dumps(args)], timeout, env)
+        env["XLA_FLAGS"] = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""), XLA_ONE_THREAD) if x)
+    return env
+
+
+def spawn_child(script: str, args: dict[str, Any], timeout: float, threads: int,
+                quiet_wait: float = 0.0) -> dict[str, Any]:
+    """Runs ``script _child <json args>`` (pinned to ``threads`` CPUs by the child); returns its result dict."""
+    waited = mb.wait_quiet(quiet_wait) if quiet_wait > 0 else 0.0  # other people's jobs share this machine
+    p = mb.run_proc([sys.executable, os.path.abspath(script), "_child", json.dumps(args)], timeout,
+                    child_env(threads))
     lines = [ln for ln in p["stdout"].splitlines() if ln.startswith(RESULT_MARK)]
     if p["rc"] != 0 or not lines:
         raise RuntimeError(f"child {args} failed (exit {p['rc']}):\n{p['stdout'][-3000:]}\n{p['stderr'][-6000:]}")
     res = json.loads(lines[-1][len(RESULT_MARK):])
-    res.update(wall_s=p["wall_s"], cpu_s=p["cpu_s"], bg_cpu_frac=p["bg_cpu_frac"], maxrss=p["maxrss"])
+    res.update(wall_s=p["wall_s"], cpu_s=p["cpu_s"], bg_cpu_frac=p["bg_cpu_frac"], maxrss=p["maxrss"],
+               waited_for_quiet_s=waited)
     return res
+
+
+def spawn(args: dict[str, Any], timeout: float, threads: int, quiet_wait: float = 0.0) -> dict[str, Any]:
+    return spawn_child(__file__, args, timeout, threads, quiet_wait)
 
 
 def kv_bytes_per_step(cfg_json: dict[str, Any], batch: int, context: float, itemsize: int = 4) -> float:
@@ -466,7 +481,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_ablation", action="store_true",
                    help="skip timing one decode step with the layers unrolled instead of scanned (~1 min)")
-    p.add_argument("--quiet_wait", type=float, default=30, help="wait up to this long for a quiet machine first")
+    p.add_argument("--quiet_wait", type=float, default=30,
+                   help="before each child, wait up to this long for a quiet machine (<15%% busy for 1 s)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
     a = p.parse_args(argv)
 
@@ -477,20 +493,19 @@ def main(argv: list[str]) -> None:
         cb.spawn(["--task", "make", "--ckpt", ckpt, "--make", MODEL, "--seed", "0"], a.timeout)
     with open(os.path.join(ckpt, "config.json")) as f:
         cfg_json = json.load(f)
-    waited = mb.wait_quiet(a.quiet_wait)
     results: dict[str, Any] = dict(
         machine=cb.machine_info(),
         config=dict(model=MODEL, ckpt=ckpt, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, batches=list(BATCHES),
                     repeats=a.repeats, threads=a.threads, seed=a.seed, prompt_bucket=PROMPT_BUCKET,
-                    waited_for_quiet_s=waited, compute_dtype="float32"),
+                    quiet_wait=a.quiet_wait, compute_dtype="float32"),
         impls={},
     )
     common = dict(ckpt=ckpt, repeats=a.repeats, seed=a.seed, threads=a.threads)
     print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
-    results["bandwidth"] = spawn(dict(common, task="bandwidth"), a.timeout, a.threads)
+    results["bandwidth"] = spawn(dict(common, task="bandwidth"), a.timeout, a.threads, a.quiet_wait)
     for key, label in IMPLS:
         print(f"running {label} ...", file=sys.stderr, flush=True)
-        results["impls"][key] = spawn(dict(common, task=key), a.timeout, a.threads)
+        results["impls"][key] = spawn(dict(common, task=key), a.timeout, a.threads, a.quiet_wait)
 
     param_bytes = results["impls"]["ours"]["param_bytes"]
     results["param_bytes"] = param_bytes
@@ -516,7 +531,7 @@ def main(argv: list[str]) -> None:
                                          generate_s=o["generate_s"] / h["generate_s"])
     if not a.no_ablation:
         print("ablation: one decode step, scanned vs unrolled layers ...", file=sys.stderr, flush=True)
-        results["ablation"] = spawn(dict(common, task="ablation"), a.timeout, a.threads)
+        results["ablation"] = spawn(dict(common, task="ablation"), a.timeout, a.threads, a.quiet_wait)
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - t_start
     table = render(results)

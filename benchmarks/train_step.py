@@ -177,18 +177,8 @@ def child_main(argv: list[str]) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
-def spawn(args: dict[str, Any], timeout: float, threads: int) -> dict[str, Any]:
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **cb.CHILD_ENV}
-    if threads == 1:
-        env["XLA_FLAGS"] = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""),
-                                                "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1") if x)
-    p = db.mb.run_proc([sys.executable, os.path.abspath(__file__), "_child", json.dumps(args)], timeout, env)
-    lines = [ln for ln in p["stdout"].splitlines() if ln.startswith(RESULT_MARK)]
-    if p["rc"] != 0 or not lines:
-        raise RuntimeError(f"child {args} failed (exit {p['rc']}):\n{p['stdout'][-3000:]}\n{p['stderr'][-6000:]}")
-    res = json.loads(lines[-1][len(RESULT_MARK):])
-    res.update(wall_s=p["wall_s"], cpu_s=p["cpu_s"], bg_cpu_frac=p["bg_cpu_frac"], maxrss=p["maxrss"])
-    return res
+def spawn(args: dict[str, Any], timeout: float, threads: int, quiet_wait: float = 0.0) -> dict[str, Any]:
+    return db.spawn_child(__file__, args, timeout, threads, quiet_wait)
 
 
 def render(r: dict[str, Any]) -> str:
@@ -215,8 +205,9 @@ def render(r: dict[str, Any]) -> str:
                 f"{x['bg_cpu_frac'] * 100:.0f}% |")
     lines += [
         "",
-        "step s: median of the timed steps after the warm-up steps (tiny: 10 after 2; 0.5b-wide-4l: 3 after 1 — "
-        "its 24-layer original is too slow for CPU). model GFLOP/s = train_flops (6 N per token + causal "
+        "step s: median of the timed steps after the warm-up steps ("
+        + "; ".join(f"{n}: {mr['steps']} after {mr['warmup']}" for n, mr in r["models"].items())
+        + "). 0.5b-wide-4l is Qwen2.5-0.5B with 4 of its 24 layers (CPU time). model GFLOP/s = train_flops (6 N per token + causal "
         "attention; the same count for both) / step s. compile = ours' first step − median step. first-step loss: "
         "same weights and batch, so the two should agree to ~1e-5. other load: share of the machine's CPU used by "
         "other processes during that child (this machine is shared).",
@@ -234,7 +225,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPUs (affinity) and threads for each implementation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet_wait", type=float, default=30, help="wait up to this long for a quiet machine first")
+    p.add_argument("--quiet_wait", type=float, default=30,
+                   help="before each child, wait up to this long for a quiet machine (<15%% busy for 1 s)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
     a = p.parse_args(argv)
     names = [n for n in a.models.split(",") if n]
@@ -254,11 +246,10 @@ def main(argv: list[str]) -> None:
             print(f"creating {WIDE} checkpoint in {ckpt} ...", file=sys.stderr, flush=True)
             spawn(dict(common, task="make", name=WIDE, ckpt=ckpt), a.timeout, a.threads)
         ckpts["0.5b-wide-4l"] = ckpt
-    waited = db.mb.wait_quiet(a.quiet_wait)
     results: dict[str, Any] = dict(
         machine=cb.machine_info(),
         config=dict(threads=a.threads, seed=a.seed, optim=OPTIM, vocab_chunk=VOCAB_CHUNK, compute_dtype="float32",
-                    waited_for_quiet_s=waited,
+                    quiet_wait=a.quiet_wait,
                     thread_setup="child pinned to the first N CPUs (sched_setaffinity); torch.set_num_threads(N), "
                                  "OMP/MKL_NUM_THREADS=N; XLA sizes its pool from the affinity mask"),
         models={},
@@ -276,7 +267,7 @@ def main(argv: list[str]) -> None:
             "num_key_value_heads", "tie_word_embeddings")}, **spec, impls={})
         for key, label in IMPLS:
             print(f"[{name}] {label} ...", file=sys.stderr, flush=True)
-            x = spawn(dict(common, task=key, ckpt=ckpts[name], **spec), a.timeout, a.threads)
+            x = spawn(dict(common, task=key, ckpt=ckpts[name], **spec), a.timeout, a.threads, a.quiet_wait)
             mr["impls"][key] = x
         flops = mr["impls"]["ours"]["flops"]
         mr["flops_per_step"] = flops
