@@ -79,6 +79,9 @@ BATCHES = (1, 8)
 PROMPT_BUCKET = 64  # 128 tokens fill two buckets exactly: no padding, cache of round_up(128 + 64, 64) = 192 slots
 NO_EOS = -1  # an id the model cannot produce: every row runs all NEW_TOKENS steps
 IMPLS = (("ours", "ours: viscodex_jax generate_ids"), ("hf", "transformers generate"))
+THREADS_SETUP = ("each child pinned to the first N CPUs (sched_setaffinity); torch.set_num_threads(N), "
+                 "OMP/MKL_NUM_THREADS=N; XLA sizes its CPU pool from the affinity mask (N=1: also "
+                 "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1)")
 
 
 # ----------------------------------------------------------------------------- children
@@ -131,7 +134,6 @@ def task_bandwidth(threads: int) -> dict[str, Any]:
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     ja = jnp.asarray(a)
     jsum = jax.jit(lambda x: x.sum())
-    jcopy = jax.jit(lambda x: x + 1.0)
 
     def best(fn, k=7):
         fn()
@@ -149,7 +151,6 @@ def task_bandwidth(threads: int) -> dict[str, Any]:
         "xla_sum": nb / best(lambda: jsum(ja).block_until_ready()) / 1e9,
         "numpy_copy_rw": 2 * nb / best(lambda: np.copyto(b, a)) / 1e9,
         "torch_copy_rw": 2 * nb / best(lambda: tb.copy_(ta)) / 1e9,
-        "xla_add1_rw": 2 * nb / best(lambda: jcopy(ja).block_until_ready()) / 1e9,
     }
     reads = {k: v for k, v in res.items() if k.endswith("_sum")}
     best_key = max(reads, key=reads.get)
@@ -391,8 +392,22 @@ def spawn_child(script: str, args: dict[str, Any], timeout: float, threads: int,
     return res
 
 
-def spawn(args: dict[str, Any], timeout: float, threads: int, quiet_wait: float = 0.0) -> dict[str, Any]:
-    return spawn_child(__file__, args, timeout, threads, quiet_wait)
+def spawn_retry(script: str, args: dict[str, Any], timeout: float, threads: int, quiet_wait: float = 0.0,
+                retries: int = 0, max_bg: float = 0.2) -> dict[str, Any]:
+    """spawn_child, run again (up to ``retries`` more times) while other processes took > ``max_bg`` of the CPU;
+    returns the run with the least background load (all runs' loads are kept in ``bg_cpu_frac_tries``)."""
+    runs = [spawn_child(script, args, timeout, threads, quiet_wait)]
+    while runs[-1]["bg_cpu_frac"] > max_bg and len(runs) <= retries:
+        print(f"  (other processes took {runs[-1]['bg_cpu_frac'] * 100:.0f}% of the CPU: running it again)",
+              file=sys.stderr, flush=True)
+        runs.append(spawn_child(script, args, timeout, threads, quiet_wait))
+    best = min(runs, key=lambda r: r["bg_cpu_frac"])
+    best["bg_cpu_frac_tries"] = [r["bg_cpu_frac"] for r in runs]
+    return best
+
+
+def spawn(args: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
+    return spawn_retry(__file__, args, a.timeout, a.threads, a.quiet_wait, a.retries, a.max_bg)
 
 
 def kv_bytes_per_step(cfg_json: dict[str, Any], batch: int, context: float, itemsize: int = 4) -> float:
@@ -483,6 +498,9 @@ def main(argv: list[str]) -> None:
                    help="skip timing one decode step with the layers unrolled instead of scanned (~1 min)")
     p.add_argument("--quiet_wait", type=float, default=30,
                    help="before each child, wait up to this long for a quiet machine (<15%% busy for 1 s)")
+    p.add_argument("--retries", type=int, default=0,
+                   help="run a child again (at most this many times) when other processes took > --max_bg of the CPU")
+    p.add_argument("--max_bg", type=float, default=0.2)
     p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
     a = p.parse_args(argv)
 
@@ -497,15 +515,16 @@ def main(argv: list[str]) -> None:
         machine=cb.machine_info(),
         config=dict(model=MODEL, ckpt=ckpt, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, batches=list(BATCHES),
                     repeats=a.repeats, threads=a.threads, seed=a.seed, prompt_bucket=PROMPT_BUCKET,
-                    quiet_wait=a.quiet_wait, compute_dtype="float32"),
+                    quiet_wait=a.quiet_wait, retries=a.retries, max_bg=a.max_bg, compute_dtype="float32",
+                    threads_setup=THREADS_SETUP),
         impls={},
     )
     common = dict(ckpt=ckpt, repeats=a.repeats, seed=a.seed, threads=a.threads)
     print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
-    results["bandwidth"] = spawn(dict(common, task="bandwidth"), a.timeout, a.threads, a.quiet_wait)
+    results["bandwidth"] = spawn(dict(common, task="bandwidth"), a)
     for key, label in IMPLS:
         print(f"running {label} ...", file=sys.stderr, flush=True)
-        results["impls"][key] = spawn(dict(common, task=key), a.timeout, a.threads, a.quiet_wait)
+        results["impls"][key] = spawn(dict(common, task=key), a)
 
     param_bytes = results["impls"]["ours"]["param_bytes"]
     results["param_bytes"] = param_bytes
@@ -531,7 +550,7 @@ def main(argv: list[str]) -> None:
                                          generate_s=o["generate_s"] / h["generate_s"])
     if not a.no_ablation:
         print("ablation: one decode step, scanned vs unrolled layers ...", file=sys.stderr, flush=True)
-        results["ablation"] = spawn(dict(common, task="ablation"), a.timeout, a.threads, a.quiet_wait)
+        results["ablation"] = spawn(dict(common, task="ablation"), a)
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - t_start
     table = render(results)

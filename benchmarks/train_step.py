@@ -177,8 +177,10 @@ def child_main(argv: list[str]) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
-def spawn(args: dict[str, Any], timeout: float, threads: int, quiet_wait: float = 0.0) -> dict[str, Any]:
-    return db.spawn_child(__file__, args, timeout, threads, quiet_wait)
+def spawn(args: dict[str, Any], a: argparse.Namespace, retry: bool = True) -> dict[str, Any]:
+    if not retry:
+        return db.spawn_child(__file__, args, a.timeout, a.threads)
+    return db.spawn_retry(__file__, args, a.timeout, a.threads, a.quiet_wait, a.retries, a.max_bg)
 
 
 def render(r: dict[str, Any]) -> str:
@@ -207,8 +209,8 @@ def render(r: dict[str, Any]) -> str:
         "",
         "step s: median of the timed steps after the warm-up steps ("
         + "; ".join(f"{n}: {mr['steps']} after {mr['warmup']}" for n, mr in r["models"].items())
-        + "). 0.5b-wide-4l is Qwen2.5-0.5B with 4 of its 24 layers (CPU time). model GFLOP/s = train_flops (6 N per token + causal "
-        "attention; the same count for both) / step s. compile = ours' first step − median step. first-step loss: "
+        + "). 0.5b-wide-4l is Qwen2.5-0.5B with 4 of its 24 layers (CPU time). model GFLOP/s = train_flops "
+        "(6 N per token + causal attention; the same count for both) / step s. compile = ours' first step − median step. first-step loss: "
         "same weights and batch, so the two should agree to ~1e-5. other load: share of the machine's CPU used by "
         "other processes during that child (this machine is shared).",
     ]
@@ -227,6 +229,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet_wait", type=float, default=30,
                    help="before each child, wait up to this long for a quiet machine (<15%% busy for 1 s)")
+    p.add_argument("--retries", type=int, default=0,
+                   help="run a child again (at most this many times) when other processes took > --max_bg of the CPU")
+    p.add_argument("--max_bg", type=float, default=0.2)
     p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
     a = p.parse_args(argv)
     names = [n for n in a.models.split(",") if n]
@@ -239,19 +244,18 @@ def main(argv: list[str]) -> None:
     common = dict(seed=a.seed, threads=a.threads)
     if "tiny" in names:
         tiny_dir = os.path.join(a.work_dir, "tiny")
-        ckpts["tiny"] = spawn(dict(common, task="make_tiny", ckpt=tiny_dir), a.timeout, a.threads)["base"]
+        ckpts["tiny"] = spawn(dict(common, task="make_tiny", ckpt=tiny_dir), a, retry=False)["base"]
     if "0.5b-wide-4l" in names:
         ckpt = os.path.join(a.work_dir, WIDE)
         if not cb.checkpoint_ready(ckpt, WIDE):
             print(f"creating {WIDE} checkpoint in {ckpt} ...", file=sys.stderr, flush=True)
-            spawn(dict(common, task="make", name=WIDE, ckpt=ckpt), a.timeout, a.threads)
+            spawn(dict(common, task="make", name=WIDE, ckpt=ckpt), a, retry=False)
         ckpts["0.5b-wide-4l"] = ckpt
     results: dict[str, Any] = dict(
         machine=cb.machine_info(),
         config=dict(threads=a.threads, seed=a.seed, optim=OPTIM, vocab_chunk=VOCAB_CHUNK, compute_dtype="float32",
-                    quiet_wait=a.quiet_wait,
-                    thread_setup="child pinned to the first N CPUs (sched_setaffinity); torch.set_num_threads(N), "
-                                 "OMP/MKL_NUM_THREADS=N; XLA sizes its pool from the affinity mask"),
+                    quiet_wait=a.quiet_wait, retries=a.retries, max_bg=a.max_bg,
+                    threads_setup=db.THREADS_SETUP),
         models={},
     )
     for name in names:
@@ -267,7 +271,7 @@ def main(argv: list[str]) -> None:
             "num_key_value_heads", "tie_word_embeddings")}, **spec, impls={})
         for key, label in IMPLS:
             print(f"[{name}] {label} ...", file=sys.stderr, flush=True)
-            x = spawn(dict(common, task=key, ckpt=ckpts[name], **spec), a.timeout, a.threads, a.quiet_wait)
+            x = spawn(dict(common, task=key, ckpt=ckpts[name], **spec), a)
             mr["impls"][key] = x
         flops = mr["impls"]["ours"]["flops"]
         mr["flops_per_step"] = flops
