@@ -19,7 +19,7 @@ What it does:
      occur, so all 64 tokens are generated. Prefill is timed on its own with
      the sampler's jitted ``_prefill`` (same cache length); decode = whole
      ``generate_ids`` - prefill, over 64 decode forward passes. The first call of
-     each program is the warm-up; jit compile time = first call - median call.
+     each program is the untimed warm-up.
    * ``transformers``: ``Qwen2ForCausalLM.generate`` (greedy, sdpa attention,
      default dynamic KV cache) with ``eos_token_id=None`` (no EOS stopping), so
      it also generates exactly 64 tokens. Prefill = ``generate`` with
@@ -27,7 +27,11 @@ What it does:
      decode forward passes (transformers' 64th token comes from the 63rd
      step's logits; ours runs one more step whose logits are unused).
 
-   Times are medians of ``--repeats`` runs after one untimed warm-up.
+   Times are the best of ``--repeats`` generate and ``--prefill_repeats``
+   prefill calls after one untimed warm-up (best-of-N: this machine is shared,
+   and other processes' bursts only ever add time); medians are in the JSON.
+   Our compile time is measured ahead of time (``lower(...).compile()`` of the
+   same jitted programs with the same arguments).
 
 3. Memory-bandwidth floor: measured read bandwidth of this machine (best of
    numpy / torch / XLA sums over a 1 GiB float32 array, same threads) and the
@@ -41,7 +45,15 @@ What it does:
    and the mean fraction of each row before the first difference: random
    weights can make near-ties, after which the continuations differ).
 
-5. Prints a Markdown table and writes JSON to ``--json_out``.
+5. Ablation (skip with ``--no_ablation``): one decode step of ours as shipped
+   (``sampling._step``: ``nn.scan`` over layer params stacked [L, ...]) against
+   the same ``DecoderLayer`` modules applied layer by layer, each layer's params
+   in its own buffer, in one jit (same logits). It isolates what the scan over
+   stacked params costs a memory-bound decode step on XLA:CPU, which copies each
+   layer's weight slices out of the stacked arrays (a dynamic-slice fusion)
+   before its matmuls.
+
+6. Prints Markdown tables and writes JSON to ``--json_out``.
 
 Threads: each child process is pinned (``sched_setaffinity``) to the first
 ``--threads`` CPUs (default: all CPUs this process may use); torch gets
@@ -51,13 +63,15 @@ pool is sized from the affinity mask (with ``--threads 1`` we also pass
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/decode.py              # ~6 min on 2 cores
-    .venv/bin/python benchmarks/decode.py --repeats 1  # quicker, noisier
+    .venv/bin/python benchmarks/decode.py              # ~6 min on 2 quiet cores
+    .venv/bin/python benchmarks/decode.py --repeats 1 --prefill_repeats 2 --no_ablation  # quicker, noisier
+    .venv/bin/python benchmarks/decode.py --retries 2  # rerun a child that other processes disturbed (>20% CPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -135,7 +149,7 @@ def task_bandwidth(threads: int) -> dict[str, Any]:
     ja = jnp.asarray(a)
     jsum = jax.jit(lambda x: x.sum())
 
-    def best(fn, k=7):
+    def best(fn, k=15):
         fn()
         ts = []
         for _ in range(k):
@@ -163,7 +177,15 @@ def _param_bytes_tree(params) -> int:
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(params)))
 
 
-def task_ours(ckpt: str, repeats: int, seed: int) -> dict[str, Any]:
+def _summary(gen_times: list[float], pre_times: list[float]) -> dict[str, Any]:
+    """Best (min) and median of the timed generate / prefill calls; decode = generate - prefill (best of each)."""
+    g, p = min(gen_times), min(pre_times)
+    return dict(generate_s=g, generate_median_s=statistics.median(gen_times), generate_times=gen_times,
+                prefill_s=p, prefill_median_s=statistics.median(pre_times), prefill_times=pre_times,
+                decode_s=g - p, decode_median_s=statistics.median(gen_times) - statistics.median(pre_times))
+
+
+def task_ours(ckpt: str, repeats: int, prefill_repeats: int, seed: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -179,45 +201,56 @@ def task_ours(ckpt: str, repeats: int, seed: int) -> dict[str, Any]:
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     settings = sampling.DecodeSettings(max_new_tokens=NEW_TOKENS, prompt_bucket=PROMPT_BUCKET, cache_dtype="float32")
+    cache_dtype = jnp.dtype(settings.cache_dtype)
     prompts = _prompts(cfg.text.vocab_size, seed)
     out: dict[str, Any] = dict(load_s=load_s, param_bytes=_param_bytes_tree(params), dtype=cfg.dtype,
-                               settings=vars(settings) if hasattr(settings, "__dict__") else str(settings),
-                               batches={})
+                               settings=dataclasses.asdict(settings), batches={})
     for b in BATCHES:
         ids = prompts[:b].astype(np.int32)
         mask = np.ones_like(ids)
         batch = {"input_ids": ids, "attention_mask": mask, "positions": text_positions(mask)}
+        key, eos = jax.random.PRNGKey(0), [NO_EOS]
         res = {}
 
         def gen():
-            res["tokens"] = sampling.generate_ids(cfg, params, batch, eos_ids=[NO_EOS], pad_id=0,
-                                                  sampler=sampling.Greedy(), key=jax.random.PRNGKey(0),
-                                                  settings=settings)
+            res["tokens"] = sampling.generate_ids(cfg, params, batch, eos_ids=eos, pad_id=0,
+                                                  sampler=sampling.Greedy(), key=key, settings=settings)
 
-        p_ids, p_mask, p_pos, _, extra = sampling._prepare(cfg, batch, settings)
+        # The same arguments generate_ids / its prefill pass to the jitted programs (for compile timing).
+        p_ids, p_mask, p_pos, next_pos, extra = sampling._prepare(cfg, batch, settings)
         cache_len = sampling._round_up(p_ids.shape[1] + settings.max_new_tokens, settings.prompt_bucket)
 
         def prefill():
             jax.block_until_ready(sampling._prefill(params, p_ids, p_mask, p_pos, extra, cfg=cfg, cache_len=cache_len,
-                                                    cache_dtype=jnp.dtype(settings.cache_dtype)))
+                                                    cache_dtype=cache_dtype))
 
+        # Trace + compile time, measured ahead of time (the AOT executable is separate from jit's cache,
+        # so the first real call below compiles again and is left out of the timings).
+        t0 = time.perf_counter()
+        sampling._generate_jit.lower(params, p_ids, p_mask, p_pos, next_pos, extra, key,
+                                     jnp.asarray(eos, jnp.int32), 0, cfg=cfg, sampler=sampling.Greedy(),
+                                     max_new=settings.max_new_tokens, cache_len=cache_len,
+                                     cache_dtype=cache_dtype).compile()
+        compile_gen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sampling._prefill.lower(params, p_ids, p_mask, p_pos, extra, cfg=cfg, cache_len=cache_len,
+                                cache_dtype=cache_dtype).compile()
+        compile_pre = time.perf_counter() - t0
         g_first, g_times = _timed(gen, repeats)
-        p_first, p_times = _timed(prefill, repeats)
+        p_first, p_times = _timed(prefill, prefill_repeats)
         tokens = np.asarray(res["tokens"])
-        g, p = statistics.median(g_times), statistics.median(p_times)
-        out["batches"][str(b)] = dict(
-            generate_s=g, generate_times=g_times, generate_first_s=g_first, compile_generate_s=g_first - g,
-            prefill_s=p, prefill_times=p_times, prefill_first_s=p_first, compile_prefill_s=p_first - p,
-            decode_s=g - p, decode_steps=NEW_TOKENS, cache_len=cache_len,
-            tokens=tokens.tolist(), n_generated=int(tokens.shape[1]),
-        )
-        print(f"[ours] batch {b}: generate {g:.2f}s (first {g_first:.2f}s), prefill {p:.2f}s (first {p_first:.2f}s)",
+        x = _summary(g_times, p_times)
+        x.update(compile_generate_s=compile_gen, compile_prefill_s=compile_pre, generate_first_s=g_first,
+                 prefill_first_s=p_first, decode_steps=NEW_TOKENS, cache_len=cache_len,
+                 tokens=tokens.tolist(), n_generated=int(tokens.shape[1]))
+        out["batches"][str(b)] = x
+        print(f"[ours] batch {b}: generate {g_times}, prefill {p_times}, compile {compile_gen:.1f}/{compile_pre:.1f}s",
               file=sys.stderr, flush=True)
     out["peak_rss"] = _peak_rss()
     return out
 
 
-def task_hf(ckpt: str, repeats: int, seed: int, threads: int) -> dict[str, Any]:
+def task_hf(ckpt: str, repeats: int, prefill_repeats: int, seed: int, threads: int) -> dict[str, Any]:
     import numpy as np
     import torch
     from transformers import GenerationConfig, Qwen2ForCausalLM
@@ -228,11 +261,11 @@ def task_hf(ckpt: str, repeats: int, seed: int, threads: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = Qwen2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
-    vocab = model.config.vocab_size
-    prompts = _prompts(vocab, seed)
+    prompts = _prompts(model.config.vocab_size, seed)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     def gc(n):
+        # eos_token_id=None: no EOS stopping criterion, so every row runs all n steps.
         return GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
                                 pad_token_id=0, bos_token_id=None, num_beams=1, use_cache=True)
 
@@ -253,16 +286,13 @@ def task_hf(ckpt: str, repeats: int, seed: int, threads: int) -> dict[str, Any]:
         run(2)()  # warm-up (first-call allocations, oneDNN primitive creation): prefill + one decode step
         warm_s = time.perf_counter() - t0
         g_times = _times(run(NEW_TOKENS), repeats)
-        p_times = _times(run(1), repeats)
+        p_times = _times(run(1), prefill_repeats)
         tokens = res[NEW_TOKENS][:, PROMPT_LEN:].numpy().astype(np.int64)
-        g, p = statistics.median(g_times), statistics.median(p_times)
-        out["batches"][str(b)] = dict(
-            generate_s=g, generate_times=g_times, warmup_s=warm_s,
-            prefill_s=p, prefill_times=p_times,
-            decode_s=g - p, decode_steps=NEW_TOKENS - 1,
-            tokens=tokens.tolist(), n_generated=int(tokens.shape[1]),
-        )
-        print(f"[hf] batch {b}: generate {g:.2f}s, prefill {p:.2f}s (warm-up {warm_s:.2f}s)", file=sys.stderr,
+        x = _summary(g_times, p_times)
+        x.update(warmup_s=warm_s, decode_steps=NEW_TOKENS - 1, tokens=tokens.tolist(),
+                 n_generated=int(tokens.shape[1]))
+        out["batches"][str(b)] = x
+        print(f"[hf] batch {b}: generate {g_times}, prefill {p_times} (warm-up {warm_s:.2f}s)", file=sys.stderr,
               flush=True)
     out["peak_rss"] = _peak_rss()
     return out
@@ -339,9 +369,10 @@ def task_ablation(ckpt: str, repeats: int) -> dict[str, Any]:
                 times[name] += _times(fn, 2)
         diff = float(jnp.max(jnp.abs(res["scan"][2][:, 0] - res["unrolled"][0][:, 0])))
         med = {k: statistics.median(v) for k, v in times.items()}
-        out["batches"][str(b)] = dict(times=times, median_s=med, logits_max_abs_diff=diff,
-                                      speedup=med["scan"] / med["unrolled"])
-        print(f"[ablation] batch {b}: scan {med['scan'] * 1e3:.1f} ms, unrolled {med['unrolled'] * 1e3:.1f} ms, "
+        best = {k: min(v) for k, v in times.items()}
+        out["batches"][str(b)] = dict(times=times, median_s=med, best_s=best, logits_max_abs_diff=diff,
+                                      speedup=best["scan"] / best["unrolled"])
+        print(f"[ablation] batch {b}: scan {best['scan'] * 1e3:.1f} ms, unrolled {best['unrolled'] * 1e3:.1f} ms, "
               f"max |logit diff| {diff:.2e}", file=sys.stderr, flush=True)
     return out
 
@@ -352,9 +383,9 @@ def child_main(argv: list[str]) -> None:
     if a["task"] == "bandwidth":
         res = task_bandwidth(a["threads"])
     elif a["task"] == "ours":
-        res = task_ours(a["ckpt"], a["repeats"], a["seed"])
+        res = task_ours(a["ckpt"], a["repeats"], a["prefill_repeats"], a["seed"])
     elif a["task"] == "hf":
-        res = task_hf(a["ckpt"], a["repeats"], a["seed"], a["threads"])
+        res = task_hf(a["ckpt"], a["repeats"], a["prefill_repeats"], a["seed"], a["threads"])
     elif a["task"] == "ablation":
         res = task_ablation(a["ckpt"], a["repeats"])
     else:
@@ -434,8 +465,8 @@ def render(r: dict[str, Any]) -> str:
         f"Greedy decode, {MODEL} shapes (random weights, float32 on CPU), {PROMPT_LEN}-token prompts, "
         f"{NEW_TOKENS} new tokens; {c['threads']} threads each ({m['cpu_count']} CPUs, {m['cpu_model']}); "
         f"jax {m['versions']['jax']}, transformers {m['versions']['transformers']}, torch {m['versions']['torch']}; "
-        f"median of {c['repeats']} after 1 warm-up; load average {m['loadavg_at_start'][0]:.2f} at start, "
-        f"{m['loadavg_at_end'][0]:.2f} at end.",
+        f"best of {c['repeats']} generate / {c['prefill_repeats']} prefill calls after 1 warm-up; load average "
+        f"{m['loadavg_at_start'][0]:.2f} at start, {m['loadavg_at_end'][0]:.2f} at end.",
         f"Measured read bandwidth {bw['read_gb_per_s']:.1f} GB/s ({bw['read_source']}); one decode step reads "
         f"≥ {r['param_bytes'] / 1e9:.3f} GB of float32 parameters + the KV cache.",
         "",
@@ -462,16 +493,18 @@ def render(r: dict[str, Any]) -> str:
         "",
         "prefill: ours = the sampler's jitted prefill alone; transformers = generate(max_new_tokens=1). "
         "decode = generate(64) − prefill, per decode forward pass (ours 64 passes incl. one whose logits are unused, "
-        "transformers 63); decode tok/s = batch / s per step. compile = first call − median call. "
+        "transformers 63); decode tok/s = batch / s per step. compile = trace + XLA compile of the jitted "
+        "generate program / of the prefill program alone, timed ahead of time (lower().compile()). "
         "floor = (float32 params + valid KV cache bytes) / measured read bandwidth; % of floor = floor s/step ÷ "
         "measured s/step. tokens = HF: share of equal greedy tokens / mean share of each row before its first "
-        "difference. other load: share of the machine's CPU used by other processes during that child.",
+        "difference. other load: share of the machine's CPU used by other processes during that child (this "
+        "machine is shared; best-of-N timings are the least disturbed by it; medians are in the JSON).",
     ]
     ab = r.get("ablation")
     if ab:
         lines += [
             "",
-            f"Ablation, one decode step of ours (context {ab['slot'] + 1} of {ab['cache_len']} slots), median of "
+            f"Ablation, one decode step of ours (context {ab['slot'] + 1} of {ab['cache_len']} slots), best of "
             f"{len(next(iter(ab['batches'].values()))['times']['scan'])} interleaved calls "
             f"(other load {ab['bg_cpu_frac'] * 100:.0f}%):",
             "",
@@ -480,7 +513,7 @@ def render(r: dict[str, Any]) -> str:
             "|---:|---:|---:|---:|---:|",
         ]
         for b, x in ab["batches"].items():
-            lines.append(f"| {b} | {x['median_s']['scan'] * 1e3:.1f} | {x['median_s']['unrolled'] * 1e3:.1f} | "
+            lines.append(f"| {b} | {x['best_s']['scan'] * 1e3:.1f} | {x['best_s']['unrolled'] * 1e3:.1f} | "
                          f"{x['speedup']:.2f}× | {x['logits_max_abs_diff']:.1e} |")
     return "\n".join(lines)
 
@@ -490,7 +523,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmarks", "ckpts"),
                    help="where convert.py caches its random checkpoints")
     p.add_argument("--json_out", default=os.path.join(REPO, "runs", "benchmarks", "decode.json"))
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed generate calls per batch size (best reported)")
+    p.add_argument("--prefill_repeats", type=int, default=5, help="timed prefill calls per batch size (best reported)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPUs (affinity) and threads for each implementation")
     p.add_argument("--seed", type=int, default=0)
@@ -514,12 +548,13 @@ def main(argv: list[str]) -> None:
     results: dict[str, Any] = dict(
         machine=cb.machine_info(),
         config=dict(model=MODEL, ckpt=ckpt, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, batches=list(BATCHES),
-                    repeats=a.repeats, threads=a.threads, seed=a.seed, prompt_bucket=PROMPT_BUCKET,
+                    repeats=a.repeats, prefill_repeats=a.prefill_repeats, threads=a.threads, seed=a.seed,
+                    prompt_bucket=PROMPT_BUCKET,
                     quiet_wait=a.quiet_wait, retries=a.retries, max_bg=a.max_bg, compute_dtype="float32",
                     threads_setup=THREADS_SETUP),
         impls={},
     )
-    common = dict(ckpt=ckpt, repeats=a.repeats, seed=a.seed, threads=a.threads)
+    common = dict(ckpt=ckpt, repeats=a.repeats, prefill_repeats=a.prefill_repeats, seed=a.seed, threads=a.threads)
     print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
     results["bandwidth"] = spawn(dict(common, task="bandwidth"), a)
     for key, label in IMPLS:

@@ -40,8 +40,9 @@ What it does:
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/train_step.py                 # ~5 min on 2 cores (+~30 s first time)
+    .venv/bin/python benchmarks/train_step.py                 # ~1.5 min on 2 quiet cores (+~30 s first time)
     .venv/bin/python benchmarks/train_step.py --models tiny   # seconds
+    .venv/bin/python benchmarks/train_step.py --retries 2     # rerun a child other processes disturbed (>20% CPU)
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ cb.MODELS.setdefault(WIDE, dict(kind="text", text=dict(cb.TEXT, num_hidden_layer
                                 tie_word_embeddings=True))
 MODELS = {
     # name: (checkpoint kind, batch, seq_len, timed steps, warm-up steps)
-    "tiny": dict(batch=4, seq=512, steps=10, warmup=2),
+    "tiny": dict(batch=4, seq=512, steps=10, warmup=5),
     "0.5b-wide-4l": dict(batch=2, seq=256, steps=3, warmup=1),
 }
 IMPLS = (("ours", "ours: viscodex_jax train step (jit)"), ("hf", "transformers + torch AdamW"))

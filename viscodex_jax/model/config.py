@@ -81,7 +81,6 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     attention_impl: str = "xla"  # "xla" (reference) | "cudnn"
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
-    scan_layers: bool = True
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
