@@ -530,6 +530,24 @@ def summarise(samples: list[dict[str, Any]], nbytes: int) -> dict[str, Any]:
     )
 
 
+def publish(results: dict, table: str, json_out: str) -> None:
+    """Stores the Markdown table in the results, writes the JSON and prints the table (every benchmark ends so)."""
+    results["markdown"] = table
+    os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
+    with open(json_out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(table)
+    print(f"\nwrote {json_out} ({results['wall_s']:.0f}s)", file=sys.stderr)
+
+
+def entry(main, child_main) -> None:
+    """A benchmark script's command line: ``_child ...`` runs one measured task, anything else the driver."""
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmarks", "ckpts"),
@@ -636,17 +654,8 @@ def main(argv: list[str]) -> None:
     all_samples = [x for mres in results["models"].values() for t in mres["tasks"].values() for x in t["samples"]]
     results["foreign_cpu_frac"] = sum(x["foreign_cpu_s"] for x in all_samples) / max(
         1e-9, sum(x["child_wall_s"] for x in all_samples) * (os.cpu_count() or 1))
-    table = render(results)
-    results["markdown"] = table
-    os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
-    with open(a.json_out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(table)
-    print(f"\nwrote {a.json_out} ({results['wall_s']:.0f}s)", file=sys.stderr)
+    publish(results, render(results), a.json_out)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        child_main(sys.argv[2:])
-    else:
-        main(sys.argv[1:])
+    entry(main, child_main)

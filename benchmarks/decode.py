@@ -588,17 +588,8 @@ def main(argv: list[str]) -> None:
         results["ablation"] = spawn(dict(common, task="ablation"), a)
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - t_start
-    table = render(results)
-    results["markdown"] = table
-    os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
-    with open(a.json_out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(table)
-    print(f"\nwrote {a.json_out} ({results['wall_s']:.0f}s)", file=sys.stderr)
+    cb.publish(results, render(results), a.json_out)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        child_main(sys.argv[2:])
-    else:
-        main(sys.argv[1:])
+    cb.entry(main, child_main)

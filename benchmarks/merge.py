@@ -601,17 +601,8 @@ def main(argv: list[str]) -> None:
     seen = {r["code"] for c in results["cases"].values() for r in c["rows"] if r.get("code")} | {results["config"]["code"]}
     if len(seen) > 1:
         results["config"]["code"] = "CHANGED DURING THE RUN: " + ", ".join(sorted(seen))
-    table = render(results)
-    results["markdown"] = table
-    os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
-    with open(a.json_out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(table)
-    print(f"\nwrote {a.json_out} ({results['wall_s']:.0f}s)", file=sys.stderr)
+    cb.publish(results, render(results), a.json_out)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        child_main(sys.argv[2:])
-    else:
-        main(sys.argv[1:])
+    cb.entry(main, child_main)
