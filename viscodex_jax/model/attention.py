@@ -323,15 +323,20 @@ def _splash(q, k, v, q_seg, kv_seg, causal, q_offset, block_q, block_kv, interpr
 
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(h, tp, sp, causal, q_offset, bq, bkv, interpret):
-    """Kernels are cached: building the block-sparsity tables is host work per shape."""
+    """Kernels are cached: building the block-sparsity tables is host work per shape.
+
+    Built under ensure_compile_time_eval so the cached tables are concrete
+    arrays, not tracers of whichever jit first asked for them.
+    """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     one = sm.CausalMask((tp, sp), offset=q_offset) if causal else sm.FullMask((tp, sp))
     sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
-    return sk.make_splash_mha(sm.MultiHeadMask([one] * h), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(sm.MultiHeadMask([one] * h), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 # ----------------------------------------------------------------------------- cuDNN (GPU)
