@@ -1,101 +1,239 @@
-"""InfiBench-V style free-form visual code QA, scored by per-question specs.
+"""InfiBench(-V): free-form code QA scored by the official per-case rules.
 
-Layout read: ``questions.jsonl`` in ``root`` (images relative to it), one question per line::
+Layouts read by ``InfiBenchV.load(root)``:
+* the official one (infi-coder/infibench-evaluator): a suite YAML, or a folder
+  holding one, listing ``cases_*/eval_<id>.yaml`` with prompt files
+  (``infibench_spec``); a folder of ``eval_*.yaml`` without a suite also works;
+* the project's earlier ``questions.jsonl`` (``infibench_flat``).
 
-    {"id": "q1", "question": "...", "images": ["imgs/q1.png"], "lang": "python",
-     "grading": {
-        "keywords": [{"content": "groupby", "weight": 1.0, "regex": false, "to_lower": true, "neg": false}, ...],
-        "unit_test": {"weight": 2.0, "tests": [{"prefix": "", "suffix": "assert f(2) == 4\n"}]},
-        "judge": {"weight": 1.0, "rubric": "...", "threshold": 0.5}},
-     "full_score": 4.0, "null_score": 0.0}
-
-As in InfiBench: each keyword (or regex) found in the answer adds its weight
-(a ``neg`` keyword subtracts it when found); the unit-test part adds its weight
-times the fraction of tests that pass when the extracted code, wrapped with
-each test's prefix/suffix, runs in the sandbox; the optional judge adds its
-weight when an LLM rating reaches ``threshold`` (only with a judge endpoint).
-The item score is ``(raw - null_score) / (full_score - null_score)``, clipped to
-[0, 1], reported x100.
+Scoring follows ``grader_main.grade_response`` at commit 96cb098: the metric
+scores (``infibench_match``: keywords, blank filling, ROUGE similarity;
+``infibench_exec``: unit tests; the case's own handler for ``customized`` and
+``post_handler``) are summed into ``ans`` and their totals into ``tot``;
+``max_score`` replaces ``tot`` and caps ``ans``, ``min_score`` floors ``ans``;
+the response scores ``ans / tot * full_score`` (``official_score``), reported
+as a percentage of the case's full score in ``score``. A response whose unit
+tests could not run (no runtime for the language) scores NaN with
+``not_run = 1``: never counted as passed or failed. A case that cannot be read
+is logged with its file and, by ``on_unreadable``, reported (NaN, excluded
+from means), counted as failed (0), or raised. Handler modules named by a case
+are imported from the case's folder, as the official grader imports them.
 """
 
 from __future__ import annotations
 
+import glob
+import gzip
 import json
+import logging
+import math
 import os
-import re
+from typing import Any, Iterator, Sequence
 
-from PIL import Image
-
-from viscodex_jax.eval.base import Benchmark, Item, extract_code
+from viscodex_jax.eval.base import Benchmark, Item
+from viscodex_jax.eval.infibench_exec import grade_unit_tests
+from viscodex_jax.eval.infibench_flat import load_flat, score_flat
+from viscodex_jax.eval.infibench_match import grade_blank_filling, grade_keywords, grade_similarity
+from viscodex_jax.eval.infibench_spec import Case, CaseError, load_case, load_suite
 from viscodex_jax.eval.judge import Judge
-from viscodex_jax.eval.sandbox import Limits, run_python
+from viscodex_jax.eval.sandbox import Limits
+
+log = logging.getLogger(__name__)
+
+# openai_caller.py defaults (infibench-evaluator, commit 96cb098): --system_prompt / --qa_system_prompt
+SYSTEM_PROMPT = ("You are a professional assistant for programmers. "
+                 "By default, questions and answers are in Markdown format.")
+QA_SYSTEM_PROMPT = SYSTEM_PROMPT + " You are chatting with programmers, so please answer as briefly as possible."
+METRICS = ("keywords", "blank_filling", "unit_test", "similarity", "custom")
+
+
+class Unreadable:
+    """Stands in for a case that could not be read, so the run goes on and the case is reported."""
+
+    def __init__(self, path: str, error: str):
+        self.path, self.error = path, error
+
+
+def official_prompt(case: Case) -> list[dict[str, Any]]:
+    """openai_caller.py: the QA system prompt when ``similarity`` is the grading's only key."""
+    system = QA_SYSTEM_PROMPT if "similarity" in case.grading and len(case.grading) == 1 else SYSTEM_PROMPT
+    return [{"role": "system", "content": [{"type": "text", "text": system}]},
+            {"role": "user", "content": [{"type": "text", "text": case.prompt}]}]
+
+
+def reduce_scores(scores: Sequence[float], mode: str) -> float:
+    """grader_main.grade_responses' attempt reduction (``avg``, ``max``, ``min``, ``avg_max_<n>``)."""
+    if mode == "avg":
+        return sum(scores) / len(scores)
+    if mode in ("max", "min"):
+        return (max if mode == "max" else min)(scores)
+    if mode.startswith("avg_max_"):
+        n = int(mode[len("avg_max_"):])
+        bests = [max(scores[i:i + n]) for i in range(0, len(scores), n)]
+        return sum(bests) / len(bests)
+    raise ValueError(f"unsupported attempt_reduce_mode {mode!r}")
 
 
 class InfiBenchV(Benchmark):
     name = "infibench_v"
 
-    def __init__(self, judge: Judge | None = None, limits: Limits = Limits(wall_seconds=10, cpu_seconds=6)):
-        self.judge = judge
-        self.limits = limits
+    def __init__(self, judge: Judge | None = None, limits: Limits = Limits(wall_seconds=10, cpu_seconds=6),
+                 support_dirs: Sequence[str] = (), on_unreadable: str = "report", official_prompt: bool = True):
+        if on_unreadable not in ("report", "fail", "raise"):
+            raise ValueError(f"on_unreadable must be report, fail or raise, got {on_unreadable!r}")
+        self.judge, self.limits = judge, limits  # the flat layout's judge and sandbox limits
+        self.support_dirs, self.on_unreadable, self.official_prompt = tuple(support_dirs), on_unreadable, official_prompt
+        self.reduce_mode = "avg"  # the official default; a suite's attempt_reduce_mode replaces it
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    def _case_paths(self, root: str) -> list[str]:
+        if os.path.isfile(root):
+            if root.endswith((".yaml", ".yml")) and os.path.basename(root).startswith("eval_"):
+                return [root]
+            paths, settings = load_suite(root)
+            self.reduce_mode = settings.get("attempt_reduce_mode", "avg")
+            return [p for p, _ in paths]
+        suites = sorted(glob.glob(os.path.join(root, "suite*.yaml")))
+        if len(suites) > 1:
+            raise ValueError(f"{root}: several suites ({', '.join(map(os.path.basename, suites))}); pass one file")
+        if suites:
+            return self._case_paths(suites[0])
+        cases = sorted(glob.glob(os.path.join(root, "eval_*.yaml")) + glob.glob(os.path.join(root, "*", "eval_*.yaml")))
+        if not cases:
+            raise FileNotFoundError(f"{root}: no InfiBench suite*.yaml, eval_*.yaml or questions.jsonl")
+        return cases
+
+    def load_cases(self, root: str) -> list[Case | Unreadable]:
+        out: list[Case | Unreadable] = []
+        for path in self._case_paths(root):
+            try:
+                out.append(load_case(path, self.support_dirs))
+            except CaseError as e:
+                if self.on_unreadable == "raise":
+                    raise
+                log.warning("InfiBench case unreadable: %s", e)
+                out.append(Unreadable(path, str(e)))
+        return out
 
     def load(self, root: str, limit: int | None = None) -> list[Item]:
-        path = os.path.join(root, "questions.jsonl") if os.path.isdir(root) else root
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no InfiBench-V questions.jsonl")
+        flat = os.path.join(root, "questions.jsonl") if os.path.isdir(root) else root
+        if flat.endswith(".jsonl") and (os.path.isfile(flat) or not os.path.isdir(root)):
+            if not os.path.isfile(flat):
+                raise FileNotFoundError(f"{flat}: no InfiBench-V questions.jsonl")
+            return load_flat(flat, limit)
         items = []
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                where = f"{path}:{lineno}"
-                for key in ("id", "question", "grading"):
-                    if key not in rec:
-                        raise ValueError(f"{where}: question spec lacks {key!r}")
-                g = rec["grading"]
-                if not any(k in g for k in ("keywords", "unit_test", "judge")):
-                    raise ValueError(f"{where}: grading needs keywords, unit_test or judge")
-                images = [Image.open(os.path.join(os.path.dirname(path), p)).convert("RGB") for p in rec.get("images", [])]
-                text = rec["question"] + (f"\n\nAnswer in {rec['lang']}." if rec.get("lang") else "")
-                content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-                items.append(Item(str(rec["id"]), [{"role": "user", "content": content}], images, rec))
-                if limit is not None and len(items) >= limit:
-                    break
+        for c in self.load_cases(root)[:limit]:
+            if isinstance(c, Unreadable):
+                cid = os.path.basename(c.path).removeprefix("eval_").rsplit(".", 1)[0]
+                items.append(Item(cid, [{"role": "user", "content": [{"type": "text", "text": ""}]}], [], c))
+            else:
+                msgs = official_prompt(c) if self.official_prompt else official_prompt(c)[1:]
+                items.append(Item(c.id, msgs, [], c))
         return items
 
-    def score(self, item: Item, generation: str) -> dict[str, float]:
-        spec = item.reference
-        g = spec["grading"]
-        raw, parts = 0.0, {}
-        kw = 0.0
-        for k in g.get("keywords", []):
-            text, pat = generation, k["content"]
-            if k.get("to_lower"):
-                text, pat = text.lower(), pat.lower()
-            found = re.search(pat, text) is not None if k.get("regex") else pat in text
-            if found:
-                kw += -k.get("weight", 1.0) if k.get("neg") else k.get("weight", 1.0)
-        raw += kw
-        parts["keywords"] = kw
-        if "unit_test" in g:
-            ut = g["unit_test"]
-            code = extract_code(generation, (spec.get("lang", "python"), "python", "py", ""))
-            ok = sum(run_python(t.get("prefix", "") + "\n" + code + "\n" + t.get("suffix", ""),
-                                limits=self.limits).ok for t in ut["tests"])
-            parts["unit_tests_passed"] = ok / len(ut["tests"])
-            raw += ut.get("weight", 1.0) * parts["unit_tests_passed"]
-        if "judge" in g and self.judge is not None:
-            j = g["judge"]
-            rating = self.judge.rate(j.get("rubric", "Rate the answer's correctness."), spec["question"], generation)
-            parts["judge"] = rating
-            raw += j.get("weight", 1.0) * (rating >= j.get("threshold", 0.5))
-        full, null = spec.get("full_score", 1.0), spec.get("null_score", 0.0)
-        norm = min(max((raw - null) / (full - null), 0.0), 1.0) if full != null else 0.0
-        return {"score": 100.0 * norm, "raw": raw, **parts}
+    # ---- scoring -------------------------------------------------------------------------------------------
+    def score(self, item: Item, generation: str) -> dict[str, Any]:
+        ref = item.reference
+        if isinstance(ref, Unreadable):
+            return {"score": 0.0 if self.on_unreadable == "fail" else math.nan, "unreadable": 1.0, "error": ref.error}
+        if isinstance(ref, Case):
+            return self.grade(ref, generation)
+        return score_flat(ref, generation, self.judge, self.limits)
+
+    @staticmethod
+    def grade(case: Case, response: str) -> dict[str, Any]:
+        """One response, as grader_main.grade_response; NaN ``score`` with ``not_run`` when tests could not run."""
+        g, ans, tot, row, detail = case.grading, 0.0, 0.0, {}, {}
+        ran = True
+        try:
+            parts = []
+            if "keywords" in g:
+                parts.append(("keywords", *grade_keywords(g["keywords"], response, case.handlers.get("keywords"))))
+            if "blank_filling" in g:
+                parts.append(("blank_filling", *grade_blank_filling(g["blank_filling"], response,
+                                                                    case.handlers.get("blank_filling"))))
+            if "unit_test" in g:
+                a, t, d, ran = grade_unit_tests(case.unit_lang, response, case.unit_tests)
+                parts.append(("unit_test", a, t, d))
+            if "similarity" in g:
+                parts.append(("similarity", *grade_similarity(g["similarity"], case.references, response)))
+            if "customized" in g:
+                parts.append(("custom", *case.handlers["customized"](response)))
+            for name, a, t, d in parts:
+                row[name], row[f"{name}_total"], detail[name] = float(a), float(t), d
+                ans, tot = ans + a, tot + t
+            if "max_score" in g:
+                tot = g["max_score"]
+                ans = min(ans, tot)
+            if "min_score" in g:
+                ans = max(ans, g["min_score"])
+            frac = ans / tot
+        except Exception as e:  # noqa: BLE001 - the official grader turns any error into a zero for the case
+            log.warning("%s: grading error: %r", case.path, e)
+            return {"score": 0.0, "official_score": 0.0, "grading_error": 1.0, "error": f"{type(e).__name__}: {e}"}
+        return {"score": 100.0 * frac if ran else math.nan, "official_score": frac * case.full_score if ran else math.nan,
+                "raw": float(ans), "total": float(tot), "not_run": 0.0 if ran else 1.0, **row,
+                "detail": json.dumps(detail, default=str)[:4000]}
+
+    def aggregate(self, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+        """Means over graded responses (not-run and reported-unreadable ones excluded, and counted);
+        with several samples per item, also the suite score under the official attempt reduction."""
+        graded = [r for r in rows if isinstance(r.get("score"), (int, float)) and not math.isnan(r["score"])]
+        keys = sorted({k for r in graded for k, v in r.items() if isinstance(v, (int, float)) and k != "sample"})
+        out = {k: float(sum(r.get(k, 0.0) for r in graded) / max(len(graded), 1)) for k in keys}
+        out.update(n_graded=float(len(graded)), n_not_run=float(sum(r.get("not_run", 0.0) for r in rows)),
+                   n_unreadable=float(sum(r.get("unreadable", 0.0) for r in rows)))
+        by_id: dict[str, list[tuple[int, float]]] = {}
+        for r in graded:
+            by_id.setdefault(r.get("id", ""), []).append((r.get("sample", 0), r["score"]))
+        if by_id and max(len(v) for v in by_id.values()) > 1:
+            per_case = [reduce_scores([s for _, s in sorted(v)], self.reduce_mode) for v in by_id.values()]
+            out["suite_score"] = sum(per_case) / len(per_case)
+        return out
+
+    # ---- official-score check ------------------------------------------------------------------------------
+    def check_pairs(self, root: str, models: Sequence[str] | None = None) -> Iterator[tuple[Item, str, dict[str, float]]]:
+        """(item, response, expected metrics) for every line of ``root/expected.jsonl``.
+
+        Layout: ``expected.jsonl`` lines with ``model``, ``case`` (suite-relative case YAML), ``response_index``,
+        ``score`` (official, on the case's full score), ``raw_score``, ``raw_total``, ``subscores``
+        ({metric: [score, total]}); responses in ``responses/<model>.jsonl.gz`` (``case``, ``response_index``,
+        ``response``), or a ``response`` field on the expected line. Expected keys match ``score()``'s:
+        ``score`` (percent of full score), ``official_score``, ``raw``, ``total`` and one per metric.
+        A NaN ``score`` from us means not run/unreadable: compare those as "not run", not as disagreement.
+        """
+        items: dict[str, Item] = {}
+        for it in self.load(root):
+            path = it.reference.path
+            items[os.path.relpath(os.path.abspath(path), os.path.abspath(root))] = it
+        responses: dict[tuple[str, str, int], str] = {}
+        for f in sorted(glob.glob(os.path.join(root, "responses", "*.jsonl.gz"))):
+            with gzip.open(f, "rt") as fh:
+                for line in fh:
+                    r = json.loads(line)
+                    responses[(r["model"], os.path.normpath(r["case"]), int(r["response_index"]))] = r["response"]
+        with open(os.path.join(root, "expected.jsonl")) as fh:
+            for lineno, line in enumerate(fh, 1):
+                e = json.loads(line)
+                if models is not None and e["model"] not in models:
+                    continue
+                case = os.path.normpath(e["case"])
+                if case not in items:
+                    raise KeyError(f"{root}/expected.jsonl:{lineno}: case {e['case']!r} is not in the suite")
+                key = (e["model"], case, int(e["response_index"]))
+                resp = e.get("response", responses.get(key))
+                if resp is None:
+                    raise KeyError(f"{root}/expected.jsonl:{lineno}: no response for {key}")
+                item = items[case]
+                full = item.reference.full_score if isinstance(item.reference, Case) else 1.0
+                exp = {"score": 100.0 * e["score"] / full, "official_score": e["score"], "raw": e["raw_score"],
+                       "total": e["raw_total"], **{m: v[0] for m, v in e.get("subscores", {}).items()}}
+                yield item, resp, exp
 
     @staticmethod
     def make_sample(out_dir: str) -> str:
-        from PIL import ImageDraw
+        """The flat layout (see ``infibench_flat``); ``tests/test_infibench_official.py`` writes case YAMLs."""
+        from PIL import Image, ImageDraw
 
         os.makedirs(os.path.join(out_dir, "imgs"), exist_ok=True)
         img = Image.new("RGB", (200, 60), "white")
