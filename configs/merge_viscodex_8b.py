@@ -20,16 +20,18 @@ def get_config():
     c.out_dir = ""  # HF dir (safetensors + VLM config + tokenizer + merge_report.json)
     c.orbax_dir = ""  # optional: also write our orbax checkpoint
     c.method = "task_arithmetic"
-    c.lam = 0.7  # weight of the VLM's task vector; the coder gets 1 - lam
-    c.scale = 1.0  # final lambda of the generalized pipeline
+    c.lam = 0.7  # weight of the VLM's task vector, in [0, 1]; the coder gets 1 - lam
+    c.scale = 1.0  # final lambda of the generalized pipeline, in (0, 2]
     c.density = 1.0  # ties/dare only
     c.seed = 0
     c.dare_rescale = "inverse_p"
     # The paper does not say whether embeddings/lm_head were merged; by default they are.
     c.merge_embeddings = True
     c.exclude = ""  # comma-separated extra regexes on param paths to copy from the VLM instead
-    c.attn_lam = -1.0  # >= 0: a different lam for attention (per-group weights)
-    c.out_dtype = "bfloat16"
+    c.attn_lam = -1.0  # -1: off; in [0, 1]: a different lam for attention (per-group weights)
+    # Lifts the ranges above (negative weights, lam > 1, scale > 2); values must still be finite.
+    c.allow_unusual_weights = False
+    c.out_dtype = "bfloat16"  # bfloat16 | float16 | float32
     c.max_shard_mb = 5000
     c.overwrite = False
     # lambda sweep: comma-separated lams; each is merged to <out_dir>/lam_<lam> and scored.

@@ -10,8 +10,11 @@ import json
 from absl import app, logging
 from ml_collections import config_flags
 
+from viscodex_jax.checkpoint import CheckpointError
 from viscodex_jax.logs import quiet_third_party
-from viscodex_jax.merge_recipe import lambda_sweep, run_merge
+from viscodex_jax.merge import MergeError
+from viscodex_jax.merge_recipe import lambda_sweep, parse_sweep_lams, run_merge
+from viscodex_jax.model.config import ConfigError
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/merge_viscodex_8b.py", "Merge config.")
 
@@ -19,9 +22,16 @@ CONFIG = config_flags.DEFINE_config_file("config", "configs/merge_viscodex_8b.py
 def main(argv):
     del argv
     quiet_third_party()
-    c = CONFIG.value
+    try:
+        _run(CONFIG.value)
+    except (MergeError, CheckpointError, ConfigError, FileExistsError) as e:
+        # Bad input, already named in the message: no traceback, exit status 1.
+        raise SystemExit(f"merge: {e}") from None
+
+
+def _run(c):
     if c.sweep_lams:
-        result = lambda_sweep(c, [float(x) for x in c.sweep_lams.split(",")])
+        result = lambda_sweep(c, parse_sweep_lams(c.sweep_lams))
         for r in result["rows"]:
             print(f"lam={r['lam']:<5g} score={r['score']:.5f}  {r['dir']}")
         print(f"best lam: {result['best_lam']}")

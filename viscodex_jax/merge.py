@@ -69,9 +69,56 @@ class MergeError(ValueError):
     """A merge that cannot be done as asked (names the tensor or setting)."""
 
 
+# Output dtypes a merged checkpoint may have: floats that safetensors, transformers and our loader all read.
+OUT_DTYPES = ("bfloat16", "float16", "float32")
+# The documented ranges (MergeSpec.allow_unusual_weights lifts them; finiteness is always required).
+WEIGHT_RANGE = (0.0, 1.0)  # each per-model weight, closed
+SCALE_RANGE = (0.0, 2.0)  # the final scale ``lam``: (0, 2]
+
+
+def _out_dtype_problem(name: Any) -> str:
+    try:
+        dt = jnp.dtype(name)
+    except (TypeError, ValueError):
+        return "not a dtype"
+    if not _mergeable(dt):
+        return f"{dt} is not a floating dtype, so merged weights would be truncated (task vectors to zeros)"
+    return f"{dt} is not an output dtype we write"
+
+
+def _finite(value: Any, what: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise MergeError(f"{what} must be a number, got {value!r}") from None
+    if not np.isfinite(x):
+        raise MergeError(f"{what} must be finite, got {x}")
+    return x
+
+
+def _weights(ws: Any, what: str, allow_unusual: bool, normalize: bool) -> tuple[float, ...]:
+    if isinstance(ws, (str, bytes)) or not hasattr(ws, "__len__") or len(ws) == 0:
+        raise MergeError(f"{what} must be a non-empty sequence with one weight per model, got {ws!r}")
+    out = tuple(_finite(w, f"{what}[{i}]") for i, w in enumerate(ws))
+    lo, hi = WEIGHT_RANGE
+    if not allow_unusual and any(not lo <= w <= hi for w in out):
+        raise MergeError(f"{what}={list(out)}: each weight must be in [{lo:g}, {hi:g}] "
+                         "(set allow_unusual_weights to merge with others)")
+    if normalize and sum(out) == 0:
+        raise MergeError(f"{what}={list(out)} sum to 0, but this method divides by their sum")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeSpec:
-    """What to merge and how. ``weights`` has one entry per fine-tuned model."""
+    """What to merge and how. ``weights`` has one entry per fine-tuned model.
+
+    Checked on construction: ``weights`` (and per-group weights) finite and each
+    in [0, 1], ``lam`` finite and in (0, 2], ``density`` in (0, 1],
+    ``out_dtype`` one of OUT_DTYPES. ``allow_unusual_weights`` lifts the two
+    ranges (negative weights negate a task, lam > 2 extrapolates) but never
+    finiteness: a merge with 1e30 or NaN weights has no useful output.
+    """
 
     method: str = "task_arithmetic"
     weights: tuple[float, ...] = (0.7, 0.3)
@@ -86,6 +133,7 @@ class MergeSpec:
     # Per-group weights: (regex, weights) pairs; the first match wins over ``weights``.
     group_weights: tuple[tuple[str, tuple[float, ...]], ...] = ()
     out_dtype: str = "bfloat16"
+    allow_unusual_weights: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -94,11 +142,27 @@ class MergeSpec:
             raise MergeError(f"density must be in (0, 1], got {self.density}")
         if self.dare_rescale not in ("inverse_p", "l1"):
             raise MergeError(f"dare_rescale must be 'inverse_p' or 'l1', got {self.dare_rescale!r}")
+        if self.out_dtype not in OUT_DTYPES:
+            raise MergeError(f"out_dtype={self.out_dtype!r}: {_out_dtype_problem(self.out_dtype)}; "
+                             f"choose from {', '.join(OUT_DTYPES)}")
+        unusual = self.allow_unusual_weights
+        set_ = functools.partial(object.__setattr__, self)  # frozen: normalise the validated values in place
+        set_("weights", _weights(self.weights, "weights", unusual, self.do_normalize))
+        lam = _finite(self.lam, "lam (the final scale)")
+        lo, hi = SCALE_RANGE
+        if not unusual and not lo < lam <= hi:
+            raise MergeError(f"lam (the final scale) must be in ({lo:g}, {hi:g}], got {lam:g} "
+                             "(set allow_unusual_weights to merge with others)")
+        set_("lam", lam)
+        groups = []
         for pattern, w in self.group_weights:
+            w = _weights(w, f"group_weights[{pattern!r}]", unusual, self.do_normalize)
             if len(w) != len(self.weights):
                 raise MergeError(
                     f"group_weights[{pattern!r}] has {len(w)} weights but {len(self.weights)} models are merged"
                 )
+            groups.append((pattern, w))
+        set_("group_weights", tuple(groups))
 
     @property
     def sparsify(self) -> str | None:

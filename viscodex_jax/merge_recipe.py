@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from viscodex_jax.merge import MergeError, MergeSpec
 from viscodex_jax.merge_checkpoints import merge_checkpoints
+from viscodex_jax.model.config import load_config
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +25,51 @@ DEFAULT_HELDOUT = (
 )
 
 
+def _unusual(c) -> bool:
+    return bool(c.get("allow_unusual_weights", False))
+
+
 def spec_from_config(c) -> MergeSpec:
-    if not 0.0 <= c.lam <= 1.0:
-        raise MergeError(f"--config.lam must be in [0, 1], got {c.lam}")
+    """The MergeSpec a merge config asks for; every number is checked here, before any work.
+
+    ``lam`` is in [0, 1] and ``attn_lam`` is -1 (off) or in [0, 1];
+    ``--config.allow_unusual_weights`` lifts the ranges (see MergeSpec), never finiteness.
+    """
+    unusual = _unusual(c)
+    lam = _finite(c.lam, "--config.lam")
+    if not unusual and not 0.0 <= lam <= 1.0:
+        raise MergeError(f"--config.lam must be in [0, 1], got {lam:g} (or set --config.allow_unusual_weights)")
+    attn_lam = _finite(c.attn_lam, "--config.attn_lam")
+    if attn_lam != -1.0 and not unusual and not 0.0 <= attn_lam <= 1.0:
+        raise MergeError(f"--config.attn_lam must be -1 (off) or in [0, 1], got {attn_lam:g} "
+                         "(or set --config.allow_unusual_weights)")
     exclude = tuple(p for p in c.exclude.split(",") if p) if c.exclude else ()
     if not c.merge_embeddings:
         exclude += (r"^model/embed_tokens/", r"^lm_head/")
     groups = ()
-    if c.attn_lam >= 0:
-        groups = ((r"/self_attn/", (c.attn_lam, 1.0 - c.attn_lam)),)
-    return MergeSpec(method=c.method, weights=(c.lam, 1.0 - c.lam), lam=c.scale, density=c.density, seed=c.seed,
-                     dare_rescale=c.dare_rescale, exclude=exclude, group_weights=groups, out_dtype=c.out_dtype)
+    if attn_lam != -1.0:
+        groups = ((r"/self_attn/", (attn_lam, 1.0 - attn_lam)),)
+    try:
+        return MergeSpec(method=c.method, weights=(lam, 1.0 - lam), lam=c.scale, density=c.density, seed=c.seed,
+                         dare_rescale=c.dare_rescale, exclude=exclude, group_weights=groups, out_dtype=c.out_dtype,
+                         allow_unusual_weights=unusual)
+    except MergeError as e:  # name the flag; MergeSpec's "lam" is the config's "scale"
+        flags = (("lam (the final scale)", "scale"), ("out_dtype", "out_dtype"), ("density", "density"),
+                 ("dare_rescale", "dare_rescale"), ("unknown merge method", "method"))
+        flag = next((f for prefix, f in flags if str(e).startswith(prefix)), None)
+        if flag is None:
+            raise
+        raise MergeError(f"--config.{flag}={c[flag]!r}: {e}") from None
+
+
+def _finite(value, flag: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise MergeError(f"{flag} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise MergeError(f"{flag} must be finite, got {x}")
+    return x
 
 
 def _require(c, *names):
@@ -43,17 +80,60 @@ def _require(c, *names):
             raise MergeError(f"--config.{n}={getattr(c, n)!r} is not a directory")
 
 
+def _check_vlm(c) -> None:
+    """The recipe copies the vision tower from vlm_dir: it must be a VLM (not the coder, not the base)."""
+    cfg = load_config(c.vlm_dir)
+    if not cfg.is_multimodal:
+        raise MergeError(
+            f"--config.vlm_dir={c.vlm_dir!r} holds a {cfg.model_type!r} model with no vision tower; the merge "
+            "copies the vision tower from the VLM (were vlm_dir and coder_dir swapped, or the base given as vlm_dir?)"
+        )
+
+
+def _check_outputs(c, out_dir: str) -> None:
+    """Every output is checked before the first byte is written, so a refusal leaves nothing behind."""
+    outs = [("out_dir", out_dir)] + ([("orbax_dir", c.orbax_dir)] if c.orbax_dir else [])
+    if len(outs) == 2 and os.path.abspath(outs[0][1]) == os.path.abspath(outs[1][1]):
+        raise MergeError(f"--config.out_dir and --config.orbax_dir are the same directory {out_dir!r}")
+    for flag, path in outs:
+        if os.path.exists(path) and not c.overwrite:
+            raise FileExistsError(f"--config.{flag}={path!r} already exists (set --config.overwrite to replace it)")
+
+
 def run_merge(c, out_dir: str | None = None, spec: MergeSpec | None = None) -> dict[str, Any]:
-    """One merge from a config: HF dir (+ optional orbax dir); returns the report."""
+    """One merge from a config: HF dir (+ optional orbax dir); returns the report.
+
+    Inputs, numbers and all outputs are validated before any work; if the orbax
+    conversion fails, the HF output this run wrote is removed too.
+    """
     _require(c, "base_dir", "vlm_dir", "coder_dir", "out_dir")
     out_dir = out_dir or c.out_dir
-    report = merge_checkpoints(c.base_dir, [c.vlm_dir, c.coder_dir], out_dir, spec or spec_from_config(c),
-                               max_shard_bytes=int(c.max_shard_mb * 10**6), overwrite=c.overwrite)
+    spec = spec or spec_from_config(c)
+    _check_outputs(c, out_dir)
+    _check_vlm(c)
+    report = merge_checkpoints(c.base_dir, [c.vlm_dir, c.coder_dir], out_dir, spec,
+                               max_shard_bytes=int(c.max_shard_mb * 10**6), overwrite=c.overwrite,
+                               require_vision=True)
     if c.orbax_dir:
         from viscodex_jax import checkpoint
 
-        checkpoint.convert_hf_to_orbax(out_dir, c.orbax_dir, overwrite=c.overwrite)
+        try:
+            checkpoint.convert_hf_to_orbax(out_dir, c.orbax_dir, overwrite=c.overwrite)
+        except BaseException:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise
     return report
+
+
+def parse_sweep_lams(text: str) -> list[float]:
+    """``--config.sweep_lams`` ("0.7,0.8") -> floats; a bad entry is named."""
+    lams = []
+    for i, item in enumerate(text.split(",")):
+        try:
+            lams.append(float(item))
+        except ValueError:
+            raise MergeError(f"--config.sweep_lams={text!r}: entry {i + 1} {item.strip()!r} is not a number") from None
+    return lams
 
 
 def heldout_loss(ckpt_dir: str, texts: Sequence[str]) -> float:
@@ -79,6 +159,48 @@ def heldout_loss(ckpt_dir: str, texts: Sequence[str]) -> float:
     return total / count
 
 
+def _read_heldout(path: str) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise MergeError(f"{path}:{n}: expected a JSON object with a 'text' string ({e!r})") from None
+            if not isinstance(text, str):
+                raise MergeError(f"{path}:{n}: 'text' is {type(text).__name__}, not a string")
+            texts.append(text)
+    if not texts:
+        raise MergeError(f"{path}: no held-out texts (one {{\"text\": ...}} object per line)")
+    return texts
+
+
+def _sweep_configs(c, lams: Sequence[float]) -> list[tuple[Any, str]]:
+    """One (config, output dir) per lam, all validated before the first merge starts."""
+    if not len(lams):
+        raise MergeError("--config.sweep_lams is empty: give comma-separated lams, e.g. 0.7,0.8")
+    subs, seen = [], {}
+    for lam in lams:
+        sub = c.copy_and_resolve_references()
+        try:
+            sub.lam = _finite(lam, "lam")
+            spec_from_config(sub)
+        except MergeError as e:
+            raise MergeError(f"--config.sweep_lams: {lam!r}: {e}") from None
+        sub.orbax_dir = ""
+        name = f"lam_{sub.lam:g}"
+        if name in seen:
+            raise MergeError(f"--config.sweep_lams: {seen[name]!r} and {lam!r} both write {name}")
+        seen[name] = lam
+        subs.append((sub, os.path.join(c.out_dir, name)))
+    for sub, out in subs:
+        _check_outputs(sub, out)
+    _check_vlm(c)
+    return subs
+
+
 def lambda_sweep(c, lams: Sequence[float], score: Callable[[str], float] | None = None,
                  higher_is_better: bool = False) -> dict[str, Any]:
     """Merges once per lam into ``<out_dir>/lam_<lam>`` and scores each; returns the table and the best lam.
@@ -87,18 +209,15 @@ def lambda_sweep(c, lams: Sequence[float], score: Callable[[str], float] | None 
     evaluation is plugged in, the default score is the held-out loss.
     """
     _require(c, "base_dir", "vlm_dir", "coder_dir", "out_dir")
+    subs = _sweep_configs(c, lams)
     if score is None:
         texts = DEFAULT_HELDOUT
         if c.heldout_jsonl:
-            with open(c.heldout_jsonl) as f:
-                texts = [json.loads(line)["text"] for line in f if line.strip()]
+            texts = _read_heldout(c.heldout_jsonl)
         score = lambda d: heldout_loss(d, texts)  # noqa: E731
+    os.makedirs(c.out_dir, exist_ok=True)
     rows = []
-    for lam in lams:
-        sub = c.copy_and_resolve_references()
-        sub.lam = float(lam)
-        sub.orbax_dir = ""
-        out = os.path.join(c.out_dir, f"lam_{lam:g}")
+    for lam, (sub, out) in zip(lams, subs):
         run_merge(sub, out_dir=out)
         s = float(score(out))
         log.info("lam=%g score=%.5f", lam, s)

@@ -7,8 +7,8 @@ from typing import Any
 
 import jax
 
-from viscodex_jax.checkpoint.hf import atomic_dir, flatten, load_hf_params, save_hf
-from viscodex_jax.checkpoint.orbax_io import is_orbax_dir, load_orbax_params, save_orbax
+from viscodex_jax.checkpoint.hf import atomic_dir, check_tensor_finite, flatten, load_hf_params, save_hf
+from viscodex_jax.checkpoint.orbax_io import PARAMS_SUBDIR, is_orbax_dir, load_orbax_params, save_orbax
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 
@@ -24,11 +24,13 @@ __all__ = [
 ]
 
 
-def load_params(path: str, param_dtype: Any = None, **runtime) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+def load_params(path: str, param_dtype: Any = None, check_finite: bool = False,
+                **runtime) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     """Reads an HF or orbax checkpoint dir -> (ModelConfig, params, raw config.json dict).
 
-    ``param_dtype`` casts the params (None keeps the stored dtype); ``runtime``
-    sets ModelConfig run-time fields (compute ``dtype``, ``attention_impl``, ...).
+    ``param_dtype`` casts the params (None keeps the stored dtype); ``check_finite``
+    rejects NaN/Inf params, naming the tensor and file; ``runtime`` sets
+    ModelConfig run-time fields (compute ``dtype``, ``attention_impl``, ...).
     """
     raw = read_config_json(path)
     cfg = config_from_dict(raw, os.path.join(path, "config.json"), **runtime)
@@ -36,21 +38,30 @@ def load_params(path: str, param_dtype: Any = None, **runtime) -> tuple[ModelCon
         params = load_orbax_params(path, as_numpy=True)
         if param_dtype is not None:
             params = jax.tree_util.tree_map(lambda x: x.astype(param_dtype), params)
+        if check_finite:
+            where = os.path.join(path, PARAMS_SUBDIR)
+            for key, leaf in flatten(params).items():
+                check_tensor_finite(leaf, f"{where}: param {'/'.join(key)}")
     else:
-        _, params = load_hf_params(path, cfg, dtype=param_dtype)
+        _, params = load_hf_params(path, cfg, dtype=param_dtype, check_finite=check_finite)
     return cfg, params, raw
 
 
-def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Any = None, overwrite: bool = False) -> ModelConfig:
+def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Any = None, overwrite: bool = False,
+                        check_finite: bool = True) -> ModelConfig:
+    """HF dir -> our orbax dir. NaN/Inf weights are refused unless ``check_finite=False``."""
     raw = read_config_json(hf_dir)
-    cfg, params = load_hf_params(hf_dir, dtype=dtype)
+    cfg, params = load_hf_params(hf_dir, dtype=dtype, check_finite=check_finite)
     save_orbax(params, raw, out_dir, side_files_from=hf_dir, overwrite=overwrite)
     return cfg
 
 
 def convert_orbax_to_hf(
-    ckpt_dir: str, out_dir: str, dtype: Any = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False
+    ckpt_dir: str, out_dir: str, dtype: Any = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+    check_finite: bool = True,
 ) -> list[str]:
-    cfg, params, raw = load_params(ckpt_dir)
+    """Our (or any loadable) dir -> HF dir. NaN/Inf weights (also after the ``dtype`` cast) are refused
+    unless ``check_finite=False``."""
+    cfg, params, raw = load_params(ckpt_dir, check_finite=check_finite)
     return save_hf(params, cfg, raw, out_dir, side_files_from=ckpt_dir, max_shard_bytes=max_shard_bytes,
-                   dtype=dtype, overwrite=overwrite)
+                   dtype=dtype, overwrite=overwrite, check_finite=check_finite and dtype is not None)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Iterator
 
@@ -16,7 +14,9 @@ import numpy as np
 import tqdm
 
 from viscodex_jax.checkpoint import hf_map
+from viscodex_jax.checkpoint.atomic import atomic_dir  # noqa: F401 - re-exported
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, ShardedWriter, iter_index
+from viscodex_jax.checkpoint.validate import count_nonfinite, is_float_dtype
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 from viscodex_jax.model.model import param_shapes
 
@@ -50,28 +50,6 @@ def unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[path[-1]] = v
     return tree
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str, overwrite: bool = False) -> Iterator[str]:
-    """Yields a temp dir next to ``final``; renames it to ``final`` only if the block succeeds."""
-    final = os.path.abspath(final)
-    if os.path.exists(final) and not overwrite:
-        raise FileExistsError(f"{final}: output already exists (pass overwrite to replace it)")
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any other dir
-    try:
-        yield tmp
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _read_bin(path: str) -> dict[str, np.ndarray]:
@@ -112,12 +90,29 @@ def iter_hf_tensors(ckpt_dir: str) -> Iterator[tuple[str, str, tuple[int, ...], 
                 yield path, name, tuple(t.shape), (lambda t=t: _torch_to_numpy(t))
 
 
-def load_hf_params(ckpt_dir: str, cfg: ModelConfig | None = None, dtype: Any = None) -> tuple[ModelConfig, dict]:
+def check_tensor_finite(array: np.ndarray, where: str, source: np.ndarray | None = None) -> None:
+    """Raises CheckpointError naming ``where`` if ``array`` holds NaN/Inf.
+
+    ``source`` is the array before a dtype cast: when it was finite, the cast overflowed.
+    """
+    bad = count_nonfinite(array)
+    if bad:
+        cause = (f" after casting to {array.dtype} (the values overflow it)"
+                 if source is not None and source.dtype != array.dtype and not count_nonfinite(source) else "")
+        raise CheckpointError(f"{where}: {bad} of {array.size} values are NaN/Inf{cause} "
+                              "(pass check_finite=False / --nocheck_finite to load it anyway)")
+
+
+def load_hf_params(ckpt_dir: str, cfg: ModelConfig | None = None, dtype: Any = None,
+                   check_finite: bool = False) -> tuple[ModelConfig, dict]:
     """Reads a HF checkpoint into a params pytree of numpy arrays.
 
     Tensors are read one at a time and written into preallocated (stacked)
     outputs, so peak host memory is the output plus about one tensor.
-    ``dtype`` None keeps each tensor's checkpoint dtype.
+    ``dtype`` None keeps each tensor's checkpoint dtype. ``check_finite``
+    rejects NaN/Inf (after the cast, so an overflowing cast is caught too);
+    it costs one pass over each tensor, so it is on in the converters and
+    opt-in for plain loading.
     """
     if cfg is None:
         cfg = config_from_dict(read_config_json(ckpt_dir), os.path.join(ckpt_dir, "config.json"))
@@ -154,6 +149,10 @@ def load_hf_params(ckpt_dir: str, cfg: ModelConfig | None = None, dtype: Any = N
             raise CheckpointError(f"{path}: tensor {name!r} duplicates {source[(key, layer)]!r}")
         source[(key, layer)] = name
         arr = read()
+        if not is_float_dtype(arr.dtype):  # a header can claim I32 for float bits; every param is float
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {arr.dtype}, but {'/'.join(key)} is a floating-point parameter"
+            )
         if key not in out:
             out[key] = np.empty(full, dtype or arr.dtype)
             filled[key] = np.zeros(full[0] if layer is not None else 1, bool)
@@ -164,6 +163,8 @@ def load_hf_params(ckpt_dir: str, cfg: ModelConfig | None = None, dtype: Any = N
         else:
             out[key][layer] = value
             filled[key][layer] = True
+        if check_finite:
+            check_tensor_finite(out[key][layer] if layer is not None else out[key], f"{path}: tensor {name!r}", arr)
         nbytes += arr.nbytes
         bar.update(arr.nbytes)
         del arr, value
@@ -224,10 +225,12 @@ def save_hf(
     max_shard_bytes: int = 5 * 2**30,
     dtype: Any = None,
     overwrite: bool = False,
+    check_finite: bool = False,
 ) -> list[str]:
     """Writes params as a HF checkpoint directory (sharded safetensors + index + config + side files).
 
     The directory appears only when complete. Returns the shard file names.
+    ``check_finite`` rejects NaN/Inf in the written tensors (after the ``dtype`` cast).
     """
     expected = flatten(param_shapes(cfg))
     got = flatten(params)
@@ -245,6 +248,8 @@ def save_hf(
                         disable=total < 2**28, mininterval=2.0)
         for name, arr in hf_tensors(params, cfg, dtype):
             first_dtype = first_dtype or arr.dtype
+            if check_finite:
+                check_tensor_finite(arr, f"tensor {name!r}" + (f" cast to {np.dtype(dtype)}" if dtype is not None else ""))
             writer.add(name, arr)
             bar.update(arr.nbytes)
         bar.close()

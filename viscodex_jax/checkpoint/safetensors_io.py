@@ -72,23 +72,48 @@ class SafetensorsFile:
         self._data_start = 8 + n
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
-            try:
-                dt = DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError) as err:
-                raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry {e!r} ({err})") from err
-            if end - begin != math.prod(shape) * dt.itemsize or begin < 0:
+            self._entries[name] = self._parse_entry(name, e, size)
+        self._check_disjoint()
+
+    def _parse_entry(self, name: str, e: Any, size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            raise CheckpointError(f"{where}: malformed header entry {e!r} (needs dtype, shape, data_offsets)")
+        if e["dtype"] not in DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {e['dtype']!r} (expected one of {', '.join(DTYPES)})")
+        dt = DTYPES[e["dtype"]]
+        shape, offsets = e["shape"], e["data_offsets"]
+        # bool is an int subclass, and int() would quietly accept 2.5 or "3": demand real integers.
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of integers")
+        if any(s < 0 for s in shape):
+            raise CheckpointError(f"{where}: shape {shape} has a negative dimension")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a [begin, end] pair of integers")
+        begin, end = offsets
+        if begin < 0 or end < begin:
+            raise CheckpointError(f"{where}: data_offsets {offsets} is not a byte range (need 0 <= begin <= end)")
+        if end - begin != math.prod(shape) * dt.itemsize:
+            raise CheckpointError(
+                f"{where}: byte range {begin}..{end} ({end - begin} bytes) does not fit shape {shape} of {e['dtype']} "
+                f"({math.prod(shape) * dt.itemsize} bytes)"
+            )
+        if self._data_start + end > size:
+            raise CheckpointError(
+                f"{where}: truncated file: data ends at byte {self._data_start + end} but the file has {size} bytes"
+            )
+        return dt, tuple(shape), begin, end
+
+    def _check_disjoint(self) -> None:
+        """Two tensors sharing bytes would each read the other's data: refuse overlapping ranges."""
+        spans = sorted((b, e, n) for n, (_, _, b, e) in self._entries.items() if e > b)
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
                 raise CheckpointError(
-                    f"{path}: tensor {name!r}: byte range {begin}..{end} does not fit shape {list(shape)} "
-                    f"of {e['dtype']}"
+                    f"{self.path}: tensors {n0!r} (bytes {b0}..{e0}) and {n1!r} (bytes {b1}..{e1}) overlap; "
+                    "each tensor needs its own byte range"
                 )
-            if self._data_start + end > size:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r}: truncated file: data ends at byte {self._data_start + end} "
-                    f"but the file has {size} bytes"
-                )
-            self._entries[name] = (dt, shape, begin, end)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -191,6 +216,22 @@ class ShardedWriter:
         return names
 
 
+def _check_inside(index_path: str, name: str, fname: Any) -> None:
+    """Index entries name files in the checkpoint dir: no absolute paths and no ``..`` out of it.
+
+    Judged on the name, not on realpath: the HF hub cache keeps each file as a
+    symlink into ``../../blobs``, and those are the checkpoint's own files.
+    """
+    if not isinstance(fname, str) or not fname:
+        raise CheckpointError(f"{index_path}: tensor {name!r}: file name {fname!r} is not a string")
+    norm = os.path.normpath(fname)
+    if os.path.isabs(fname) or norm == ".." or norm.startswith(".." + os.sep):
+        raise CheckpointError(
+            f"{index_path}: tensor {name!r} is mapped to {fname!r}, outside the checkpoint directory "
+            "(index entries must be file names inside it)"
+        )
+
+
 def iter_index(ckpt_dir: str) -> Iterator[tuple[str, list[str]]]:
     """Yields (file path, tensor names in it) for a HF checkpoint directory's weight files."""
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
@@ -202,8 +243,11 @@ def iter_index(ckpt_dir: str) -> Iterator[tuple[str, list[str]]]:
                     weight_map = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index_path}: not a valid index ({e!r})") from e
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: weight_map is not an object")
             by_file: dict[str, list[str]] = {}
             for name, fname in weight_map.items():
+                _check_inside(index_path, name, fname)
                 by_file.setdefault(fname, []).append(name)
             for fname, names in sorted(by_file.items()):
                 path = os.path.join(ckpt_dir, fname)

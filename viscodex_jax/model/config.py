@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -90,77 +91,140 @@ class ModelConfig:
         return self.vision is not None
 
 
-def _get(d: Mapping[str, Any], key: str, where: str, *alts: str, default: Any = dataclasses.MISSING):
-    for k in (key,) + alts:
+def _object(d: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__} {str(d)[:60]}")
+    return d
+
+
+def _lookup(d: Mapping[str, Any], where: str, keys: tuple[str, ...], default: Any) -> tuple[str, Any]:
+    """(the key that was found, its value); a missing key without a default is an error."""
+    for k in keys:
         if k in d and d[k] is not None:
-            return d[k]
-    if default is not dataclasses.MISSING:
-        return default
-    raise ConfigError(f"{where}: missing required key {key!r}")
+            return k, d[k]
+    if default is dataclasses.MISSING:
+        raise ConfigError(f"{where}: missing required key {keys[0]!r}")
+    return keys[0], default
 
 
-def _rope(d: Mapping[str, Any]) -> tuple[float, tuple[int, ...] | None]:
-    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    theta = rp.get("rope_theta", d.get("rope_theta", 1e6))
-    section = rp.get("mrope_section")
+def _int(d: Mapping[str, Any], where: str, *keys: str, default: Any = dataclasses.MISSING, lo: int = 1) -> int:
+    k, v = _lookup(d, where, keys, default)
+    if isinstance(v, float) and v.is_integer():  # 64.0 from a JSON writer that only knows floats
+        v = int(v)
+    # bool is an int subclass, and int("3") or int(2.5) would quietly accept a wrong type.
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{where}: {k} must be an integer, got {v!r}")
+    if v < lo:
+        raise ConfigError(f"{where}: {k} must be >= {lo}, got {v}")
+    return v
+
+
+def _positive_float(d: Mapping[str, Any], where: str, *keys: str, default: Any = dataclasses.MISSING) -> float:
+    k, v = _lookup(d, where, keys, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{where}: {k} must be a positive finite number, got {v!r}")
+    return float(v)
+
+
+def _bool(v: Any, where: str, key: str) -> bool:
+    if not isinstance(v, bool):  # bool("false") is True: refuse strings and numbers
+        raise ConfigError(f"{where}: {key} must be true or false, got {v!r}")
+    return v
+
+
+def _int_list(v: Any, where: str, key: str, lo: int = 0, hi: int | None = None) -> tuple[int, ...]:
+    ok = isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+    if not ok or any(x < lo or (hi is not None and x >= hi) for x in v):
+        bound = f"in [{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{where}: {key} must be a list of integers {bound}, got {v!r}")
+    return tuple(v)
+
+
+def _rope(d: Mapping[str, Any], where: str) -> tuple[float, tuple[int, ...] | None]:
+    key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    rp = _object(d.get(key) or {}, f"{where}: {key}")
+    theta = _positive_float({**d, **rp}, where, "rope_theta", default=1e6)
     rope_type = rp.get("rope_type", rp.get("type", "default"))
     if rope_type not in ("default", "mrope"):
-        raise ConfigError(f"rope type {rope_type!r} is not supported (only default/mrope)")
-    return float(theta), (tuple(int(s) for s in section) if section else None)
+        raise ConfigError(f"{where}: rope type {rope_type!r} is not supported (only default/mrope)")
+    section = rp.get("mrope_section")
+    return theta, (_int_list(section, where, f"{key}.mrope_section") if section else None)
 
 
 def _text_config(d: Mapping[str, Any], top: Mapping[str, Any], where: str) -> TextConfig:
     if d.get("use_sliding_window"):
         raise ConfigError(f"{where}: use_sliding_window=true is not supported")
-    theta, section = _rope(d)
-    heads = int(_get(d, "num_attention_heads", where))
-    hidden = int(_get(d, "hidden_size", where))
+    theta, section = _rope(d, where)
+    heads = _int(d, where, "num_attention_heads")
+    kv_heads = _int(d, where, "num_key_value_heads", default=heads)
+    hidden = _int(d, where, "hidden_size")
+    if heads % kv_heads:
+        raise ConfigError(f"{where}: num_key_value_heads={kv_heads} must divide num_attention_heads={heads}")
+    if hidden % heads or (hidden // heads) % 2:
+        raise ConfigError(
+            f"{where}: hidden_size={hidden} / num_attention_heads={heads} must be an even integer (the head dim, "
+            "which RoPE rotates in pairs)"
+        )
     if "head_dim" in d and d["head_dim"] not in (None, hidden // heads):
         raise ConfigError(f"{where}: head_dim={d['head_dim']} != hidden_size/num_attention_heads")
     if section is not None and 2 * sum(section) != hidden // heads:
         raise ConfigError(
             f"{where}: mrope_section {list(section)} must sum to head_dim/2 = {hidden // heads // 2}"
         )
-    tie = top.get("tie_word_embeddings", d.get("tie_word_embeddings", False))
+    tie = any(_bool(src["tie_word_embeddings"], w, "tie_word_embeddings")
+              for src, w in ((top, "config.json"), (d, where)) if src.get("tie_word_embeddings") is not None)
     return TextConfig(
-        vocab_size=int(_get(d, "vocab_size", where)),
+        vocab_size=_int(d, where, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(_get(d, "intermediate_size", where)),
-        num_layers=int(_get(d, "num_hidden_layers", where)),
+        intermediate_size=_int(d, where, "intermediate_size"),
+        num_layers=_int(d, where, "num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=int(_get(d, "num_key_value_heads", where, default=heads)),
-        rms_norm_eps=float(_get(d, "rms_norm_eps", where, default=1e-6)),
+        num_kv_heads=kv_heads,
+        rms_norm_eps=_positive_float(d, where, "rms_norm_eps", default=1e-6),
         rope_theta=theta,
         mrope_section=section,
-        tie_word_embeddings=bool(tie or d.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(_get(d, "max_position_embeddings", where, default=32768)),
+        tie_word_embeddings=tie,
+        max_position_embeddings=_int(d, where, "max_position_embeddings", default=32768),
     )
 
 
 def _vision_config(d: Mapping[str, Any], where: str) -> VisionConfig:
-    theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    d = _object(d, where)
+    theta = _positive_float(_object(d.get("rope_parameters") or {}, f"{where}: rope_parameters"), where, "rope_theta",
+                            default=10000.0)
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{where}: vision hidden_act {act!r} is not supported (Qwen2.5-VL uses silu)")
+    depth = _int(d, where, "depth", "num_hidden_layers")
+    hidden = _int(d, where, "hidden_size", "embed_dim")
+    heads = _int(d, where, "num_heads", "num_attention_heads")
+    if hidden % heads:
+        raise ConfigError(f"{where}: num_heads={heads} must divide hidden_size={hidden}")
+    k, full = _lookup(d, where, ("fullatt_block_indexes",), dataclasses.MISSING)
     return VisionConfig(
-        depth=int(_get(d, "depth", where, "num_hidden_layers")),
-        hidden_size=int(_get(d, "hidden_size", where, "embed_dim")),
-        intermediate_size=int(_get(d, "intermediate_size", where)),
-        num_heads=int(_get(d, "num_heads", where, "num_attention_heads")),
-        out_hidden_size=int(_get(d, "out_hidden_size", where)),
-        fullatt_block_indexes=tuple(int(i) for i in _get(d, "fullatt_block_indexes", where)),
-        window_size=int(_get(d, "window_size", where, default=112)),
-        patch_size=int(_get(d, "patch_size", where, "spatial_patch_size", default=14)),
-        temporal_patch_size=int(_get(d, "temporal_patch_size", where, default=2)),
-        spatial_merge_size=int(_get(d, "spatial_merge_size", where, default=2)),
-        in_channels=int(_get(d, "in_channels", where, "in_chans", default=3)),
-        tokens_per_second=int(_get(d, "tokens_per_second", where, default=2)),
-        rope_theta=float(theta),
+        depth=depth,
+        hidden_size=hidden,
+        intermediate_size=_int(d, where, "intermediate_size"),
+        num_heads=heads,
+        out_hidden_size=_int(d, where, "out_hidden_size"),
+        fullatt_block_indexes=_int_list(full, where, k, lo=0, hi=depth),
+        window_size=_int(d, where, "window_size", default=112),
+        patch_size=_int(d, where, "patch_size", "spatial_patch_size", default=14),
+        temporal_patch_size=_int(d, where, "temporal_patch_size", default=2),
+        spatial_merge_size=_int(d, where, "spatial_merge_size", default=2),
+        in_channels=_int(d, where, "in_channels", "in_chans", default=3),
+        tokens_per_second=_int(d, where, "tokens_per_second", default=2),
+        rope_theta=theta,
     )
 
 
 def config_from_dict(d: Mapping[str, Any], where: str = "config.json", **runtime) -> ModelConfig:
-    """Builds a ModelConfig from a parsed HF config.json (nested or flat form)."""
+    """Builds a ModelConfig from a parsed HF config.json (nested or flat form).
+
+    Every field is type- and range-checked: a bad value is a ConfigError that
+    names the file and the field, never a TypeError from deep in the model.
+    """
+    d = _object(d, where)
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         arch = d.get("architectures")
@@ -168,14 +232,17 @@ def config_from_dict(d: Mapping[str, Any], where: str = "config.json", **runtime
             f"{where}: unsupported architecture model_type={model_type!r} architectures={arch}; "
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if d.get("hidden_act", (d.get("text_config") or {}).get("hidden_act", "silu")) != "silu":
+    nested = d.get("text_config") not in (None, {})
+    text_d = _object(d["text_config"], f"{where}: text_config") if nested else d
+    text_where = f"{where}:text_config" if nested else where
+    if d.get("hidden_act", text_d.get("hidden_act", "silu")) != "silu":
         raise ConfigError(f"{where}: only hidden_act='silu' is supported")
     if model_type == "qwen2":
         return ModelConfig(model_type=model_type, text=_text_config(d, d, where), **runtime)
-    text_d = d.get("text_config") or d  # flat (transformers 4.x) form keeps text keys at top level
+    # transformers 4.x (flat) keeps text keys at the top level; 5.x nests them under text_config.
     if "vision_config" not in d:
         raise ConfigError(f"{where}: model_type qwen2_5_vl needs a vision_config")
-    text = _text_config(text_d, d, where)
+    text = _text_config(text_d, d, text_where)
     if text.mrope_section is None:
         raise ConfigError(f"{where}: qwen2_5_vl needs rope mrope_section")
     vision = _vision_config(d["vision_config"], where + ":vision_config")
@@ -187,10 +254,10 @@ def config_from_dict(d: Mapping[str, Any], where: str = "config.json", **runtime
         model_type=model_type,
         text=text,
         vision=vision,
-        image_token_id=int(_get(d, "image_token_id", where, default=151655)),
-        video_token_id=int(_get(d, "video_token_id", where, default=151656)),
-        vision_start_token_id=int(_get(d, "vision_start_token_id", where, default=151652)),
-        vision_end_token_id=int(_get(d, "vision_end_token_id", where, default=151653)),
+        image_token_id=_int(d, where, "image_token_id", default=151655, lo=0),
+        video_token_id=_int(d, where, "video_token_id", default=151656, lo=0),
+        vision_start_token_id=_int(d, where, "vision_start_token_id", default=151652, lo=0),
+        vision_end_token_id=_int(d, where, "vision_end_token_id", default=151653, lo=0),
         **runtime,
     )
 
@@ -200,10 +267,11 @@ def read_config_json(ckpt_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no config.json in checkpoint directory {ckpt_dir}")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    return dict(_object(raw, path))
 
 
 def load_config(ckpt_dir: str, **runtime) -> ModelConfig:
