@@ -1,21 +1,30 @@
 """Evaluate a checkpoint on any subset of the VisCodex benchmarks (batched JAX sampling, sandboxed scoring).
 
     python launch/eval.py --checkpoint=/ckpt/viscodex-8b --benchmarks=chartmimic,mmcode \
-        --chartmimic_root=/data/ChartMimic/dataset/direct_600 --mmcode_root=/data/MMCode --out_dir=runs/eval/8b
+        --chartmimic_root=/data/ChartMimic/dataset/direct_600 --mmcode_root=/data/MMCode/mmcode_test.jsonl.gz \
+        --out_dir=runs/eval/8b
 
 Writes <out_dir>/summary.{json,md}, report.html and per-item <benchmark>_items.jsonl; generations are
 cached, so re-running re-scores without re-generating and an interrupted run resumes.
+
+Re-check our scorer against an official evaluator's scores (a folder of items, candidate responses and
+``expected.jsonl``, as in shared/benchmarks/<benchmark>/); exits 1 when anything disagrees:
+
+    python launch/eval.py --check_against=/work/shared/benchmarks/mmcode
 """
+
+import os
+import sys
 
 from absl import app, flags
 
-from viscodex_jax.eval.runner import EvalSettings, make_benchmark, model_generate_fn, run_eval
+from viscodex_jax.eval.runner import BENCHMARKS, EvalSettings, build_benchmarks, lazy_generate_fn, run_eval
 from viscodex_jax.logs import quiet_third_party
 
-CKPT = flags.DEFINE_string("checkpoint", None, "HF dir or our orbax dir.", required=True)
-BENCH = flags.DEFINE_list("benchmarks", ["chartmimic", "design2code", "mmcode", "infibench_v"], "Which benchmarks.")
+CKPT = flags.DEFINE_string("checkpoint", None, "HF dir or our orbax dir (required unless --check_against).")
+BENCH = flags.DEFINE_list("benchmarks", list(BENCHMARKS), "Which benchmarks.")
 ROOTS = {name: flags.DEFINE_string(f"{name}_root", None, f"Data root of {name} (its published layout).")
-         for name in ("chartmimic", "design2code", "mmcode", "infibench_v")}
+         for name in BENCHMARKS}
 OUT = flags.DEFINE_string("out_dir", "runs/eval", "Output directory.")
 MAX_NEW = flags.DEFINE_integer("max_new_tokens", 1024, "Generation length.")
 BATCH = flags.DEFINE_integer("batch_size", 4, "Prompts per generation batch.")
@@ -30,11 +39,32 @@ JUDGE = flags.DEFINE_string("judge_endpoint", None, "OpenAI-compatible endpoint 
 JUDGE_MODEL = flags.DEFINE_string("judge_model", "gpt-4o", "Judge model name.")
 CLIP = flags.DEFINE_string("clip_path", None, "Local CLIP checkpoint for Design2Code's high-level score.")
 NAME = flags.DEFINE_string("model_name", None, "Name in the reports (default: the checkpoint dir name).")
+ON_BAD = flags.DEFINE_enum("on_bad_item", "raise", ["raise", "skip"],
+                           "An item the loader cannot read: stop with an error naming it, or count it as failed.")
+CHECK = flags.DEFINE_string("check_against", None, "Folder of (item, candidate, expected) triples: print our "
+                            "per-metric agreement with the official scores instead of evaluating a checkpoint.")
+CHECK_BENCH = flags.DEFINE_string("check_benchmark", None, "Benchmark of --check_against (default: from the "
+                                  "folder name, e.g. .../mmcode).")
+WORKERS = flags.DEFINE_integer("check_workers", None, "Triples scored at once (default: the benchmark's).")
 
 
 def main(argv):
     del argv
     quiet_third_party()
+    if CHECK.value:
+        from viscodex_jax.eval.check import benchmark_for_folder, format_report, run_check
+
+        try:
+            name = CHECK_BENCH.value or benchmark_for_folder(CHECK.value)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from e
+        bench = build_benchmarks([name], judge_endpoint=JUDGE.value, judge_model=JUDGE_MODEL.value,
+                                 clip_path=CLIP.value, on_error=ON_BAD.value)[name]
+        report = run_check(bench, CHECK.value, max_workers=WORKERS.value)
+        print(format_report(report))
+        sys.exit(0 if report.ok else 1)
+    if not CKPT.value:
+        raise app.UsageError("--checkpoint is required (or --check_against)")
     roots = {}
     for name in BENCH.value:
         if name not in ROOTS:
@@ -42,33 +72,15 @@ def main(argv):
         if not ROOTS[name].value:
             raise app.UsageError(f"--{name}_root is required when --benchmarks includes {name}")
         roots[name] = ROOTS[name].value
-    kw = {}
-    if JUDGE.value:
-        from viscodex_jax.eval.judge import Judge
-
-        kw["infibench_v"] = {"judge": Judge(JUDGE.value, JUDGE_MODEL.value)}
-    if CLIP.value:
-        kw["design2code"] = {"clip_path": CLIP.value}
-    benches = {n: make_benchmark(n, **kw.get(n, {})) for n in roots}
+    benches = build_benchmarks(list(roots), judge_endpoint=JUDGE.value, judge_model=JUDGE_MODEL.value,
+                               clip_path=CLIP.value, on_error=ON_BAD.value)
     settings = EvalSettings(max_new_tokens=MAX_NEW.value, batch_size=BATCH.value, temperature=TEMP.value,
                             top_p=TOP_P.value, top_k=TOP_K.value, seed=SEED.value, num_samples=SAMPLES.value,
                             limit=LIMIT.value)
-    summary = run_eval(CKPT.value, roots, OUT.value, settings, benchmarks=benches, model_name=NAME.value,
-                       generate_fn=None if not roots else _lazy(CKPT.value, settings, DTYPE.value))
-    print(open(f"{OUT.value}/summary.md").read())
-    del summary
-
-
-def _lazy(ckpt, settings, dtype):
-    """Loads the model only if something actually needs generating."""
-    state = {}
-
-    def fn(items, sample):
-        if "f" not in state:
-            state["f"] = model_generate_fn(ckpt, settings, dtype)
-        return state["f"](items, sample)
-
-    return fn
+    run_eval(CKPT.value, roots, OUT.value, settings, benchmarks=benches, model_name=NAME.value,
+             generate_fn=lazy_generate_fn(CKPT.value, settings, DTYPE.value))
+    with open(os.path.join(OUT.value, "summary.md")) as f:
+        print(f.read())
 
 
 if __name__ == "__main__":

@@ -21,10 +21,11 @@ def mmcode_items(tmp_path_factory):
 
 
 def test_mmcode_load_reads_published_layout(mmcode_items):
-    assert set(mmcode_items) == {"sum-two", "bars-max", "reverse"}
+    assert set(mmcode_items) == {"sum-two", "bars-max", "reverse"}  # the "dev" problem is filtered out
     bars = mmcode_items["bars-max"]
-    assert len(bars.images) == 1 and bars.images[0].size == (120, 80)
-    assert bars.messages[0]["content"][0] == {"type": "image"} and len(bars.reference) == 2
+    assert len(bars.images) == 1 and bars.images[0].size == (720, 480)  # 120x80 scaled to 480 px high
+    assert bars.messages[0]["role"] == "system" and bars.messages[1]["content"][1] == {"type": "image"}
+    assert bars.reference.n_tests == 2 and bars.reference.fn_name is None
 
 
 def test_mmcode_correct_wrong_and_crashing_programs(mmcode_items):
@@ -33,11 +34,12 @@ def test_mmcode_correct_wrong_and_crashing_programs(mmcode_items):
     assert bench.score(item, good) == {"score": 100.0, "passed": 1.0, "tests_passed": 1.0}
     wrong = "```python\na, b = map(int, input().split())\nprint(a - b if a > 0 else a + b)\n```"
     r = bench.score(item, wrong)
-    assert r["passed"] == 0.0 and r["score"] == 0.0 and r["tests_passed"] == 0.0
+    assert r["passed"] == 0.0 and r["score"] == 0.0 and r["tests_passed"] == pytest.approx(1 / 3)  # -5 7 passes
     crash = "```python\nraise SystemExit(3)\n```"
     assert bench.score(item, crash)["passed"] == 0.0
-    spaces = "```python\na, b = map(int, input().split())\nprint(a + b, ' ')\nprint()\n```"
-    assert bench.score(item, spaces)["passed"] == 1.0  # trailing whitespace/blank lines are ignored
+    spaces = "```python\na, b = map(int, input().split())\nprint(' ', a + b, ' ')\nprint()\n```"
+    assert bench.score(item, spaces)["passed"] == 1.0  # surrounding whitespace/blank lines are ignored
+    assert bench.score(item, "```python\nprint(eval(input().replace(' ', '+')) + 0.0)\n```")["passed"] == 1.0
 
 
 def test_pass_at_k_estimator():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
@@ -78,3 +79,42 @@ def test_changed_weights_or_settings_regenerate(setup):
         f.write('{"x": 1}')
     run_eval(ckpt, {"mmcode": roots["mmcode"]}, out, EvalSettings(), generate_fn=gen)
     assert sum(n) == 9
+
+
+class FlakyMMCode(MMCode):
+    """A scorer that raises on one item, as a program replacing the harness's files once made ours do."""
+
+    def score(self, item, generation):
+        if item.id == "bars-max":
+            raise IsADirectoryError(21, "Is a directory", ".stdout")
+        return super().score(item, generation)
+
+
+def test_scorer_failure_scores_zero_with_reason_and_resume_does_not_crash(setup, tmp_path):
+    ckpt, roots, out = setup
+    # one unreadable problem line: counted as failed, never generated
+    with open(os.path.join(roots["mmcode"], "mmcode_test.jsonl.gz"), "ab") as f:
+        f.write(gzip.compress(b'{"problem_id": "broken", "question": 3}\n'))
+    generated = []
+
+    def gen(items, s):
+        generated.extend(it.id for it in items)
+        return [ANSWERS[it.id] for it in items]
+
+    bench = {"mmcode": FlakyMMCode(on_error="skip")}
+    first = run_eval(ckpt, {"mmcode": roots["mmcode"]}, out, EvalSettings(), generate_fn=gen, benchmarks=bench)
+    assert sorted(generated) == ["bars-max", "reverse", "sum-two"]
+    rows = {r["id"]: r for r in map(json.loads, open(os.path.join(out, "mmcode_items.jsonl")))}
+    assert rows["bars-max"]["score_error"] == "IsADirectoryError: [Errno 21] Is a directory: '.stdout'"
+    assert rows["bars-max"]["passed"] == 0.0 and rows["bars-max"]["score"] == 0.0
+    reason = rows["broken"]["score_error"]
+    assert "mmcode_test.jsonl.gz:5: " in reason and "missing field: 'input_output'" in reason
+    assert rows["sum-two"]["passed"] == 1.0 and "score_error" not in rows["sum-two"]
+    assert first["benchmarks"]["mmcode"]["n_items"] == 4 and first["benchmarks"]["mmcode"]["n_score_errors"] == 2
+    assert first["benchmarks"]["mmcode"]["score"] == pytest.approx(25.0)  # 1 of 4 problems
+    # resuming over the same cached items (plus a foreign line in the cache) scores again without crashing
+    with open(os.path.join(out, "generations.jsonl"), "a") as f:
+        f.write('{"not": "a cache record"}\n')
+    generated.clear()
+    again = run_eval(ckpt, {"mmcode": roots["mmcode"]}, out, EvalSettings(), generate_fn=gen, benchmarks=bench)
+    assert generated == [] and again["benchmarks"]["mmcode"]["score"] == pytest.approx(25.0)

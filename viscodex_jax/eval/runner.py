@@ -4,12 +4,18 @@ Generations are cached in ``<out_dir>/generations.jsonl`` under a key of
 (checkpoint fingerprint, benchmark, item, sample index, sampling settings), one
 line appended and flushed per finished batch: re-scoring never re-generates,
 and an interrupted run resumes where it stopped.
+
+Scoring is guarded per item: a scorer that raises scores that item 0, with the reason in its row
+(``score_error``), and the run goes on, so a resumed run cannot crash again on the same cached item.
+Items a loader could not read (``UnreadableItem``, with ``on_error="skip"``) are not generated and score 0
+the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -22,22 +28,61 @@ from viscodex_jax.eval.base import Benchmark, Item
 
 log = logging.getLogger(__name__)
 
+BENCHMARKS = ("chartmimic", "design2code", "mmcode", "infibench_v")
 
-def make_benchmark(name: str, **kw) -> Benchmark:
-    """Benchmarks by name; imported lazily (Design2Code needs a browser, ChartMimic matplotlib)."""
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableItem:
+    """``Item.reference`` of an item its loader could not read (``on_error="skip"``): never generated,
+    scored 0 with ``reason`` (which names the file and record)."""
+
+    reason: str
+
+
+def benchmark_class(name: str) -> type[Benchmark]:
+    """Benchmark classes by name; imported lazily (Design2Code needs a browser, ChartMimic matplotlib)."""
     if name == "mmcode":
         from viscodex_jax.eval.mmcode import MMCode
-        return MMCode(**kw)
+        return MMCode
     if name == "infibench_v":
         from viscodex_jax.eval.infibench import InfiBenchV
-        return InfiBenchV(**kw)
+        return InfiBenchV
     if name == "chartmimic":
         from viscodex_jax.eval.chartmimic import ChartMimic
-        return ChartMimic(**kw)
+        return ChartMimic
     if name == "design2code":
         from viscodex_jax.eval.design2code import Design2Code
-        return Design2Code(**kw)
-    raise ValueError(f"unknown benchmark {name!r}; choose from chartmimic, design2code, mmcode, infibench_v")
+        return Design2Code
+    raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+
+
+def make_benchmark(name: str, **kw) -> Benchmark:
+    return benchmark_class(name)(**kw)
+
+
+def build_benchmarks(names: Sequence[str], judge_endpoint: str | None = None, judge_model: str = "gpt-4o",
+                     clip_path: str | None = None, on_error: str = "raise") -> dict[str, Benchmark]:
+    """The benchmarks ``launch/eval.py`` asks for, with their options.
+
+    ``on_error="skip"`` goes to every benchmark whose constructor takes ``on_error`` (unreadable items then
+    count as failed); for the others it is an error rather than silently ignored.
+    """
+    kw: dict[str, dict[str, Any]] = {n: {} for n in names}
+    if judge_endpoint and "infibench_v" in kw:
+        from viscodex_jax.eval.judge import Judge
+
+        kw["infibench_v"]["judge"] = Judge(judge_endpoint, judge_model)
+    if clip_path and "design2code" in kw:
+        kw["design2code"]["clip_path"] = clip_path
+    benches = {}
+    for n in names:
+        if on_error != "raise":
+            if "on_error" not in inspect.signature(benchmark_class(n).__init__).parameters:
+                raise ValueError(f"benchmark {n!r} does not support on_error={on_error!r}; its unreadable items "
+                                 "always stop the run")
+            kw[n]["on_error"] = on_error
+        benches[n] = make_benchmark(n, **kw[n])
+    return benches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +144,11 @@ class GenerationCache:
                 for line in f:
                     try:
                         rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by an interruption; that item is generated again
-                    self.entries[rec["key"]] = rec["generation"]
+                        key, gen = rec["key"], rec["generation"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue  # a line cut by an interruption (or not ours); that item is generated again
+                    if isinstance(key, str) and isinstance(gen, str):
+                        self.entries[key] = gen
 
     @staticmethod
     def key(fp: str, bench: str, item_id: str, sample: int, settings: dict[str, Any]) -> str:
@@ -140,6 +187,40 @@ def model_generate_fn(checkpoint: str, settings: EvalSettings, dtype: str = "flo
     return fn
 
 
+def lazy_generate_fn(checkpoint: str, settings: EvalSettings, dtype: str = "float32") -> GenerateFn:
+    """``model_generate_fn`` that loads the model only when something actually needs generating
+    (a fully cached re-score never loads it)."""
+    state: dict[str, GenerateFn] = {}
+
+    def fn(items: Sequence[Item], sample: int) -> list[str]:
+        if "f" not in state:
+            state["f"] = model_generate_fn(checkpoint, settings, dtype)
+        return state["f"](items, sample)
+
+    return fn
+
+
+def score_guarded(bench: Benchmark, item: Item, generation: str | None) -> dict[str, Any]:
+    """``bench.score``, except that an unreadable item or a scorer that raises gives score 0 and the reason."""
+    if isinstance(item.reference, UnreadableItem):
+        return {"score": 0.0, "score_error": item.reference.reason}
+    try:
+        return bench.score(item, generation)
+    except Exception as e:  # noqa: BLE001  (one item's failure must not stop, or crash-loop, the run)
+        log.warning("%s item %s: scorer failed, scored 0: %s: %s", bench.name, item.id, type(e).__name__, e)
+        return {"score": 0.0, "score_error": f"{type(e).__name__}: {e}"}
+
+
+def _fill_failed(rows: list[dict[str, Any]]) -> None:
+    """Failed rows get 0 for every numeric metric the other rows have, so aggregates count them as failed."""
+    keys = {k for r in rows if "score_error" not in r for k, v in r.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "sample"}
+    for r in rows:
+        if "score_error" in r:
+            for k in keys:
+                r.setdefault(k, 0.0)
+
+
 def run_eval(
     checkpoint: str,
     roots: dict[str, str],
@@ -162,7 +243,8 @@ def run_eval(
         bench = (benchmarks or {}).get(name) or make_benchmark(name)
         items = all_items[name] = bench.load(root, settings.limit)
         todo = [(it, s) for s in range(settings.num_samples) for it in items
-                if GenerationCache.key(fp, name, it.id, s, skey) not in cache.entries]
+                if not isinstance(it.reference, UnreadableItem)
+                and GenerationCache.key(fp, name, it.id, s, skey) not in cache.entries]
         if todo:
             if generate_fn is None:
                 generate_fn = model_generate_fn(checkpoint, settings)
@@ -182,15 +264,19 @@ def run_eval(
         t0 = time.time()
         for it in tqdm.tqdm(items, desc=f"score {name}", unit="item"):
             for s in range(settings.num_samples):
-                gen = cache.entries[GenerationCache.key(fp, name, it.id, s, skey)]
-                rows.append({"id": it.id, "sample": s, **bench.score(it, gen)})
-        agg = bench.aggregate(rows) if settings.num_samples == 1 or name != "mmcode" else bench.aggregate(
-            rows, ks=tuple(k for k in (1, 5, 10) if k <= settings.num_samples))
-        summary["benchmarks"][name] = {"n_items": len(items), "score_seconds": time.time() - t0, **agg}
+                gen = cache.entries.get(GenerationCache.key(fp, name, it.id, s, skey))
+                rows.append({"id": it.id, "sample": s, **score_guarded(bench, it, gen)})
+        _fill_failed(rows)
+        clean = [{k: v for k, v in r.items() if k != "score_error"} for r in rows]
+        agg = bench.aggregate(clean) if settings.num_samples == 1 or name != "mmcode" else bench.aggregate(
+            clean, ks=tuple(k for k in (1, 5, 10) if k <= settings.num_samples))
+        n_failed = sum("score_error" in r for r in rows)
+        summary["benchmarks"][name] = {"n_items": len(items), "n_score_errors": n_failed,
+                                       "score_seconds": time.time() - t0, **agg}
         with open(os.path.join(out_dir, f"{name}_items.jsonl"), "w") as f:
             for r in rows:
-                gen = cache.entries[GenerationCache.key(fp, name, r["id"], r["sample"], skey)]
-                f.write(json.dumps({**r, "generation": gen}) + "\n")
+                gen = cache.entries.get(GenerationCache.key(fp, name, r["id"], r["sample"], skey), "")
+                f.write(json.dumps({**r, "generation": gen}) + "\n")  # "": an unreadable item, never generated
         log.info("%s: %s", name, {k: round(v, 2) for k, v in agg.items() if isinstance(v, float)})
     from viscodex_jax.eval.report import write_reports
 
