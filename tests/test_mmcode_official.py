@@ -141,11 +141,18 @@ def _item(tmp_path, io_spec, name="x"):
 def test_official_quirks_outside_the_shared_set(tmp_path):
     bench = MMCode()
     item = _item(tmp_path, {"inputs": ["1 2\n", "3 4\n"], "outputs": ["3\n", "7\n"]})
+    def program(*lines):
+        return "```python\n" + "\n".join(lines) + "\n```"
+
+    add = "print(sum(map(int, input().split())))"
     # print through the module-level `stdout` name escapes the capture; sys.stdout.close() is a TypeError
-    assert bench.judge(item, "```python\na, b = map(int, input().split())\nstdout.write(str(a + b))\n```") == [False, False]
-    assert bench.judge(item, "```python\nimport sys\nprint(sum(map(int, input().split())))\nsys.stdout.close()\n```") == [-1, -1]
-    assert bench.judge(item, "```python\nimport os\nos.getcwd()\n```") == [-1, -1]  # removed by reliability_guard
-    assert bench.judge(item, "```python\nimport os\nprint(sum(map(int, input().split())))\nos._exit(0)\n```") == [-1, -1]
+    assert bench.judge(item, program("a, b = map(int, input().split())", "stdout.write(str(a + b))")) == [False] * 2
+    assert bench.judge(item, program("import sys", add, "sys.stdout.close()")) == [-1, -1]
+    assert bench.judge(item, program("import os", "os.getcwd()")) == [-1, -1]  # removed by reliability_guard
+    assert bench.judge(item, program("import os", add, "os._exit(0)")) == [-1, -1]  # no result: all fail
+    forged = program("import os", "open('verdicts.json', 'w').write('[true, true]')", "os._exit(0)")
+    call = _item(tmp_path, {"fn_name": "f", "inputs": [[1], [2]], "outputs": [1, 2]}, "c")
+    assert bench.judge(call, forged) == [-1, -1]  # the program's own verdicts file is not believed
     dicts = _item(tmp_path, {"fn_name": "f", "inputs": [[{"1": "a"}]], "outputs": [{"1": "a"}]}, "d")
     assert bench.judge(dicts, "```python\ndef f(d):\n    return d\n```") == [True]  # keys become ints on both sides
     assert bench.judge(dicts, "```python\ndef f(d):\n    return {'1': 'a'}\n```") == [False]

@@ -122,7 +122,8 @@ class CheckAdapter:
         """One per ``expected.jsonl`` line; the response is read from its ``candidate_file``."""
         path = os.path.join(folder, "expected.jsonl")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder}: no expected.jsonl (one line per item/candidate with the official scores)")
+            raise FileNotFoundError(f"{folder}: no expected.jsonl (one line per item and candidate, with the "
+                                    "official scores)")
         with open(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -194,7 +195,8 @@ def run_check(bench: Benchmark, folder: str, adapter: CheckAdapter | None = None
         for m in adapter.metrics:
             if m.source not in t.expected:
                 raise ValueError(f"{t.where}: no expected value {m.source!r}")
-            agree[m.key] = m.key in observed and values_agree(observed[m.key], t.expected[m.source], m.tolerance, m.scale)
+            agree[m.key] = m.key in observed and values_agree(observed[m.key], t.expected[m.source],
+                                                              m.tolerance, m.scale)
         return TripleResult(t, observed, agree)
 
     workers = max_workers or adapter.max_workers

@@ -13,7 +13,7 @@ Layouts read (as MMCode publishes them, github.com/likaixin2000/MMCode ``utils.p
 A record that cannot be read raises an error naming the file and line (or problem folder); with
 ``on_error="skip"`` it becomes an item that is not generated and scores 0 with the reason in its row.
 
-Prompt (default, ``prompt="official"``): MMCode's ``generate.py: generate_prompt`` (QUESTION/ANSWER with
+Prompt (the only one, since the prompt changes the score): MMCode's ``generate.py: generate_prompt`` (QUESTION/ANSWER with
 the Standard IO or Call-Based suffix and the starter code) after GPT-4V's meta-prompt and system message
 (``models.py: GPT4V.generate``); figures interleaved at their ``![image](...)`` markers and images shorter
 than 480 px scaled up to 480 px high, as ``models.py: resize(image, base_height=480)`` does.
@@ -32,8 +32,10 @@ MMCode's ``eval.py`` calls it. A problem passes when every verdict is > 0 (``com
   then names module scope and fails, a ``from __future__`` import is a compile error (-2).
 * Every ``__main__`` in the source becomes the module name, so ``if __name__ == "__main__":`` runs.
 * ``sys.stdin`` is a ``StringIO`` (``input``/``read``/``readline``/iteration work; ``sys.stdin.buffer``
-  does not exist: -1); ``open(...)`` returns the input; the module-level ``stdin``/``stdout`` names are the
-  process's real streams, so output written through ``stdout`` is lost.
+  does not exist: -1); ``open(...)`` returns the input. The module-level ``stdin`` name is the process's
+  real (empty) stdin with ``read``/``readline``/``readlines`` patched to the input (``readline`` without
+  newlines); ``stdout`` is the real stdout, so output written through it is not judged.
+  ``sys.stdout.close()`` is a TypeError (-1), as the official capture's ``close`` takes an argument.
 * ``exit()``/``quit()`` are ``None`` (``reliability_guard``): calling them is a runtime error (-1), while
   ``sys.exit()`` is caught and the test is judged on what was printed; so are ``os.getcwd``, ``os.remove``,
   ``subprocess.Popen`` and the other functions the guard removes.
@@ -45,7 +47,10 @@ MMCode's ``eval.py`` calls it. A problem passes when every verdict is > 0 (``com
   tuples become lists, also row by row; ``class Solution`` is instantiated; JSON string keys of dict
   inputs/outputs become ints; ``SystemExit`` from a call-based program counts as the whole program failing.
 * Timeouts: 20 s per test (an alarm, so the program can swallow it); the whole program gets 21 s, after
-  which every test counts -1 even when some had passed (``check_correctness``'s global timeout).
+  which every test counts -1 even when some had passed (``check_correctness``'s global timeout); the
+  harness's watchdog thread ends the process then. A program that ends the process itself (``os._exit``)
+  also gets -1 everywhere, as an official worker that returns nothing; a verdicts file without the
+  judge's per-run nonce is treated the same way.
 * What we do not match: the official evaluator runs Python 3.11 with numpy 1.26 and no memory limit; we run
   the sandbox's interpreter (3.11 here, numpy 2: ``np.float_`` and friends are gone) with a 4 GiB
   address-space limit and a process-count limit, and a program holding the GIL past 21 s is stopped by
@@ -65,6 +70,7 @@ import logging
 import math
 import os
 import re
+import secrets
 from typing import Any, Iterator, Sequence
 
 from PIL import Image
@@ -190,7 +196,8 @@ class MMCode(Benchmark):
             return
         files = sorted(glob.glob(os.path.join(root, "*.jsonl.gz"))) or sorted(glob.glob(os.path.join(root, "*.jsonl")))
         if not files:
-            raise FileNotFoundError(f"{root}: no MMCode *.jsonl.gz / *.jsonl file and no <problem_id>/data.json folders")
+            raise FileNotFoundError(f"{root}: no MMCode *.jsonl.gz / *.jsonl file and no <problem_id>/data.json "
+                                    "folders")
         for path in files:
             yield from self._jsonl(path)
 
@@ -298,7 +305,8 @@ class MMCode(Benchmark):
         prob = item.reference
         if isinstance(prob, UnreadableItem):
             raise ValueError(prob.reason)
-        task = {"code": extract_code_official(generation), "input_output": prob.input_output,
+        nonce = secrets.token_hex(16)
+        task = {"code": extract_code_official(generation), "input_output": prob.input_output, "nonce": nonce,
                 "per_test_seconds": self.per_test_seconds, "global_seconds": self.global_seconds}
         r = run_python(_harness_source(), stdin=b"", limits=self.limits, files={"task.json": json.dumps(task)},
                        collect=("verdicts.json", "judge_ready"))
@@ -306,9 +314,14 @@ class MMCode(Benchmark):
             raise RuntimeError(f"MMCode judge did not start in the sandbox ({r.status}): {r.stderr[-800:]}")
         if "verdicts.json" not in r.files:
             return [-1] * prob.n_tests  # killed, timed out or exited early: every test fails, as officially
-        verdicts = json.loads(r.files["verdicts.json"])
-        if not isinstance(verdicts, list):
-            raise RuntimeError(f"MMCode judge wrote {verdicts!r}, not a list of verdicts")
+        try:
+            got = json.loads(r.files["verdicts.json"])
+            verdicts = got["verdicts"] if got["nonce"] == nonce else None
+        except (ValueError, TypeError, KeyError):
+            verdicts = None
+        if not isinstance(verdicts, list) or not all(isinstance(v, (bool, int, float)) for v in verdicts):
+            # not written by the judge: the program wrote it (and then ended the process itself)
+            return [-1] * prob.n_tests
         return verdicts
 
     def score(self, item: Item, generation: str) -> dict[str, float]:

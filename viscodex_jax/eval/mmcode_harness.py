@@ -2,8 +2,9 @@
 
 This file is not imported by the project: ``mmcode.py`` hands its text to ``sandbox.run_python`` as the
 program, with ``task.json`` beside it (``code``: the extracted program, ``input_output``: the record's
-JSON text, ``per_test_seconds``, ``global_seconds``). It writes the per-test verdicts to ``verdicts.json``:
-``true``/``false``, ``-1`` (runtime error or timeout), or ``[-2]`` (the program did not load). No file
+JSON text, ``per_test_seconds``, ``global_seconds``, ``nonce``). It writes the nonce and the per-test
+verdicts to ``verdicts.json``: ``true``/``false``, ``-1`` (runtime error or timeout), or ``[-2]`` (the
+program did not load); the nonce shows the file is the judge's and not the program's. No file
 means what the official ``check_correctness`` reports when its worker returns nothing: every test -1.
 
 The semantics are those of APPS ``run_test`` in MMCode's ``testing_utils.py``
@@ -270,9 +271,10 @@ def main() -> None:
     signal.signal(signal.SIGALRM, _on_alarm)
     in_outs = json.loads(task["input_output"])
     guard()
-    verdicts = [_plain(v) for v in judge(task["code"], in_outs, int(task["per_test_seconds"]))]
+    nonce = task.pop("nonce")  # a program that writes verdicts.json itself does not know it
+    verdicts = [_plain(v) for v in judge(task.pop("code"), in_outs, int(task["per_test_seconds"]))]
     with real_open(verdict_path, "w") as f:
-        json.dump(verdicts, f)
+        json.dump({"nonce": nonce, "verdicts": verdicts}, f)
     finish(0)  # skip the program's atexit hooks and non-daemon threads
 
 
