@@ -136,7 +136,7 @@ def test_rows_without_keys_are_finite_and_blockwise_gives_zeros():
     (q, k, v), kw, _, has_key = _inputs("packed_three_segments")
     assert not has_key.all()  # the case does have padding rows
     for impl, extra in (("xla", {}), ("blockwise", dict(block_q=16, block_kv=16)), ("splash", dict(interpret=True))):
-        out = np.asarray(A.attention(q, k, v, impl=impl, **kw, **extra))
+        out = np.asarray(jax.jit(functools.partial(A.attention, impl=impl, **kw, **extra))(q, k, v))
         assert np.all(np.isfinite(out)), impl
         if impl == "blockwise":
             assert np.all(out[~has_key] == 0.0)
@@ -161,7 +161,7 @@ def test_blockwise_skips_tiles_outside_causal_and_segments():
 
 def test_cudnn_segments_describe_the_reference_mask():
     seg = jnp.asarray(np.stack([_ids((-1, 3), (0, 5), (1, 4), (4, 4)), _ids((7, 10), (-1, 6))]))
-    seqlen, offsets = (np.asarray(x) for x in A.cudnn_segments(seg))
+    seqlen, offsets = (np.asarray(x) for x in jax.jit(A.cudnn_segments)(seg))
     assert seqlen.shape == (2, 16) and offsets.shape == (2, 17)
     np.testing.assert_array_equal(seqlen[0, :4], [5, 4, 4, -1])
     np.testing.assert_array_equal(offsets[0, :4], [3, 8, 12, -1])
@@ -179,8 +179,7 @@ def test_cudnn_segments_describe_the_reference_mask():
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
     q = jnp.zeros((2, 16, 2, 8), jnp.bfloat16)
-    qlen, _, qoff, _ = fa._fix_seqlen_offsets(jnp.asarray(seqlen), jnp.asarray(seqlen), jnp.asarray(offsets),
-                                              jnp.asarray(offsets), q, q)
+    qlen, _, qoff, _ = jax.jit(fa._fix_seqlen_offsets)(seqlen, seqlen, offsets, offsets, q, q)
     np.testing.assert_array_equal(np.asarray(qlen).reshape(-1)[:4], [5, 4, 4, 10])
     np.testing.assert_array_equal(np.asarray(qoff).reshape(-1)[:5] // (2 * 8), [3, 8, 12, 16, 32])
 
@@ -198,7 +197,7 @@ def test_blockwise_at_4096_matches_reference_in_a_quarter_of_the_memory():
     seg = jnp.asarray(_ids((-1, 100), (0, 1500), (1, 2000), (2, 496))[None])
     w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) * (seg >= 0)[:, :, None, None]
 
-    def step(impl):
+    def step(impl, seg=seg, w=w, q=q, k=k, v=v):
         def loss(q, k, v):
             out = A.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl=impl)
             return jnp.sum(out * w), out
@@ -215,3 +214,35 @@ def test_blockwise_at_4096_matches_reference_in_a_quarter_of_the_memory():
     blk_tmp = blk.memory_analysis().temp_size_in_bytes
     print(f"T=4096 temporaries: reference {ref_tmp / 2**20:.1f} MiB, blockwise {blk_tmp / 2**20:.1f} MiB")
     assert ref_tmp >= 4 * blk_tmp, (ref_tmp, blk_tmp)
+    # Linear, not quadratic: a quarter of the length (compiled only) leaves most of the
+    # temporaries (the per-tile buffers), where the reference's would shrink 16x.
+    quarter = step("blockwise", seg=seg[:, :1024], w=w[:, :1024], q=q[:, :1024], k=k[:, :1024], v=v[:, :1024])
+    small_tmp = quarter.memory_analysis().temp_size_in_bytes
+    print(f"blockwise temporaries: T=1024 {small_tmp / 2**20:.1f} MiB")
+    assert blk_tmp <= 2 * small_tmp, (blk_tmp, small_tmp)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+def test_attention_on_mesh_matches_unsharded(impl):
+    # conftest gives 8 CPU devices: rows over data x fsdp, heads (4 q, 2 kv) over tensor.
+    if len(jax.devices()) < 8:
+        pytest.fail("needs the 8 fake CPU devices that tests/conftest.py sets up")
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    (q, k, v), kw, w, has_key = _inputs("gqa_h4_k2")
+    q, k, v, w = (jnp.concatenate([x, x[::-1]]) for x in (q, k, v, w))  # 4 rows: one per data x fsdp shard
+    kw = {n: jnp.concatenate([x, x[::-1]]) if n.endswith("ids") else x for n, x in kw.items()}
+    extra = dict(interpret=True) if impl == "splash" else dict(block_q=16, block_kv=16)
+
+    def loss(fn, q, k, v):
+        out = fn(q, k, v, impl=impl, **kw, **extra)
+        return jnp.sum(out * w), out
+
+    on_mesh = functools.partial(A.attention_on_mesh, mesh)
+    (_, out), grads = jax.jit(jax.value_and_grad(functools.partial(loss, on_mesh), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, ref), ref_grads = jax.jit(jax.value_and_grad(functools.partial(loss, A.attention), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    spec = jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    assert out.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), 4), out.sharding
+    valid = np.concatenate([has_key, has_key[::-1]])
+    assert float(np.max(np.abs(np.asarray(out - ref))[valid])) <= TOL
+    for g, r in zip(grads, ref_grads):
+        assert float(np.max(np.abs(np.asarray(g - r)))) <= TOL

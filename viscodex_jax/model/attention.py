@@ -86,6 +86,50 @@ def attention(
                                block_q=block_q, block_kv=block_kv)
 
 
+def attention_on_mesh(
+    mesh: jax.sharding.Mesh,
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    batch_axes: tuple[str, ...] = ("data", "fsdp"),
+    head_axis: str | None = "tensor",
+    q_offset: int | Array = 0,
+    **kwargs,
+) -> Array:
+    """``attention`` under shard_map: rows split over ``batch_axes``, heads over ``head_axis``.
+
+    A Pallas kernel is opaque to XLA's sharding propagation, which would
+    otherwise gather q/k/v onto every chip; every implementation here is
+    independent per row and per kv-head group, so each shard runs it on its
+    own slice. Axes that do not divide the batch (or, for heads, both H and K,
+    which keeps each query head with its kv head) are left out rather than
+    failing. ``kwargs`` are those of ``attention``.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    q_seg, kv_seg = kwargs.pop("q_segment_ids"), kwargs.pop("kv_segment_ids")
+    b, h, kh = q.shape[0], q.shape[2], k.shape[2]
+    rows, n = [], 1
+    for a in batch_axes:
+        if mesh.shape.get(a, 1) > 1 and b % (n * mesh.shape[a]) == 0:
+            rows.append(a)
+            n *= mesh.shape[a]
+    row = tuple(rows) if rows else None
+    hs = mesh.shape.get(head_axis, 1) if head_axis else 1
+    head = head_axis if hs > 1 and h % hs == 0 and kh % hs == 0 else None
+    qkv, seg = P(row, None, head, None), P(row, None)
+    static_offset = _is_static_int(q_offset)
+    offsets = jnp.zeros((b,), jnp.int32) if static_offset else _offsets(q_offset, b)
+
+    def body(q, k, v, q_seg, kv_seg, off):
+        return attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                         q_offset=q_offset if static_offset else off, **kwargs)
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg, P(row)), out_specs=qkv, check_vma=False)
+    return f(q, k, v, q_seg, kv_seg, offsets)
+
+
 def _check_shapes(q, k, v, q_seg, kv_seg):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects q [B,T,H,D], k/v [B,S,K,D]; got q {q.shape}, k {k.shape}, v {v.shape}")
