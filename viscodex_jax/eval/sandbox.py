@@ -1,17 +1,26 @@
-"""Runs untrusted Python (model-written code) in a confined separate process.
+"""Runs untrusted Python (model-written code) under bubblewrap; the harness never trusts its files.
 
-Confinement, in layers:
-* a fresh process (own session, so the whole tree is killed together) with
-  wall-clock and CPU time limits, an address-space limit, a file-size limit
-  (which also caps stdout/stderr, written to files), a process-count limit and
-  no core dumps;
-* its own temp working dir, a scrubbed environment (no inherited variables:
-  secrets in the parent's environment are not visible), ``python -I``;
-* no network: a new network namespace where the OS allows (only a loopback
-  that is down), otherwise the ``socket`` module is disabled;
-* when started as root: a mount namespace with "/" read-only except the
-  program's dir, and an empty capability bounding set, so the program keeps
-  uid 0 but none of root's powers (see ``_sandbox_launcher``).
+Containment (see ``sandbox_bwrap`` and ``sandbox_seccomp``):
+* bubblewrap: new user, PID, IPC, UTS, network, mount and cgroup namespaces;
+  uid/gid 65534 inside, no capabilities, no further user namespaces;
+  ``--die-with-parent``, ``--new-session``; a read-only root holding only
+  the system libraries, the interpreter's prefixes and the program's own
+  writable dir; private ``/proc``, read-only minimal ``/dev``, no ``/sys``;
+* a libseccomp filter: foreign syscall ABIs (x86 ``int 0x80``, x32) kill the
+  process; ptrace, keyrings, io_uring, bpf, perf, userfaultfd, mounts, new
+  namespaces, SysV/POSIX IPC, memfd and new processes fail with EPERM;
+* rlimits inside (CPU, address space, file size, open files, no core dumps);
+* a scrubbed environment; stdin from a descriptor and stdout/stderr through
+  pipes the harness holds, read with caps; files the caller collects are read
+  without following links, only when regular, up to the file-size limit;
+* at the wall limit (or when output passes the file-size limit) the
+  namespace's init is killed, which ends every process in it.
+
+Where bubblewrap or libseccomp is missing, ``run_python`` raises
+``SandboxUnavailable`` naming what is missing, unless the weak mode is accepted
+(``allow_weak=True`` or ``VISCODEX_SANDBOX_ALLOW_WEAK=1``): the same seccomp
+filter (plus no non-AF_UNIX sockets), rlimits, a scrubbed environment and
+pipes, but NO filesystem, process or user isolation.
 """
 
 from __future__ import annotations
@@ -19,15 +28,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Mapping
 
-_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_launcher.py")
+from viscodex_jax.eval import sandbox_bwrap
+from viscodex_jax.eval.sandbox_bwrap import SANDBOX_DIR, SandboxUnavailable
+from viscodex_jax.eval.sandbox_seccomp import SeccompUnavailable, filter_fd
+
+__all__ = ["Limits", "SandboxResult", "SandboxUnavailable", "run_python", "WEAK_ENV"]
+
+WEAK_ENV = "VISCODEX_SANDBOX_ALLOW_WEAK"
+_MAX_OPEN_FILES = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +53,8 @@ class Limits:
     wall_seconds: float = 10.0
     cpu_seconds: int = 10
     memory_bytes: int = 2 * 2**30
-    file_size_bytes: int = 16 * 2**20
-    max_processes: int = 32
+    file_size_bytes: int = 16 * 2**20  # each file written, and all of stdout / of stderr
+    max_processes: int = 32  # threads; new processes are refused by the seccomp filter
     max_output_bytes: int = 1 * 2**20  # stdout/stderr kept in the result
     allow_network: bool = False
 
@@ -44,7 +62,9 @@ class Limits:
 @dataclasses.dataclass(frozen=True)
 class SandboxResult:
     """``status``: "ok" (exit 0), "error" (non-zero exit, error text in ``stderr``),
-    "timeout" (wall clock), or "killed" (a resource limit; ``limit`` says which)."""
+    "timeout" (wall clock), or "killed" (a resource limit or a signal; ``limit`` says which:
+    "cpu", "memory", "file_size" (a file or the output too large), "seccomp" (a forbidden
+    syscall ABI), "killed" (SIGKILL), or "signal N")."""
 
     status: str
     returncode: int | None
@@ -54,37 +74,314 @@ class SandboxResult:
     limit: str | None = None
     files: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
     truncated: bool = False
+    mode: str = "bwrap"  # or "weak"
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
 
-_SIGNAL_LIMITS = {signal.SIGXCPU: "cpu", signal.SIGXFSZ: "file_size", signal.SIGKILL: "killed", signal.SIGSEGV: "memory"}
+_SIGNAL_LIMITS = {signal.SIGXCPU: "cpu", signal.SIGXFSZ: "file_size", signal.SIGKILL: "killed",
+                  signal.SIGSEGV: "memory", signal.SIGSYS: "seccomp"}
+
+# Runs first in the sandboxed interpreter: rlimits (soft = hard, so the program cannot raise
+# them), in the weak mode the seccomp filter, then the program as __main__.
+_BOOTSTRAP = r"""
+import json, os, resource, sys
+_s = json.loads(sys.argv[1])
+for _n, (_soft, _hard) in _s["rlimits"].items():
+    resource.setrlimit(getattr(resource, _n), (_soft, _hard))
+if _s["seccomp_fd"] is not None:
+    import ctypes
+    _data = b""
+    while True:
+        _c = os.read(_s["seccomp_fd"], 65536)
+        if not _c:
+            break
+        _data += _c
+    os.close(_s["seccomp_fd"])
+    class _Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    _buf = ctypes.create_string_buffer(_data, len(_data))
+    _prog = _Prog(len(_data) // 8, ctypes.addressof(_buf))
+    _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.prctl(38, 1, 0, 0, 0) != 0 or _libc.prctl(22, 2, ctypes.byref(_prog), 0, 0) != 0:
+        sys.stderr.write("sandbox: could not load the seccomp filter\n")
+        os._exit(120)
+    del ctypes, _data, _c, _Prog, _buf, _prog, _libc
+sys.argv = [_s["program"]]
+sys.path.insert(0, os.getcwd())
+del _s, _n, _soft, _hard
+import runpy
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
-def _read_capped(path: str, cap: int) -> tuple[str, bool]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(cap + 1)
-    except FileNotFoundError:
-        return "", False
-    return data[:cap].decode("utf-8", "replace"), len(data) > cap
-
-
-def _scrubbed_env(workdir: str, allow_network: bool) -> dict[str, str]:
+def _env(home: str, tmp: str, allow_network: bool) -> dict[str, str]:
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": workdir,
-        "TMPDIR": workdir,
+        "HOME": home,
+        "TMPDIR": tmp,
         "LANG": "C.UTF-8",
         "MPLBACKEND": "Agg",  # headless matplotlib
-        "MPLCONFIGDIR": os.path.join(workdir, ".mpl"),
+        "MPLCONFIGDIR": os.path.join(home, ".mpl"),
         "OPENBLAS_NUM_THREADS": "1",  # BLAS thread pools reserve address space per thread
         "OMP_NUM_THREADS": "1",
         "PYTHONHASHSEED": "0",
         **({"VISCODEX_SANDBOX_ALLOW_NET": "1"} if allow_network else {}),
     }
+
+
+def _rlimits(limits: Limits) -> dict[str, tuple[int, int]]:
+    cpu, mem, fsize = int(limits.cpu_seconds), int(limits.memory_bytes), int(limits.file_size_bytes)
+    return {"RLIMIT_CPU": (cpu, cpu + 1), "RLIMIT_AS": (mem, mem), "RLIMIT_FSIZE": (fsize, fsize),
+            "RLIMIT_NPROC": (int(limits.max_processes),) * 2, "RLIMIT_CORE": (0, 0),
+            "RLIMIT_NOFILE": (_MAX_OPEN_FILES, _MAX_OPEN_FILES)}
+
+
+def _weak_allowed(allow_weak: bool | None) -> bool:
+    if allow_weak is not None:
+        return allow_weak
+    return os.environ.get(WEAK_ENV, "") == "1"
+
+
+def _write_inputs(workdir: str, code: str, files: Mapping[str, bytes | str] | None) -> None:
+    for name in (files or {}):
+        if not name or os.path.isabs(name) or ".." in name.split("/"):
+            raise ValueError(f"sandbox input file name {name!r} must be relative and stay inside the dir")
+    for sub in (".mpl", ".tmp"):
+        os.makedirs(os.path.join(workdir, sub))
+    with open(os.path.join(workdir, "main.py"), "w") as f:
+        f.write(code)
+    for name, data in (files or {}).items():
+        path = os.path.join(workdir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+
+
+def _run_parent(mode: str) -> str:
+    """Where run dirs go: the temp dir, which bwrap running as the sandbox uid must be able to reach."""
+    tmp = tempfile.gettempdir()
+    if mode != "bwrap" or os.geteuid() != 0 or sandbox_bwrap.reachable(os.path.realpath(tmp)):
+        return tmp
+    if sandbox_bwrap.reachable("/tmp"):
+        return "/tmp"
+    raise SandboxUnavailable(f"neither the temp dir {tmp} nor /tmp can be reached by uid {sandbox_bwrap.SANDBOX_UID}, "
+                             "which the sandbox runs as")
+
+
+def _chown_tree(top: str, uid: int) -> None:
+    os.chown(top, uid, uid)
+    for root, dirs, names in os.walk(top):
+        for n in dirs + names:
+            os.chown(os.path.join(root, n), uid, uid, follow_symlinks=False)
+
+
+def _read_program_file(workdir: str, name: str, cap: int) -> bytes | None:
+    """A file the program wrote, or None: no link is followed, only a regular file is read
+    (never a FIFO or device, so this cannot block), and at most ``cap`` bytes."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    fds = []
+    try:
+        d = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fds.append(d)
+        for p in parts[:-1]:
+            d = os.open(p, flags | os.O_DIRECTORY, dir_fd=d)
+            fds.append(d)
+        fd = os.open(parts[-1], flags, dir_fd=d)
+        fds.append(fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, left = [], cap
+        while left > 0:
+            c = os.read(fd, min(left, 1 << 20))
+            if not c:
+                break
+            chunks.append(c)
+            left -= len(c)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+class _Output:
+    """One captured stream: the first ``keep`` bytes, and the total seen."""
+
+    def __init__(self, keep: int):
+        self.keep, self.data, self.total = keep, bytearray(), 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.keep - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+
+    def text(self) -> str:
+        return bytes(self.data).decode("utf-8", "replace")
+
+
+class _Run:
+    """A started sandbox process: pumps its pipes until exit, a deadline or an output overflow."""
+
+    def __init__(self, proc: subprocess.Popen, status_fd: int | None, limits: Limits):
+        self.proc, self.limits = proc, limits
+        self.out, self.err = _Output(limits.max_output_bytes), _Output(limits.max_output_bytes)
+        self.status_buf = bytearray()
+        self.status_fd = status_fd
+        self.init_pidfd: int | None = None
+        self.exit_code: int | None = None
+
+    def _status_docs(self) -> list[dict]:
+        """The JSON documents bwrap wrote so far (a partial last one is left for later)."""
+        docs, text, i = [], bytes(self.status_buf).decode("utf-8", "replace"), 0
+        dec = json.JSONDecoder()
+        while True:
+            while i < len(text) and text[i].isspace():
+                i += 1
+            if i >= len(text):
+                return docs
+            try:
+                doc, i = dec.raw_decode(text, i)
+            except json.JSONDecodeError:
+                return docs
+            if isinstance(doc, dict):
+                docs.append(doc)
+
+    def _grab_init(self) -> None:
+        """A pidfd on the namespace's init, checked to be it (its PID namespace is the one bwrap made)."""
+        if self.init_pidfd is not None:
+            return
+        docs = self._status_docs()
+        start = next((d for d in docs if "child-pid" in d), None)
+        if start is None:
+            return
+        pid = int(start["child-pid"])
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # already gone, and with it the namespace
+            return
+        try:
+            same = os.readlink(f"/proc/{pid}/ns/pid") == f"pid:[{start.get('pid-namespace')}]"
+        except OSError:
+            same = False
+        if same:
+            self.init_pidfd = fd
+        else:
+            os.close(fd)
+
+    def pump(self, deadline: float) -> str | None:
+        """Reads until both output pipes close; returns "wall" or "file_size" if it had to stop."""
+        sel = selectors.DefaultSelector()
+        streams = {self.proc.stdout.fileno(): self.out, self.proc.stderr.fileno(): self.err}
+        for fd in streams:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        if self.status_fd is not None:
+            os.set_blocking(self.status_fd, False)
+            sel.register(self.status_fd, selectors.EVENT_READ)
+        open_streams = set(streams)
+        try:
+            while open_streams:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "wall"
+                for key, _ in sel.select(timeout=min(left, 0.5)):
+                    try:
+                        chunk = os.read(key.fd, 1 << 16)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        sel.unregister(key.fd)
+                        open_streams.discard(key.fd)
+                        continue
+                    if key.fd == self.status_fd:
+                        self.status_buf += chunk
+                        self._grab_init()
+                        continue
+                    stream = streams[key.fd]
+                    stream.add(chunk)
+                    if stream.total > self.limits.file_size_bytes:
+                        return "file_size"
+            return None
+        finally:
+            sel.close()
+
+    def finish_status(self) -> None:
+        if self.status_fd is None:
+            return
+        os.set_blocking(self.status_fd, True)
+        while True:  # bwrap has exited: the pipe ends at EOF
+            c = os.read(self.status_fd, 1 << 16)
+            if not c:
+                break
+            self.status_buf += c
+        for doc in self._status_docs():
+            if "exit-code" in doc:
+                self.exit_code = int(doc["exit-code"])
+
+    def end(self) -> None:
+        """Ends everything the run started. bwrap: SIGKILL to the PID namespace's init, which takes
+        every process in the namespace with it, then wait until the init has exited (only then is
+        the namespace empty; bwrap itself may exit first). Weak mode: the process group."""
+        if self.init_pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+        elif self.status_fd is None:  # weak mode: the program leads its own session
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.init_pidfd is not None:
+            with selectors.DefaultSelector() as sel:  # a pidfd turns readable when its process has exited
+                sel.register(self.init_pidfd, selectors.EVENT_READ)
+                if not sel.select(timeout=10):
+                    raise RuntimeError("sandbox: the PID namespace's init did not exit after SIGKILL")
+
+    def close(self) -> None:
+        for fd in (self.init_pidfd, self.status_fd):
+            if fd is not None:
+                os.close(fd)
+        self.init_pidfd = self.status_fd = None
+        for f in (self.proc.stdout, self.proc.stderr):
+            f.close()
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("PPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _mode(allow_weak: bool | None) -> str:
+    """"bwrap", or "weak" when bubblewrap cannot run and the weak mode was accepted."""
+    try:
+        sandbox_bwrap.check_bwrap()
+        return "bwrap"
+    except SandboxUnavailable as e:
+        if _weak_allowed(allow_weak):
+            return "weak"
+        raise SandboxUnavailable(f"{e}. Refusing to run untrusted code without it; to accept a weaker "
+                                 f"sandbox without filesystem, process or user isolation, set "
+                                 f"{WEAK_ENV}=1 or pass allow_weak=True") from None
 
 
 def run_python(
@@ -93,63 +390,108 @@ def run_python(
     limits: Limits = Limits(),
     files: Mapping[str, bytes | str] | None = None,
     collect: tuple[str, ...] = (),
+    python: str | None = None,
+    allow_weak: bool | None = None,
 ) -> SandboxResult:
-    """Runs ``code`` as ``main.py`` in a fresh temp dir; returns its result.
+    """Runs ``code`` as ``main.py`` in a fresh dir under the sandbox; returns its result.
 
     ``files`` are written into the dir first (e.g. data the program reads);
-    ``collect`` names files the program writes that should come back (capped
-    by the file-size limit). The temp dir is removed afterwards.
+    ``collect`` names files the program writes that should come back (regular
+    files only, links not followed, capped by the file-size limit; a name the
+    program did not leave as a regular file is absent). ``python``: absolute
+    path of the interpreter (e.g. a scoring venv's ``bin/python``), default the
+    current one; its prefixes are bound read-only. The dir is removed afterwards.
+
+    Never raises for anything the program did; raises ``ValueError`` for bad
+    arguments and ``SandboxUnavailable`` when the host cannot sandbox.
     """
-    workdir = tempfile.mkdtemp(prefix="viscodex-sandbox-")
+    python = python or sys.executable
+    mode = _mode(allow_weak)
     try:
-        os.makedirs(os.path.join(workdir, ".mpl"))
-        with open(os.path.join(workdir, "main.py"), "w") as f:
-            f.write(code)
-        for name, data in (files or {}).items():
-            if os.path.isabs(name) or ".." in name.split("/"):
-                raise ValueError(f"sandbox input file name {name!r} must be relative and stay inside the dir")
-            with open(os.path.join(workdir, name), "wb") as f:
-                f.write(data.encode() if isinstance(data, str) else data)
-        stdin_path = os.path.join(workdir, ".stdin")
-        with open(stdin_path, "wb") as f:
-            f.write(stdin.encode() if isinstance(stdin, str) else stdin)
-        settings = json.dumps({
-            "program": "main.py", "allow_network": limits.allow_network, "cpu_seconds": int(limits.cpu_seconds),
-            "memory_bytes": int(limits.memory_bytes), "file_size_bytes": int(limits.file_size_bytes),
-            "max_processes": int(limits.max_processes),
-        })
-        out_path, err_path = os.path.join(workdir, ".stdout"), os.path.join(workdir, ".stderr")
-        t0 = time.time()
-        with open(stdin_path, "rb") as fin, open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
-            proc = subprocess.Popen([sys.executable, "-I", "-B", _LAUNCHER, settings], cwd=workdir, stdin=fin,
-                                    stdout=fout, stderr=ferr, env=_scrubbed_env(workdir, limits.allow_network),
-                                    start_new_session=True, close_fds=True)
-            timed_out = False
-            try:
-                proc.wait(timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_tree(proc)
-        wall = time.time() - t0
-        stdout, t1 = _read_capped(out_path, limits.max_output_bytes)
-        stderr, t2 = _read_capped(err_path, limits.max_output_bytes)
+        seccomp = filter_fd(deny_sockets=(mode == "weak" and not limits.allow_network))
+    except SeccompUnavailable as e:
+        raise SandboxUnavailable(str(e)) from None
+    if mode == "bwrap":
+        sandbox_bwrap.read_only_paths(python)  # bad interpreter: ValueError before any work
+    run_dir = tempfile.mkdtemp(prefix="viscodex-sandbox-", dir=_run_parent(mode))
+    workdir = os.path.join(run_dir, "work")
+    run = None
+    try:
+        os.mkdir(workdir, 0o700)
+        _write_inputs(workdir, code, files)
+        if mode == "bwrap" and os.geteuid() == 0:  # the program runs as the sandbox uid: its dir is its own
+            os.chmod(run_dir, 0o711)
+            _chown_tree(workdir, sandbox_bwrap.SANDBOX_UID)
+        stdin_file = tempfile.TemporaryFile()
+        stdin_file.write(stdin.encode() if isinstance(stdin, str) else stdin)
+        stdin_file.seek(0)
+        settings = {"program": "main.py", "rlimits": _rlimits(limits),
+                    "seccomp_fd": seccomp if mode == "weak" else None}
+        argv = ["-I", "-B", "-c", _BOOTSTRAP, json.dumps(settings)]
+        status_r = status_w = None
+        if mode == "bwrap":
+            status_r, status_w = os.pipe()
+            env = _env(SANDBOX_DIR, SANDBOX_DIR + "/.tmp", limits.allow_network)
+            cmd = sandbox_bwrap.launch_argv(python=python, run_dir=run_dir, workdir=workdir, env=env, argv=argv,
+                                            seccomp_fd=seccomp, status_fd=status_w,
+                                            allow_network=limits.allow_network)
+            kw = dict(cwd="/", env={"PATH": "/usr/bin:/bin"}, pass_fds=(seccomp, status_w))
+        else:
+            env = _env(workdir, os.path.join(workdir, ".tmp"), limits.allow_network)
+            cmd = [python, *argv]
+            kw = dict(cwd=workdir, env=env, pass_fds=(seccomp,))
+        t0 = time.monotonic()
+        try:
+            with stdin_file:
+                proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        start_new_session=True, close_fds=True, **kw)
+        finally:
+            for fd in (seccomp, status_w):
+                if fd is not None:
+                    os.close(fd)
+            seccomp = None
+        run = _Run(proc, status_r, limits)
+        try:
+            stopped = run.pump(t0 + limits.wall_seconds)
+            if stopped is None:
+                try:
+                    proc.wait(timeout=max(0.1, t0 + limits.wall_seconds - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    stopped = "wall"
+        finally:
+            run.end()
+        wall = time.monotonic() - t0
+        run.finish_status()
+        if mode == "bwrap" and run.exit_code is None and stopped is None:
+            # bwrap failed before starting the program: a host problem, not the program's doing
+            raise SandboxUnavailable(f"bubblewrap did not start the program (exit {proc.returncode}): "
+                                     f"{run.err.text()[-2000:]}")
+        rc = run.exit_code if mode == "bwrap" else proc.returncode
+        if rc is not None and mode == "bwrap" and 128 < rc < 128 + 65:  # bwrap reports a signal as 128+N
+            rc = -(rc - 128)
+        stdout, stderr = run.out.text(), run.err.text()
         collected = {}
         for name in collect:
-            p = os.path.join(workdir, name)
-            if os.path.isfile(p) and not os.path.islink(p):
-                with open(p, "rb") as f:
-                    collected[name] = f.read(limits.file_size_bytes)
-        rc = proc.returncode
-        status, limit = _classify(rc, timed_out, stderr)
-        return SandboxResult(status, None if timed_out else rc, stdout, stderr, wall, limit, collected, t1 or t2)
+            data = _read_program_file(workdir, name, limits.file_size_bytes)
+            if data is not None:
+                collected[name] = data
+        status, limit = _classify(rc, stopped, stderr)
+        truncated = run.out.total > len(run.out.data) or run.err.total > len(run.err.data)
+        return SandboxResult(status, None if stopped == "wall" else rc, stdout, stderr, wall, limit, collected,
+                             truncated, mode)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if run is not None:
+            run.close()
+        if seccomp is not None:
+            os.close(seccomp)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _classify(rc: int | None, timed_out: bool, stderr: str) -> tuple[str, str | None]:
-    if timed_out:
+def _classify(rc: int | None, stopped: str | None, stderr: str) -> tuple[str, str | None]:
+    if stopped == "wall":
         return "timeout", "wall"
+    if stopped == "file_size":
+        return "killed", "file_size"
     if rc == 0:
         return "ok", None
     if rc is not None and rc < 0:
@@ -161,14 +503,3 @@ def _classify(rc: int | None, timed_out: bool, stderr: str) -> tuple[str, str | 
         return "killed", "file_size"
     return "error", None
 
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Kills the program's whole session (a fork bomb's children included)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
