@@ -151,7 +151,7 @@ def _rope(d: Mapping[str, Any], where: str) -> tuple[float, tuple[int, ...] | No
     return theta, (_int_list(section, where, f"{key}.mrope_section") if section else None)
 
 
-def _text_config(d: Mapping[str, Any], top: Mapping[str, Any], where: str) -> TextConfig:
+def _text_config(d: Mapping[str, Any], top: Mapping[str, Any], where: str, top_where: str) -> TextConfig:
     if d.get("use_sliding_window"):
         raise ConfigError(f"{where}: use_sliding_window=true is not supported")
     theta, section = _rope(d, where)
@@ -172,7 +172,7 @@ def _text_config(d: Mapping[str, Any], top: Mapping[str, Any], where: str) -> Te
             f"{where}: mrope_section {list(section)} must sum to head_dim/2 = {hidden // heads // 2}"
         )
     tie = any(_bool(src["tie_word_embeddings"], w, "tie_word_embeddings")
-              for src, w in ((top, "config.json"), (d, where)) if src.get("tie_word_embeddings") is not None)
+              for src, w in ((top, top_where), (d, where)) if src.get("tie_word_embeddings") is not None)
     return TextConfig(
         vocab_size=_int(d, where, "vocab_size"),
         hidden_size=hidden,
@@ -238,11 +238,11 @@ def config_from_dict(d: Mapping[str, Any], where: str = "config.json", **runtime
     if d.get("hidden_act", text_d.get("hidden_act", "silu")) != "silu":
         raise ConfigError(f"{where}: only hidden_act='silu' is supported")
     if model_type == "qwen2":
-        return ModelConfig(model_type=model_type, text=_text_config(d, d, where), **runtime)
+        return ModelConfig(model_type=model_type, text=_text_config(d, d, where, where), **runtime)
     # transformers 4.x (flat) keeps text keys at the top level; 5.x nests them under text_config.
     if "vision_config" not in d:
         raise ConfigError(f"{where}: model_type qwen2_5_vl needs a vision_config")
-    text = _text_config(text_d, d, text_where)
+    text = _text_config(text_d, d, text_where, where)
     if text.mrope_section is None:
         raise ConfigError(f"{where}: qwen2_5_vl needs rope mrope_section")
     vision = _vision_config(d["vision_config"], where + ":vision_config")
