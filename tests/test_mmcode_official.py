@@ -159,6 +159,17 @@ def test_official_quirks_outside_the_shared_set(tmp_path):
     assert bench.judge(dicts, "```python\nimport sys\nsys.exit(0)\n```") == [-1]  # SystemExit while loading: no result
 
 
+def test_recursion_headroom_matches_official(tmp_path):
+    """The deepest recursion a program reaches: 981 frames as a standard-input program and 984 as a
+    call-based one, as measured with the official evaluator (check_correctness from eval.py) on Python 3.11.7."""
+    probe = ("def f(n):", "    try:", "        return f(n + 1)", "    except RecursionError:", "        return n")
+    std = _item(tmp_path, {"inputs": [""], "outputs": ["981"]}, "s")
+    assert MMCode().judge(std, "```python\n" + "\n".join(probe + ("print(f(0))",)) + "\n```") == [True]
+    call = _item(tmp_path, {"fn_name": "g", "inputs": [[]], "outputs": [984]}, "c")
+    nested = "\n".join(["def g():"] + ["    " + x for x in probe] + ["    return f(0)"])
+    assert MMCode().judge(call, "```python\n" + nested + "\n```") == [True]
+
+
 def test_check_against_command_line(mmcode_ref, tmp_path):
     """launch/eval.py --check_against on a 3-candidate folder in the shared layout (copied from the set)."""
     folder = tmp_path / "mmcode"

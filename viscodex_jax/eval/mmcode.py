@@ -51,6 +51,9 @@ MMCode's ``eval.py`` calls it. A problem passes when every verdict is > 0 (``com
   harness's watchdog thread ends the process then. A program that ends the process itself (``os._exit``)
   also gets -1 everywhere, as an official worker that returns nothing; a verdicts file without the
   judge's per-run nonce is treated the same way.
+* The program runs as many frames deep as in the official worker (padding frames, calibrated with a
+  recursion probe under the official evaluator), so recursion near the default limit of 1000 fails or
+  passes as it does there.
 * What we do not match: the official evaluator runs Python 3.11 with numpy 1.26 and no memory limit; we run
   the sandbox's interpreter (3.11 here, numpy 2: ``np.float_`` and friends are gone) with a 4 GiB
   address-space limit and a process-count limit, and a program holding the GIL past 21 s is stopped by
