@@ -28,3 +28,13 @@ if ! .venv/bin/python -c "import viscodex_jax, torch, pytest, scipy, matplotlib,
   .venv/bin/pip install -q "torch==2.13.0"
   .venv/bin/pip install -q -e ".[test,torch,eval]"
 fi
+# .venv-tpu: .venv's packages plus libtpu, for compiling TPU programs on this host (launch/compile_check.py,
+# tests/test_compile_check.py). libtpu stays out of .venv: there every JAX process would probe for a TPU and
+# print libtpu's errors. The .pth makes .venv's site-packages (editable install included) visible, so both
+# run the same jax, flax and project code; the tpu pin is the same jax version, so pip adds libtpu only.
+if ! .venv-tpu/bin/python -c "import libtpu, viscodex_jax" >/dev/null 2>&1; then
+  [ -x .venv-tpu/bin/python ] || .venv/bin/python -m venv .venv-tpu
+  .venv/bin/python -c 'import sysconfig; print("import site; site.addsitedir(%r)" % sysconfig.get_paths()["purelib"])' \
+    > "$(.venv-tpu/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/viscodex_main_venv.pth"
+  .venv-tpu/bin/pip install -q "jax[tpu]==$(.venv/bin/python -c 'import jax; print(jax.__version__)')"
+fi

@@ -1,0 +1,73 @@
+"""Does a training config fit a TPU slice? Compile its step (and the sampler's) for the slice on this CPU host.
+
+    .venv-tpu/bin/python launch/compile_check.py --config=configs/viscodex_8b.py:tpu \
+        --config.mesh.shape='(1,-1,1)' --topology=v5p:2x2x1 --model_config=qwen2.5-vl-7b \
+        --rows_per_chip=1 --json_out=runs/compile_check/8b_v5p8.json
+
+Nothing is allocated and no TPU is needed: every input is an abstract array
+with its sharding on a mesh of the slice's devices as libtpu describes them,
+and XLA:TPU reports per-chip argument / output / alias / temporary bytes.
+Prints one table per topology; a program XLA cannot fit is reported, not
+raised. Needs libtpu: .venv-tpu (made by launch/setup_env.sh) has it.
+"""
+
+import os
+
+# Never touch a local accelerator (nor libtpu's machine-wide lock): this only compiles.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import json  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from viscodex_jax.aot import (PROGRAMS, CheckError, LibtpuMissingError, Settings, TopologyError, builtin_names,
+                              check, render)  # noqa: E402
+from viscodex_jax.logs import quiet_third_party  # noqa: E402
+from viscodex_jax.model.config import ConfigError  # noqa: E402
+
+CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config (with --config.* overrides).")
+TOPOLOGY = flags.DEFINE_list("topology", ["v5p:2x2x1"], "TPU slices: v5p:2x2x1, v5e:2x4, v6e:4x4 or v5p-8, v6e-8 "
+                             "(comma-separated: one table each).")
+PROGRAMS_FLAG = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile: train, prefill, decode.")
+MODEL = flags.DEFINE_string("model_config", "", "Built-in shape (" + ", ".join(builtin_names()) + "), a config.json "
+                            "or a checkpoint dir; default: --config.model.init_checkpoint.")
+ROWS = flags.DEFINE_integer("rows_per_chip", 0, "Train rows of data.max_len tokens per chip (global batch = this x "
+                            "chips); 0 keeps --config.data.batch_size.")
+PROMPT = flags.DEFINE_integer("prompt_len", Settings.prompt_len, "Prefill prompt tokens per row.")
+CACHE = flags.DEFINE_integer("cache_len", Settings.cache_len, "KV-cache length per row (prefill and decode).")
+DECODE_ROWS = flags.DEFINE_integer("decode_rows", 0, "Sampler rows (slots), global; 0: one per batch shard.")
+PATCHES = flags.DEFINE_integer("prefill_patches", -1, "Image patches in the prefill prompt; -1: "
+                               "--config.data.patches_per_row, 0: text only.")
+CACHE_DTYPE = flags.DEFINE_string("cache_dtype", Settings.cache_dtype, "KV-cache dtype (the sampler's default).")
+FLOPS = flags.DEFINE_boolean("flops", True, "Count the train step's matmul FLOPs (one more trace).")
+JSON_OUT = flags.DEFINE_string("json_out", "", "Write the reports here as JSON.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    quiet_third_party()
+    c = CONFIG.value
+    model = MODEL.value or c.model.init_checkpoint
+    if not model:
+        raise app.UsageError("--model_config is required when --config.model.init_checkpoint is empty")
+    try:
+        s = Settings(programs=tuple(PROGRAMS_FLAG.value), rows_per_chip=ROWS.value, prompt_len=PROMPT.value,
+                     cache_len=CACHE.value, decode_rows=DECODE_ROWS.value, prefill_patches=PATCHES.value,
+                     cache_dtype=CACHE_DTYPE.value, count_flops=FLOPS.value)
+        reports = []
+        for topo in TOPOLOGY.value:
+            reports.append(check(c, model, topo, s))
+            print(render(reports[-1]) + "\n", flush=True)
+    except (ConfigError, TopologyError, CheckError, LibtpuMissingError) as e:  # bad flags / no libtpu: say which
+        raise app.UsageError(str(e)) from None
+    if JSON_OUT.value:
+        os.makedirs(os.path.dirname(os.path.abspath(JSON_OUT.value)), exist_ok=True)
+        with open(JSON_OUT.value, "w") as f:
+            json.dump({"config": c.to_dict(), "reports": reports}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    app.run(main)

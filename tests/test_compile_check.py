@@ -1,0 +1,158 @@
+"""compile_check: ahead-of-time TPU compiles of our train step and sampler on this CPU host.
+
+The TPU compiles run ``launch/compile_check.py`` under the interpreter that has
+libtpu: ``.venv-tpu/bin/python`` (made by launch/setup_env.sh), or the one named
+by ``VISCODEX_TPU_PYTHON``. Without it those tests fail, naming the set-up step:
+they are part of the suite, not optional.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from viscodex_jax.aot import flops as flops_lib
+from viscodex_jax.aot import programs
+from viscodex_jax.aot.check import parse_oom
+from viscodex_jax.aot.shapes import model_config
+from viscodex_jax.aot.topologies import GIB, TopologyError, parse_slice
+from viscodex_jax.train.config import base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPOLOGIES = ("v5p:2x2x1", "v5p:2x2x4")  # 4 and 16 chips
+ROWS_PER_CHIP = 2
+# Per-chip temporaries may differ a little between slices at equal work per chip (collective buffers,
+# XLA's fusion and scheduling choices); the issue's goal allows 10% on the peak, so 10% here. A
+# replicated activation instead scales them with the global batch: x4 from 4 to 16 chips.
+TEMP_GROWTH_TOLERANCE = 0.10
+
+
+def tpu_python() -> str:
+    env = os.environ.get("VISCODEX_TPU_PYTHON")
+    if env:
+        return env
+    try:
+        import libtpu  # noqa: F401
+
+        return sys.executable
+    except ImportError:
+        return os.path.join(REPO, ".venv-tpu", "bin", "python")
+
+
+@pytest.fixture(scope="module")
+def tiny_reports(hf_checkpoint, tmp_path_factory):
+    """compile_check on the tiny VL model (conftest's vl_a) for a 4- and a 16-chip v5p slice."""
+    py = tpu_python()
+    if not os.path.exists(py):
+        pytest.fail(f"{py} does not exist: run launch/setup_env.sh (it makes .venv-tpu, .venv plus libtpu) "
+                    "or set VISCODEX_TPU_PYTHON to a Python with libtpu and this project")
+    out = str(tmp_path_factory.mktemp("compile_check") / "tiny.json")
+    cmd = [py, os.path.join(REPO, "launch", "compile_check.py"), "--config=configs/tiny.py",
+           "--config.mesh.shape=(1,-1,1)", "--config.data.max_len=256", "--config.data.patches_per_row=64",
+           f"--model_config={hf_checkpoint('vl_a')}", f"--topology={','.join(TOPOLOGIES)}",
+           f"--rows_per_chip={ROWS_PER_CHIP}", "--prompt_len=64", "--cache_len=128", "--prefill_patches=16",
+           f"--json_out={out}"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 fake CPUs are not wanted
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"compile_check failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    with open(out) as f:
+        data = json.load(f)
+    return {r["topology"]: r for r in data["reports"]}, proc.stdout
+
+
+def _result(report, program):
+    (r,) = [r for r in report["results"] if r["program"] == program]
+    return r
+
+
+def test_tiny_programs_compile_for_tpu(tiny_reports):
+    reports, stdout = tiny_reports
+    assert set(reports) == set(TOPOLOGIES)
+    for topo, chips in zip(TOPOLOGIES, (4, 16)):
+        rep = reports[topo]
+        assert rep["chips"] == chips and rep["mesh"] == {"data": 1, "fsdp": chips, "tensor": 1}
+        assert rep["hbm_bytes"] == int(95.74 * GIB)
+        for program in ("train", "prefill", "decode"):
+            r = _result(rep, program)
+            assert r["compiled"] and r["error"] is None, (topo, program, r)
+            assert r["temp_bytes"] > 0 and r["argument_bytes"] > 0, (topo, program, r)
+            assert r["peak_bytes"] == r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
+            assert r["fits"] and r["fits_headroom"]
+        train = _result(rep, "train")
+        assert train["rows"] == ROWS_PER_CHIP * chips and train["tokens"] == ROWS_PER_CHIP * chips * 256
+        # the state is donated: XLA reuses its buffers for the new state
+        assert train["alias_bytes"] > 0 and train["alias_bytes"] <= train["argument_bytes"]
+        f = train["flops"]
+        # the step multiplies at least the formula's weights and attention; remat "none" recomputes nothing
+        assert 1.0 <= f["program_over_formula_dense"] < 1.15, f
+    assert stdout.count("| train |") == 2 and "fits 90%" in stdout
+
+
+def test_tiny_train_temporaries_do_not_grow_with_the_slice(tiny_reports):
+    """At fixed rows per chip, per-chip temporaries stay flat from 4 to 16 chips (activations sharded as the batch)."""
+    reports, _ = tiny_reports
+    small, big = (_result(reports[t], "train")["temp_bytes"] for t in TOPOLOGIES)
+    assert big <= small * (1 + TEMP_GROWTH_TOLERANCE), (
+        f"per-chip train temporaries grow with the slice at {ROWS_PER_CHIP} rows per chip: "
+        f"{small / 2**20:.1f} MiB on {TOPOLOGIES[0]} -> {big / 2**20:.1f} MiB on {TOPOLOGIES[1]} "
+        f"({big / small:.2f}x): some activation is not sharded like the batch")
+
+
+# ------------------------------------------------------------------------ in-process parts (no libtpu)
+
+
+def test_slice_names():
+    assert parse_slice("v5p-8").topology == "v5p:2x2x1" and parse_slice("v5p-8").chips == 4
+    assert parse_slice("v6e-8").topology == "v6e:2x4" and parse_slice("v6e-8").hbm_bytes == 32 * GIB
+    assert parse_slice("v5e:4x4").chips == 16 and parse_slice("v5e:4x4").hbm_bytes == 16 * GIB
+    assert parse_slice("v5p:4x4x4").chips == 64
+    for bad in ("v5p-6", "v4:2x2x1", "v5p:2x2", "v6e:2x2x1", "tpu"):
+        with pytest.raises(TopologyError, match="--topology"):
+            parse_slice(bad)
+
+
+def test_parse_oom_message():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(109.31G) exceeds available HBM (95.74G).")
+    got = parse_oom(msg)
+    assert got["temp_bytes"] == int(109.31 * GIB) and got["xla_hbm_bytes"] == int(95.74 * GIB)
+
+
+def test_builtin_shapes_have_the_published_sizes():
+    """Qwen2.5-VL-7B: 8.29B parameters (7.62B LLM, 0.68B vision); -32B: 33.5B (32.8B LLM)."""
+    expected = {"qwen2.5-vl-7b": (8.29e9, 7.62e9), "qwen2.5-vl-32b": (33.45e9, 32.76e9)}
+    for name, (total, llm) in expected.items():
+        cfg = model_config(name)
+        c = base_config()
+        setup = programs.train_setup(c, cfg)
+        counts = flops_lib.param_counts(cfg, setup.abstract_params, setup.keys)
+        assert abs(counts["n_total"] / total - 1) < 0.01, (name, counts)
+        assert abs(counts["n_trainable"] / llm - 1) < 0.01, (name, counts)
+
+
+def test_matmul_flops_count_remat_recompute(hf_checkpoint):
+    """Full remat re-runs the forward matmuls in the backward pass: the program count rises by ~2N per token."""
+    per_token = {}
+    for policy in ("none", "full"):
+        c = base_config()
+        c.data.max_len, c.data.patches_per_row, c.data.batch_size = 64, 16, 2
+        c.model.remat_policy = policy
+        cfg = model_config(hf_checkpoint("vl_a"), remat_policy=policy)
+        setup = programs.train_setup(c, cfg)
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+        _, args, fn = programs.train_program(c, cfg, mesh, programs.rules_of(c), 2, setup)
+        flops, _ = flops_lib.jaxpr_matmul_flops(fn, *args)
+        per_token[policy] = flops / (2 * 64)
+    counts = flops_lib.param_counts(cfg, setup.abstract_params, setup.keys)
+    extra = per_token["full"] - per_token["none"]
+    # the decoder's forward matmuls again: 2 N_matmul minus lm_head (the chunked loss is not in the remat scope),
+    # plus the attention forward (4 L T d)
+    t = cfg.text
+    decoder = counts["n_matmul"] - t.hidden_size * t.vocab_size
+    assert 2 * decoder <= extra <= 2 * decoder + 4 * t.num_layers * 64 * t.hidden_size * 1.01, (per_token, counts)
