@@ -34,5 +34,8 @@ setup(
         "torch": [TORCH],
         "test": [TORCH, "pytest"],
         "eval": ["matplotlib", "scipy", "playwright"],
+        # libtpu for the jax we test with: TPU hosts, and compile_check on CPU hosts (launch/setup_env.sh
+        # installs it into .venv-tpu rather than .venv, see the README).
+        "tpu": ["jax[tpu]==0.10.2"],
     },
 )
