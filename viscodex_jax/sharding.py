@@ -4,12 +4,21 @@ Modules annotate params with logical axes ("embed", "mlp", "heads", ...);
 configs hold the rules that map them to mesh axes ("data", "fsdp", "tensor").
 A dimension whose size the mesh axes do not divide is left unsharded on those
 axes (logged), rather than failing deep inside XLA.
+
+Activations are constrained the same way (``constrain``), with their own
+logical names ("act_embed", "act_mlp", ...) so that, for example, FSDP shards the
+embed dimension of the weights but never of the activations: saved activations
+are then divided over the batch like the batch itself, and per-chip memory at
+a fixed number of rows per chip does not grow with the slice. Without an
+``activation_sharding`` context (one CPU device, eager use) ``constrain`` is a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -30,6 +39,13 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    # activations: rows over every data-parallel axis, features over the tensor axis only
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
 
 
@@ -107,3 +123,30 @@ def batch_sharding(mesh: Mesh, rules, ndim: int, batch_axis: int = 0) -> NamedSh
     spec = [None] * ndim
     spec[batch_axis] = dict(rules).get("batch")
     return NamedSharding(mesh, P(*spec))
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Any] | None] = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules) -> Iterator[None]:
+    """While tracing inside this context, ``constrain`` pins activations to ``rules`` on ``mesh``."""
+    token = _ACTIVE.set((mesh, tuple(rules)) if mesh is not None else None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names; a name absent from the rules leaves its dim to XLA."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    if len(logical) != x.ndim:
+        raise ValueError(f"constrain: {len(logical)} logical names {tuple(logical)} for an array of shape {x.shape}")
+    known = {name for name, _ in rules}
+    spec = logical_to_mesh_spec(P(*logical), x.shape, mesh, rules, "activation")
+    spec = P(*(s if (n is None or n in known) else P.UNCONSTRAINED for s, n in zip(spec, logical)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

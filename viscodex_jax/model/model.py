@@ -21,18 +21,18 @@ from viscodex_jax.model.vision import VisionTower
 Array = jax.Array
 
 
-def attention_mask_for(q_len: int, kv_valid: Array, q_offset: Array | int = 0, segment_ids: Array | None = None):
-    """bool [B, 1, q_len, S]: causal by slot index, valid keys only, same segment if packed.
+def segments_for(q_len: int, kv_valid: Array, segment_ids: Array | None = None) -> dict[str, Array]:
+    """Segment ids for ``model.attention``: {"q": [B, q_len], "kv": [B, S]}; -1 marks key slots to ignore.
 
-    kv_valid: [B, S] (1 for real tokens); query i sits at slot ``q_offset + i``.
+    kv_valid: [B, S] (1 for real tokens). Unpacked rows are one segment (0); packed
+    rows (no cache, S == q_len) use their ``segment_ids``. Causality is by slot
+    index, so with a cache the queries sit at ``cache_index`` (the attention's q_offset).
     """
-    s = kv_valid.shape[-1]
-    q_slot = jnp.arange(q_len)[:, None] + q_offset
-    causal = jnp.arange(s)[None, :] <= q_slot  # [T, S]
-    mask = causal[None] & kv_valid.astype(bool)[:, None, :]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return mask[:, None]
+    valid = kv_valid.astype(bool)
+    if segment_ids is None:
+        return {"q": jnp.zeros((kv_valid.shape[0], q_len), jnp.int32), "kv": jnp.where(valid, 0, -1).astype(jnp.int32)}
+    seg = segment_ids.astype(jnp.int32)
+    return {"q": seg, "kv": jnp.where(valid, seg, -1)}
 
 
 def scatter_image_features(embeds: Array, input_ids: Array, features: Array, image_token_id: int) -> Array:
@@ -110,8 +110,8 @@ class CausalLM(nn.Module):
         if c.text.mrope_section is not None and positions.ndim == 2:
             positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
         cos, sin = text_rope(positions, c.text.head_dim, c.text.rope_theta, c.text.mrope_section)
-        mask = attention_mask_for(input_ids.shape[1], attention_mask, cache_index if cache is not None else 0, segment_ids)
-        h, new_cache = self.model(x, cos, sin, mask, cache, cache_index)
+        segs = segments_for(input_ids.shape[1], attention_mask, segment_ids)
+        h, new_cache = self.model(x, cos, sin, segs, cache, cache_index)
         if last_only:
             h = h[:, -1:]
         out = h if return_hidden else self.logits_from_hidden(h)

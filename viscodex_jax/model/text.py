@@ -7,16 +7,27 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from viscodex_jax.model.attention import attention
 from viscodex_jax.model.config import TextConfig
-from viscodex_jax.model.layers import Dense, RMSNorm, apply_rope, dot_product_attention
+from viscodex_jax.model.layers import Dense, RMSNorm, apply_rope
+from viscodex_jax.sharding import constrain
 
 Array = jax.Array
 
+_ACT = ("batch", "length", "act_embed")
+_save = jax.checkpoint_policies.save_only_these_names
+# What each policy keeps between forward and backward (per layer); everything else is recomputed.
+# The named ones never keep attention scores, whatever the attention implementation: "dots" and
+# "dots_no_batch" keep every matmul output, which with impl="xla" includes the [T, S] logits.
 _REMAT_POLICIES = {
-    "full": None,
+    "full": None,  # only the layer inputs
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "qkv": _save("q_proj", "k_proj", "v_proj"),
+    "proj": _save("q_proj", "k_proj", "v_proj", "attn_out", "o_proj"),  # attention side saved, MLP recomputed
+    "proj_mlp": _save("q_proj", "k_proj", "v_proj", "attn_out", "o_proj", "mlp_gate", "mlp_up", "mlp_down"),
 }
 
 
@@ -26,14 +37,15 @@ class Attention(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, segs, cache=None, cache_index=None):
         c = self.cfg
         hd = c.head_dim
         q = Dense((c.num_heads, hd), dtype=self.dtype, kernel_axes=("embed", "heads", "head_dim"), name="q_proj")(x)
         k = Dense((c.num_kv_heads, hd), dtype=self.dtype, kernel_axes=("embed", "kv_heads", "head_dim"), name="k_proj")(x)
         v = Dense((c.num_kv_heads, hd), dtype=self.dtype, kernel_axes=("embed", "kv_heads", "head_dim"), name="v_proj")(x)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q = checkpoint_name(constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None)), "q_proj")
+        k = checkpoint_name(constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None)), "k_proj")
+        v = checkpoint_name(constrain(v, ("batch", "length", "act_kv_heads", None)), "v_proj")
         new_cache = None
         if cache is not None:
             # One write offset for the whole batch: rows are left-padded to a
@@ -42,10 +54,12 @@ class Attention(nn.Module):
             cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
             new_cache = {"k": ck, "v": cv}
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
-        out = dot_product_attention(q, k, v, mask, impl=self.impl)
+        out = attention(q, k, v, q_segment_ids=segs["q"], kv_segment_ids=segs["kv"], causal=True,
+                        q_offset=cache_index if cache is not None else 0, impl=self.impl)
+        out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
         out = Dense(c.hidden_size, use_bias=False, axis=2, dtype=self.dtype, kernel_axes=("heads", "head_dim", "embed"),
                     name="o_proj")(out)
-        return out, new_cache
+        return checkpoint_name(constrain(out, _ACT), "o_proj"), new_cache
 
 
 class MLP(nn.Module):
@@ -65,8 +79,15 @@ class MLP(nn.Module):
                      name="gate_proj")(x)
         up = Dense(self.intermediate_size, use_bias=self.use_bias, dtype=self.dtype, kernel_axes=up_axes,
                    name="up_proj")(x)
-        return Dense(self.hidden_size, use_bias=self.use_bias, dtype=self.dtype, kernel_axes=down_axes,
-                     name="down_proj")(nn.silu(gate) * up)
+        if self.axes:  # the text decoder (the vision tower runs per row under vmap: not constrained inside)
+            gate = constrain(gate, ("batch", "length", "act_mlp"))
+            up = constrain(up, ("batch", "length", "act_mlp"))
+        gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
+        out = Dense(self.hidden_size, use_bias=self.use_bias, dtype=self.dtype, kernel_axes=down_axes,
+                    name="down_proj")(nn.silu(gate) * up)
+        if self.axes:
+            out = constrain(out, _ACT)
+        return checkpoint_name(out, "mlp_down")
 
 
 class DecoderLayer(nn.Module):
@@ -77,14 +98,15 @@ class DecoderLayer(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x, cache, cos, sin, mask, cache_index):
+    def __call__(self, x, cache, cos, sin, segs, cache_index):
         c = self.cfg
+        x = constrain(x, _ACT)
         h = RMSNorm(c.rms_norm_eps, self.dtype, ("norm",), name="input_layernorm")(x)
-        h, new_cache = Attention(c, self.dtype, self.impl, name="self_attn")(h, cos, sin, mask, cache, cache_index)
+        h, new_cache = Attention(c, self.dtype, self.impl, name="self_attn")(h, cos, sin, segs, cache, cache_index)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, self.dtype, ("norm",), name="post_attention_layernorm")(x)
         x = x + MLP(c.intermediate_size, c.hidden_size, False, self.dtype, ("embed", "mlp"), name="mlp")(h)
-        return x, new_cache
+        return constrain(x, _ACT), new_cache
 
 
 def remat_policy_names() -> tuple[str, ...]:
@@ -121,12 +143,13 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, ("norm",))
 
     def embed(self, input_ids: Array) -> Array:
-        return self.embed_tokens(input_ids).astype(self.dtype)
+        return constrain(self.embed_tokens(input_ids).astype(self.dtype), _ACT)
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, cache=None, cache_index=None):
-        """x: embeddings [B, T, D]; mask: bool [B, 1, T, S]; cache: {'k','v'} stacked [L, B, S, K, hd]."""
-        x, new_cache = self.layers(x, cache, cos, sin, mask, cache_index)
-        return self.norm(x), new_cache
+    def __call__(self, x: Array, cos: Array, sin: Array, segs: dict[str, Array], cache=None, cache_index=None):
+        """x: embeddings [B, T, D]; segs: {"q": [B, T], "kv": [B, S]} segment ids (see model.attention);
+        cache: {'k','v'} stacked [L, B, S, K, hd], written at ``cache_index`` (queries sit there, causally)."""
+        x, new_cache = self.layers(x, cache, cos, sin, segs, cache_index)
+        return constrain(self.norm(x), _ACT), new_cache
 
     def attend(self, x: Array) -> Array:
         """Tied lm_head: logits from the embedding matrix."""

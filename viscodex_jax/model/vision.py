@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from viscodex_jax.model.config import VisionConfig
-from viscodex_jax.model.layers import Dense, RMSNorm, apply_rope, dot_product_attention, segment_mask
+from viscodex_jax.model.attention import attention
+from viscodex_jax.model.layers import Dense, RMSNorm, apply_rope
 from viscodex_jax.model.text import MLP
 
 Array = jax.Array
@@ -105,12 +106,12 @@ class VisionBlock(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x, is_full, cos, sin, window_mask, image_mask):
+    def __call__(self, x, is_full, cos, sin, window_segments, image_segments):
         c = self.cfg
         h = RMSNorm(1e-6, self.dtype, name="norm1")(x)
         # Full-attention blocks are a per-layer flag, so one scanned block serves all.
-        mask = jnp.where(is_full, image_mask, window_mask)
-        x = x + _Attn(c, self.dtype, self.impl, name="attn")(h, cos, sin, mask)
+        segments = jnp.where(is_full, image_segments, window_segments)
+        x = x + _Attn(c, self.dtype, self.impl, name="attn")(h, cos, sin, segments)
         h = RMSNorm(1e-6, self.dtype, name="norm2")(x)
         x = x + MLP(c.intermediate_size, c.hidden_size, True, self.dtype, name="mlp")(h)
         return x, None
@@ -122,14 +123,15 @@ class _Attn(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, segments):
         c = self.cfg
         n = x.shape[0]
         qkv = Dense(3 * c.hidden_size, dtype=self.dtype, name="qkv")(x).reshape(n, 3, c.num_heads, c.head_dim)
         q = apply_rope(qkv[:, 0], cos, sin)[None]
         k = apply_rope(qkv[:, 1], cos, sin)[None]
         v = qkv[:, 2][None]
-        out = dot_product_attention(q, k, v, mask[None], impl=self.impl)[0]
+        seg = segments[None]
+        out = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=False, impl=self.impl)[0]
         return Dense(c.hidden_size, dtype=self.dtype, name="proj")(out.reshape(n, c.hidden_size))
 
 
@@ -165,8 +167,6 @@ class VisionTower(nn.Module):
         freqs = freqs.reshape(freqs.shape[0], -1)
         emb = jnp.concatenate([freqs, freqs], -1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
-        window_mask = segment_mask(meta["window_segments"], meta["window_segments"])
-        image_mask = segment_mask(meta["image_segments"], meta["image_segments"])
         is_full = jnp.zeros((c.depth,), bool).at[jnp.array(c.fullatt_block_indexes, jnp.int32)].set(True)
         blocks = nn.scan(
             VisionBlock,
@@ -175,7 +175,7 @@ class VisionTower(nn.Module):
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.depth,
         )(c, self.dtype, self.impl, name="blocks")
-        x, _ = blocks(x, is_full, cos, sin, window_mask, image_mask)
+        x, _ = blocks(x, is_full, cos, sin, meta["window_segments"], meta["image_segments"])
         merged = PatchMerger(c, self.dtype, name="merger")(x)
         return merged[meta["merged_inverse"]]
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from viscodex_jax.sharding import constrain
+
 IGNORE = -100
 
 
@@ -21,7 +23,9 @@ def token_nll(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 
     """
     lead = hidden.shape[:-1]
     d, v = w.shape
-    h = hidden.reshape(-1, d)
+    # Rows stay sharded like the batch; left to propagation, XLA may instead shard the
+    # contraction (embed) like the FSDP weight and all-reduce full [tokens, chunk] logits.
+    h = constrain(hidden.reshape(-1, d), ("batch", "act_embed"))
     t = targets.reshape(-1)
     chunk = min(chunk, v)
     n_chunks = -(-v // chunk)
@@ -33,6 +37,7 @@ def token_nll(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 
         m, s, picked = carry
         wc, i = xs
         logits = jnp.einsum("nd,dc->nc", h, wc.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "act_vocab"))
         cols = i * chunk + jnp.arange(chunk)
         logits = jnp.where(cols[None, :] < v, logits, -jnp.inf)
         m_new = jnp.maximum(m, logits.max(-1))

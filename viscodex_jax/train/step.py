@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from viscodex_jax.checkpoint.hf import flatten, unflatten
 from viscodex_jax.model.config import ModelConfig
 from viscodex_jax.model.model import CausalLM, logical_axes
-from viscodex_jax.sharding import batch_sharding, tree_shardings
+from viscodex_jax.sharding import activation_sharding, batch_sharding, tree_shardings
 from viscodex_jax.train.loss import shifted_targets, token_nll
 
 # Which params train: the paper freezes the vision tower and the merger and trains the LLM.
@@ -95,10 +95,18 @@ def batch_loss(params: dict[str, Any], batch: dict[str, Any], cfg: ModelConfig, 
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, keys: Sequence[str],
-                    accum_steps: int = 1, skip_nonfinite: bool = False, vocab_chunk: int = 8192):
-    """The step function: state, batch (leading [accum_steps, ...] when accumulating) -> state, metrics."""
+                    accum_steps: int = 1, skip_nonfinite: bool = False, vocab_chunk: int = 8192,
+                    mesh: Mesh | None = None, rules=None):
+    """The step function: state, batch (leading [accum_steps, ...] when accumulating) -> state, metrics.
+
+    With ``mesh`` and ``rules``, activations are constrained by the rules while the step is traced.
+    """
 
     def step(state, batch):
+        with activation_sharding(mesh, rules if rules is not None else ()):
+            return _step(state, batch)
+
+    def _step(state, batch):
         train, frozen = split(state["params"], keys)
         grad_fn = jax.value_and_grad(lambda tr, b: batch_loss(join(tr, frozen), b, cfg, vocab_chunk)[:2],
                                      has_aux=True)
