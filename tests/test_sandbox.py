@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -447,7 +448,7 @@ def test_secrets_are_invisible(host):
         shutil.rmtree(other_run)
     assert seen["/etc/shadow"] == 2 and seen[git_config] == 2 and seen[os.path.join(other_run, "main.py")] == 2
     # Only what leads to the bound interpreter can show in /root; nothing of the host's /tmp or /etc.
-    bound = sandbox_bwrap.read_only_paths(os.sys.executable)
+    bound = sandbox_bwrap.read_only_paths(sys.executable)
     on_paths = {p.split("/")[2] for p in bound if p.startswith("/root/")}
     assert seen["/root"] == 2 or set(seen["/root"]) <= on_paths
     tmp_names = {p.split("/")[2] for p in bound if p.startswith("/tmp/")}
@@ -596,6 +597,20 @@ def test_without_bubblewrap_untrusted_code_is_refused(host, no_bwrap, monkeypatc
     assert os.listdir(tempfile.tempdir) == []
 
 
+def test_without_libseccomp_binding_untrusted_code_is_refused(host, monkeypatch):
+    from viscodex_jax.eval import sandbox_seccomp
+
+    sandbox_seccomp.filter_bpf.cache_clear()
+    try:
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, "pyseccomp", None)  # import fails as if not installed
+            with pytest.raises(SandboxUnavailable, match=r"'pyseccomp'.*libseccomp\.so\.2"):
+                run_python("print('ran')", allow_weak=True)
+    finally:
+        sandbox_seccomp.filter_bpf.cache_clear()
+    assert os.listdir(tempfile.tempdir) == []
+
+
 def test_weak_mode_only_when_accepted_and_still_filtered(host, no_bwrap, monkeypatch):
     monkeypatch.setenv("VISCODEX_SANDBOX_ALLOW_WEAK", "1")
     r = run("""
@@ -616,7 +631,7 @@ def test_weak_mode_only_when_accepted_and_still_filtered(host, no_bwrap, monkeyp
 
 def test_other_interpreter_gets_only_its_own_prefix(host):
     venv = os.path.join(host["base"], "score-venv")
-    subprocess.run([os.path.realpath(os.sys.executable), "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([os.path.realpath(sys.executable), "-m", "venv", "--without-pip", str(venv)], check=True)
     py = os.path.join(venv, "bin", "python")
     r = run("""
         import importlib.util, json, sys

@@ -235,6 +235,8 @@ class _Run:
         self.out, self.err = _Output(limits.max_output_bytes), _Output(limits.max_output_bytes)
         self.status_buf = bytearray()
         self.status_fd = status_fd
+        if status_fd is not None:
+            os.set_blocking(status_fd, False)
         self.init_pidfd: int | None = None
         self.exit_code: int | None = None
 
@@ -284,7 +286,6 @@ class _Run:
             os.set_blocking(fd, False)
             sel.register(fd, selectors.EVENT_READ)
         if self.status_fd is not None:
-            os.set_blocking(self.status_fd, False)
             sel.register(self.status_fd, selectors.EVENT_READ)
         open_streams = set(streams)
         try:
@@ -313,15 +314,24 @@ class _Run:
         finally:
             sel.close()
 
+    def _drain_status(self) -> None:
+        """Whatever bwrap has written so far (never blocks)."""
+        while self.status_fd is not None:
+            try:
+                c = os.read(self.status_fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not c:
+                return
+            self.status_buf += c
+
+    def started(self) -> bool:
+        return any("child-pid" in d for d in self._status_docs())
+
     def finish_status(self) -> None:
         if self.status_fd is None:
             return
-        os.set_blocking(self.status_fd, True)
-        while True:  # bwrap has exited: the pipe ends at EOF
-            c = os.read(self.status_fd, 1 << 16)
-            if not c:
-                break
-            self.status_buf += c
+        self._drain_status()  # bwrap and the namespace are gone: everything it wrote is there
         for doc in self._status_docs():
             if "exit-code" in doc:
                 self.exit_code = int(doc["exit-code"])
@@ -330,6 +340,9 @@ class _Run:
         """Ends everything the run started. bwrap: SIGKILL to the PID namespace's init, which takes
         every process in the namespace with it, then wait until the init has exited (only then is
         the namespace empty; bwrap itself may exit first). Weak mode: the process group."""
+        if self.status_fd is not None and self.init_pidfd is None:
+            self._drain_status()
+            self._grab_init()
         if self.init_pidfd is not None:
             try:
                 signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
@@ -422,9 +435,10 @@ def run_python(
         if mode == "bwrap" and os.geteuid() == 0:  # the program runs as the sandbox uid: its dir is its own
             os.chmod(run_dir, 0o711)
             _chown_tree(workdir, sandbox_bwrap.SANDBOX_UID)
-        stdin_file = tempfile.TemporaryFile()
-        stdin_file.write(stdin.encode() if isinstance(stdin, str) else stdin)
-        stdin_file.seek(0)
+        with tempfile.TemporaryFile() as f:  # the program gets a read-only descriptor of its own
+            f.write(stdin.encode() if isinstance(stdin, str) else stdin)
+            f.flush()
+            stdin_file = open(f"/proc/self/fd/{f.fileno()}", "rb")
         settings = {"program": "main.py", "rlimits": _rlimits(limits),
                     "seccomp_fd": seccomp if mode == "weak" else None}
         argv = ["-I", "-B", "-c", _BOOTSTRAP, json.dumps(settings)]
@@ -462,11 +476,11 @@ def run_python(
             run.end()
         wall = time.monotonic() - t0
         run.finish_status()
-        if mode == "bwrap" and run.exit_code is None and stopped is None:
+        if mode == "bwrap" and not run.started() and stopped is None:
             # bwrap failed before starting the program: a host problem, not the program's doing
             raise SandboxUnavailable(f"bubblewrap did not start the program (exit {proc.returncode}): "
                                      f"{run.err.text()[-2000:]}")
-        rc = run.exit_code if mode == "bwrap" else proc.returncode
+        rc = run.exit_code if run.exit_code is not None else proc.returncode
         if rc is not None and mode == "bwrap" and 128 < rc < 128 + 65:  # bwrap reports a signal as 128+N
             rc = -(rc - 128)
         stdout, stderr = run.out.text(), run.err.text()
