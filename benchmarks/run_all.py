@@ -1,6 +1,6 @@
-"""Runs the convert, merge, decode and train-step benchmarks and writes one Markdown page of results.
+"""Runs the convert, merge, decode, train-step and compile-check benchmarks; writes one Markdown results page.
 
-    .venv/bin/python benchmarks/run_all.py                 # run all four (about an hour on 2 CPU cores)
+    .venv/bin/python benchmarks/run_all.py                 # run all five (hours on 2 CPU cores: compile_check)
     .venv/bin/python benchmarks/run_all.py --collect_only  # rebuild the page from the scripts' last JSON
 
 Each script prints its own table and writes JSON under runs/benchmarks/; this collects their tables
@@ -21,7 +21,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "runs", "benchmarks")
-SCRIPTS = ("convert", "merge", "decode", "train_step")
+# compile_check: XLA:TPU's per-chip memory for the 8B/33B presets, compiled ahead of time on this host
+# (needs .venv-tpu from launch/setup_env.sh; each fitting 7B/32B compile takes minutes).
+SCRIPTS = ("convert", "merge", "decode", "train_step", "compile_check")
 
 
 def machine() -> str:

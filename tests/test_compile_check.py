@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -21,7 +20,7 @@ from viscodex_jax.aot import flops as flops_lib
 from viscodex_jax.aot import programs
 from viscodex_jax.aot.check import parse_oom
 from viscodex_jax.aot.shapes import model_config
-from viscodex_jax.aot.topologies import GIB, TopologyError, parse_slice
+from viscodex_jax.aot.topologies import GIB, TopologyError, parse_slice, tpu_python
 from viscodex_jax.train.config import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,22 +32,10 @@ ROWS_PER_CHIP = 2
 TEMP_GROWTH_TOLERANCE = 0.10
 
 
-def tpu_python() -> str:
-    env = os.environ.get("VISCODEX_TPU_PYTHON")
-    if env:
-        return env
-    try:
-        import libtpu  # noqa: F401
-
-        return sys.executable
-    except ImportError:
-        return os.path.join(REPO, ".venv-tpu", "bin", "python")
-
-
 @pytest.fixture(scope="module")
 def tiny_reports(hf_checkpoint, tmp_path_factory):
     """compile_check on the tiny VL model (conftest's vl_a) for a 4- and a 16-chip v5p slice."""
-    py = tpu_python()
+    py = tpu_python(REPO)
     if not os.path.exists(py):
         pytest.fail(f"{py} does not exist: run launch/setup_env.sh (it makes .venv-tpu, .venv plus libtpu) "
                     "or set VISCODEX_TPU_PYTHON to a Python with libtpu and this project")

@@ -117,3 +117,14 @@ def slice_devices(sl: Slice) -> list[Any]:
         raise TopologyError(f"--topology={sl.name}: libtpu gave {len(devices)} devices for {sl.topology}, "
                             f"expected {sl.chips} chips")
     return devices
+
+
+def tpu_python(repo: str) -> str:
+    """The interpreter that can compile for TPU: $VISCODEX_TPU_PYTHON, this one if it has libtpu, else
+    ``<repo>/.venv-tpu/bin/python`` (launch/setup_env.sh makes it)."""
+    env = os.environ.get("VISCODEX_TPU_PYTHON")
+    if env:
+        return env
+    if have_libtpu():
+        return sys.executable
+    return os.path.join(repo, ".venv-tpu", "bin", "python")
