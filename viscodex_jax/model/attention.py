@@ -16,10 +16,16 @@ Implementations (``IMPLS``):
   splash     Pallas TPU splash attention (``interpret=True`` runs it on CPU).
   cudnn      cuDNN fused attention on GPU, packed (ragged) layout for segments.
 
-Fallbacks to blockwise (documented, never silent about results, see each
-wrapper): splash with a traced ``q_offset`` (its causal mask is static);
-cudnn for float32 inputs, for causal with T != S or q_offset != 0 (cuDNN's
-causal mask is top-left aligned), and where cuDNN rejects the configuration.
+Cases an implementation cannot express run blockwise instead, with the same
+results: splash with a causal ``q_offset`` that is not a Python int (its
+causal mask is a static object, so decode with a traced cache index cannot
+use it); cudnn for float32 inputs, for T != S, for causal with q_offset != 0
+(cuDNN's causal mask is top-left aligned), and where cuDNN rejects the
+configuration at trace time (logged as a warning: no cuDNN, packed layout
+before Hopper, head dim over the limit).
+
+On a multi-device mesh call ``attention_on_mesh``: a Pallas kernel is opaque
+to XLA's sharding propagation.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
 Array = jax.Array
 
@@ -92,9 +100,11 @@ def attention_on_mesh(
     k: Array,
     v: Array,
     *,
+    q_segment_ids: Array,
+    kv_segment_ids: Array,
+    q_offset: int | Array = 0,
     batch_axes: tuple[str, ...] = ("data", "fsdp"),
     head_axis: str | None = "tensor",
-    q_offset: int | Array = 0,
     **kwargs,
 ) -> Array:
     """``attention`` under shard_map: rows split over ``batch_axes``, heads over ``head_axis``.
@@ -104,11 +114,10 @@ def attention_on_mesh(
     independent per row and per kv-head group, so each shard runs it on its
     own slice. Axes that do not divide the batch (or, for heads, both H and K,
     which keeps each query head with its kv head) are left out rather than
-    failing. ``kwargs`` are those of ``attention``.
+    failing. ``kwargs`` are the rest of ``attention``'s (causal, impl, ...).
     """
     from jax.sharding import PartitionSpec as P
 
-    q_seg, kv_seg = kwargs.pop("q_segment_ids"), kwargs.pop("kv_segment_ids")
     b, h, kh = q.shape[0], q.shape[2], k.shape[2]
     rows, n = [], 1
     for a in batch_axes:
@@ -127,7 +136,7 @@ def attention_on_mesh(
                          q_offset=q_offset if static_offset else off, **kwargs)
 
     f = jax.shard_map(body, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg, P(row)), out_specs=qkv, check_vma=False)
-    return f(q, k, v, q_seg, kv_seg, offsets)
+    return f(q, k, v, q_segment_ids, kv_segment_ids, offsets)
 
 
 def _check_shapes(q, k, v, q_seg, kv_seg):
@@ -346,8 +355,6 @@ def _splash(q, k, v, q_seg, kv_seg, causal, q_offset, block_q, block_kv, interpr
     a real id. T and S are padded to the tile sizes, which must be multiples of
     128 lanes.
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, t, h, d = q.shape
     s = k.shape[1]
@@ -372,8 +379,6 @@ def _splash_kernel(h, tp, sp, causal, q_offset, bq, bkv, interpret):
     Built under ensure_compile_time_eval so the cached tables are concrete
     arrays, not tracers of whichever jit first asked for them.
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     one = sm.CausalMask((tp, sp), offset=q_offset) if causal else sm.FullMask((tp, sp))
     sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
@@ -425,6 +430,8 @@ def _cudnn(q, k, v, q_seg, kv_seg, causal, q_offset):
         return None
     if causal and not (_is_static_int(q_offset) and int(q_offset) == 0):
         return None
+    # Segments (packed layout) are only reachable through jax's internal cuDNN
+    # module; jax.nn.dot_product_attention takes a dense mask or lengths only.
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
     seqlen, offsets = cudnn_segments(kv_seg)
