@@ -118,6 +118,15 @@ def test_orbax_to_hf_refuses_non_finite_params_naming_the_param(vl, tmp_path):
     _nothing_left(tmp_path, "hf")
 
 
+def test_orbax_to_hf_refuses_a_cast_that_overflows(vl, tmp_path):
+    _edit_tensors(vl, _set_value("model.norm.weight", 1e6))
+    orbax = str(tmp_path / "orbax")
+    checkpoint.convert_hf_to_orbax(vl, orbax)  # finite in float32
+    with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' cast to float16: 1 of 64 values are NaN/Inf"):
+        checkpoint.convert_orbax_to_hf(orbax, str(tmp_path / "hf"), dtype=np.float16)
+    _nothing_left(tmp_path, "hf")
+
+
 # ---------------------------------------------------------------------------------- loading: headers
 
 

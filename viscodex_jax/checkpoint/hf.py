@@ -249,7 +249,8 @@ def save_hf(
         for name, arr in hf_tensors(params, cfg, dtype):
             first_dtype = first_dtype or arr.dtype
             if check_finite:
-                check_tensor_finite(arr, f"tensor {name!r}" + (f" cast to {np.dtype(dtype)}" if dtype is not None else ""))
+                cast = f" cast to {np.dtype(dtype)}" if dtype is not None else ""
+                check_tensor_finite(arr, f"tensor {name!r}{cast}")
             writer.add(name, arr)
             bar.update(arr.nbytes)
         bar.close()
