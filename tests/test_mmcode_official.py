@@ -6,6 +6,7 @@ The reference set (16 problems, 54 candidates, official run_test verdicts) is re
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import io
 import json
@@ -157,6 +158,35 @@ def test_official_quirks_outside_the_shared_set(tmp_path):
     assert bench.judge(dicts, "```python\ndef f(d):\n    return d\n```") == [True]  # keys become ints on both sides
     assert bench.judge(dicts, "```python\ndef f(d):\n    return {'1': 'a'}\n```") == [False]
     assert bench.judge(dicts, "```python\nimport sys\nsys.exit(0)\n```") == [-1]  # SystemExit while loading: no result
+
+
+# (printed text, expected output, official verdict): verdicts measured with the official check_correctness
+# (MMCode @ 8b9ac10, Python 3.11.7); each exercises a different step of the comparison cascade.
+STDOUT_VERDICTS = [
+    ("3.0001", "3\n", True), ("1_000", "1000\n", True), ("1e3", "1000\n", True), ("nan", "nan\n", True),
+    ("inf", "inf", True), ("0.12349 2", "0.1235 2\n", True), ("0.12351 2.0004", "0.1235 2\n", False),
+    ("2 1\n4 3\n", "1 2\n3 4\n", True), ("1 2 2\n3 4", "1 2\n3 4\n", True), ("1 2\u20283 4", "1 2\n3 4\n", True),
+    ("1 2\r\n3 4\r\n", ["1 2", "3 4"], True), ("x\ny", ["x", "", "y"], True), ("A B\nC D", "a b\nc d\n", False),
+    ("-0", "0\n", True), ("True", "1\n2\n3\n", False), ("", "\n", True),
+]
+CALL_VERDICTS = [  # (function body, expected output, official verdict)
+    ("return [(1, 2), (3, 4)]", [[[1, 2], [3, 4]]], True), ("return [(1, 2), (3, 4)]", [[1, 2], [3, 4]], False),
+    ("return ((1, 2),)", [[1, 2]], False), ("return 6.0000001", [6.0], False), ("return True", [1], True),
+    ("return None", [], False), ("return np.array([1, 2])", [[1, 2]], -1), ("return np.array([6.0])", [6.0], True),
+    ("return {1: 'a'}", {"1": "a"}, True), ("return float('nan')", ["nan"], False),
+]
+
+
+def test_comparison_cascade_matches_measured_official_verdicts(tmp_path):
+    cases = [("import sys\nsys.stdout.write(%r)" % out, {"inputs": ["x\n"] if isinstance(exp, str) else [["x"]],
+                                                          "outputs": [exp]}, want) for out, exp, want in STDOUT_VERDICTS]
+    cases += [(f"def f(x):\n    {body}", {"fn_name": "f", "inputs": [[0]], "outputs": [exp]}, want)
+              for body, exp, want in CALL_VERDICTS]
+    items = [_item(tmp_path, spec, f"v{i}") for i, (_, spec, _) in enumerate(cases)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda a: MMCode().judge(a[0], "```python\n" + a[1][0] + "\n```"), zip(items, cases)))
+    wrong = [(c[0], c[1]["outputs"], g, c[2]) for c, g in zip(cases, got) if g != [c[2]]]
+    assert not wrong, wrong
 
 
 def test_recursion_headroom_matches_official(tmp_path):
