@@ -169,6 +169,11 @@ def test_dtype_whose_size_disagrees_with_the_byte_range_is_refused(vl, tmp_path)
     _convert_fails(vl, tmp_path, CheckpointError, path, "'model.norm.weight'", "does not fit shape [64] of F16")
 
 
+def test_metadata_that_is_not_an_object_is_refused(vl, tmp_path):
+    path = _edit_header(vl, lambda h: h.__setitem__("__metadata__", ["pt"]))
+    _convert_fails(vl, tmp_path, CheckpointError, path, "__metadata__ is not an object")
+
+
 @pytest.mark.parametrize("shape,pattern", [([-1, -64], "negative dimension"), ([2.5, 25.6], "not a list of integers")])
 def test_bad_shapes_in_the_header_are_refused(vl, tmp_path, shape, pattern):
     path = _edit_header(vl, lambda h: h["model.norm.weight"].__setitem__("shape", shape))
@@ -325,6 +330,7 @@ def test_stale_temp_dir_of_a_dead_pid_is_removed_and_reported(tmp_path):
     (dict(group_weights=((r"/self_attn/", (1.7, -0.7)),)), "group_weights['/self_attn/']=[1.7, -0.7]"),
     (dict(group_weights=((r"/mlp/", (float("nan"), 0.5)),)), "group_weights['/mlp/'][0] must be finite"),
     (dict(density=float("nan")), "density must be in (0, 1], got nan"),
+    (dict(exclude=("(mlp",)), "exclude: '(mlp' is not a valid regex"),
 ])
 def test_merge_spec_rejects_bad_numbers_and_dtypes(kw, pattern):
     with pytest.raises(MergeError) as e:
@@ -506,6 +512,12 @@ def test_sweep_refuses_an_existing_lam_dir_up_front(tiny, tmp_path):
     with pytest.raises(FileExistsError, match="lam_0.9"):
         lambda_sweep(c, [0.7, 0.9], score=lambda d: 0.0)
     assert sorted(os.listdir(c.out_dir)) == ["lam_0.9"]
+
+
+def test_non_positive_shard_size_is_refused_before_any_work(tiny, tmp_path):
+    with pytest.raises(MergeError, match="--config.max_shard_mb must be > 0, got 0"):
+        run_merge(_merge_config(tiny, tmp_path, max_shard_mb=0))
+    _nothing_left(tmp_path, "hf")
 
 
 def test_parse_sweep_lams_names_the_bad_entry():

@@ -163,6 +163,13 @@ class MergeSpec:
                 )
             groups.append((pattern, w))
         set_("group_weights", tuple(groups))
+        for what, patterns in (("include", self.include), ("exclude", self.exclude),
+                               ("group_weights", [p for p, _ in self.group_weights])):
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as e:
+                    raise MergeError(f"{what}: {pattern!r} is not a valid regex ({e})") from None
 
     @property
     def sparsify(self) -> str | None:

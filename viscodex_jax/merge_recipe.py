@@ -109,6 +109,8 @@ def run_merge(c, out_dir: str | None = None, spec: MergeSpec | None = None) -> d
     _require(c, "base_dir", "vlm_dir", "coder_dir", "out_dir")
     out_dir = out_dir or c.out_dir
     spec = spec or spec_from_config(c)
+    if not _finite(c.max_shard_mb, "--config.max_shard_mb") > 0:
+        raise MergeError(f"--config.max_shard_mb must be > 0, got {c.max_shard_mb}")
     _check_outputs(c, out_dir)
     _check_vlm(c)
     report = merge_checkpoints(c.base_dir, [c.vlm_dir, c.coder_dir], out_dir, spec,
