@@ -2,9 +2,10 @@
 
 What it does:
 
-1. For each run ``CONFIG[:PRESET]@TOPOLOGY`` (e.g. ``configs/viscodex_8b.py:v5p-8@v5p-8``), each
-   remat policy and attention implementation asked for (default: the config's own) and each
-   rows-per-chip value of the sweep, one fresh ``launch/compile_check.py`` process (under the
+1. For each run ``CONFIG[:PRESET][@TOPOLOGY]`` (e.g. ``configs/viscodex_8b.py:v5p-8``; the slice
+   defaults to the preset's ``topology``), each remat policy and attention implementation asked
+   for (default: the preset's own) and each rows-per-chip value of the sweep (default: the
+   preset's own rows), one fresh ``launch/compile_check.py`` process (under the
    interpreter with libtpu: ``.venv-tpu/bin/python`` or $VISCODEX_TPU_PYTHON) compiles the SFT
    step for the slice with the real model shape (VisCodex-8B = Qwen2.5-VL-7B's, 33B =
    Qwen2.5-VL-32B's; no weights) and reads XLA's per-chip memory. The first rows value of each
@@ -23,8 +24,8 @@ out-of-memory verdict comes sooner)::
 
     .venv/bin/python benchmarks/compile_check.py                      # the default runs below
     .venv/bin/python benchmarks/compile_check.py --issue_table        # the issue's six rows (preset tpu)
-    .venv/bin/python benchmarks/compile_check.py --runs configs/viscodex_8b.py:v5p-8@v5p-8 \
-        --rows 1,2,4,8 --remat dots,full
+    .venv/bin/python benchmarks/compile_check.py --runs configs/viscodex_8b.py:v5p-8 \
+        --rows 1,2,4,6,8 --remat dots,full
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ from viscodex_jax.aot.topologies import GIB, tpu_python  # noqa: E402
 MODEL_OF = {"viscodex_8b.py": "qwen2.5-vl-7b", "viscodex_33b.py": "qwen2.5-vl-32b"}
 # The issue's goals: 8B on v5p-8 / v6e-8, flat per-chip memory from 4 to 64 chips; 33B on v5p-64.
 DEFAULT_RUNS = (
-    "configs/viscodex_8b.py:v5p-8@v5p-8",
-    "configs/viscodex_8b.py:v6e-8@v6e-8",
-    "configs/viscodex_8b.py:v5p-32@v5p-32",
-    "configs/viscodex_8b.py:v5p-128@v5p-128",
-    "configs/viscodex_33b.py:v5p-64@v5p-64",
+    "configs/viscodex_8b.py:v5p-8",
+    "configs/viscodex_8b.py:v6e-8",
+    "configs/viscodex_8b.py:v5p-32",
+    "configs/viscodex_8b.py:v5p-128",
+    "configs/viscodex_33b.py:v5p-64",
+    "configs/viscodex_33b.py:v5p-128",
 )
 DEFAULT_SET = ("data.patches_per_row=4096", "data.max_len=4096")
 # The issue's table: the `tpu` preset with FSDP over the whole slice, 4096 patches per row.
@@ -73,9 +75,9 @@ def model_for(config_spec: str, override: str) -> str:
 
 def run_one(a, config_spec: str, topology: str, rows: int, sets: list[str], programs: str, out: str) -> dict:
     cmd = [tpu_python(REPO), os.path.join(REPO, "launch", "compile_check.py"), f"--config={config_spec}",
-           f"--topology={topology}", f"--model_config={model_for(config_spec, a.model)}", f"--rows_per_chip={rows}",
-           f"--programs={programs}", f"--prompt_len={a.prompt_len}", f"--cache_len={a.cache_len}",
-           f"--json_out={out}"] + [f"--config.{s}" for s in sets]
+           f"--model_config={model_for(config_spec, a.model)}", f"--rows_per_chip={rows}", f"--programs={programs}",
+           f"--prompt_len={a.prompt_len}", f"--cache_len={a.cache_len}", f"--json_out={out}"]
+    cmd += ([f"--topology={topology}"] if topology else []) + [f"--config.{s}" for s in sets]
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=a.timeout)
@@ -155,8 +157,9 @@ def table(runs: list[dict]) -> str:
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--runs", nargs="*", default=list(DEFAULT_RUNS), help="CONFIG[:PRESET]@TOPOLOGY ...")
-    p.add_argument("--rows", default="1,2,4,8", help="rows-per-chip sweep for the train step")
+    p.add_argument("--runs", nargs="*", default=list(DEFAULT_RUNS), help="CONFIG[:PRESET][@TOPOLOGY] ...")
+    p.add_argument("--rows", default="0", help="rows-per-chip sweep for the train step, ascending "
+                   "(0: the preset's data.batch_size)")
     p.add_argument("--remat", default="", help="comma-separated remat policies (default: each config's own)")
     p.add_argument("--attention", default="", help="comma-separated attention_impl values (default: the config's)")
     p.add_argument("--set", nargs="*", default=list(DEFAULT_SET), help="config overrides k=v for every run")
@@ -176,7 +179,8 @@ def main(argv: list[str]) -> None:
     if a.issue_table:
         for topo, tokens, remat in ISSUE_ROWS:
             sets = ["mesh.shape=(1,-1,1)", "data.patches_per_row=4096", f"data.max_len={tokens}",
-                    f"model.remat_policy={remat}"] + [s for s in a.set if s not in DEFAULT_SET]
+                    f"model.remat_policy={remat}"] + [s for s in a.set if s not in DEFAULT_SET] + \
+                ([f"model.attention_impl={a.attention}"] if a.attention else [])
             out = os.path.join(a.runs_dir, _tag("issue", topo, str(tokens), remat) + ".json")
             runs.append(run_one(a, "configs/viscodex_8b.py:tpu", topo, 1, sets, "train", out))
     else:
@@ -184,9 +188,7 @@ def main(argv: list[str]) -> None:
         remats = [r for r in a.remat.split(",") if r] or [""]
         attns = [x for x in a.attention.split(",") if x] or [""]
         for spec in a.runs:
-            if "@" not in spec:
-                p.error(f"--runs {spec!r}: expected CONFIG[:PRESET]@TOPOLOGY")
-            config_spec, topology = spec.rsplit("@", 1)
+            config_spec, _, topology = spec.partition("@")
             for remat in remats:
                 for attn in attns:
                     sets = list(a.set) + ([f"model.remat_policy={remat}"] if remat else []) + \

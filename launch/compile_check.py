@@ -1,8 +1,10 @@
 """Does a training config fit a TPU slice? Compile its step (and the sampler's) for the slice on this CPU host.
 
-    .venv-tpu/bin/python launch/compile_check.py --config=configs/viscodex_8b.py:tpu \
-        --config.mesh.shape='(1,-1,1)' --topology=v5p:2x2x1 --model_config=qwen2.5-vl-7b \
-        --rows_per_chip=1 --json_out=runs/compile_check/8b_v5p8.json
+    .venv-tpu/bin/python launch/compile_check.py --config=configs/viscodex_8b.py:v5p-8 \
+        --model_config=qwen2.5-vl-7b --json_out=runs/compile_check/8b_v5p-8.json
+    .venv-tpu/bin/python launch/compile_check.py --config=configs/viscodex_8b.py:v5p-8 \
+        --model_config=viscodex-8b --topology=v5p:2x2x1 --rows_per_chip=6 --programs=train \
+        --config.model.remat_policy=full
 
 Nothing is allocated and no TPU is needed: every input is an abstract array
 with its sharding on a mesh of the slice's devices as libtpu describes them,
@@ -28,8 +30,8 @@ from viscodex_jax.logs import quiet_third_party  # noqa: E402
 from viscodex_jax.model.config import ConfigError  # noqa: E402
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config (with --config.* overrides).")
-TOPOLOGY = flags.DEFINE_list("topology", ["v5p:2x2x1"], "TPU slices: v5p:2x2x1, v5e:2x4, v6e:4x4 or v5p-8, v6e-8 "
-                             "(comma-separated: one table each).")
+TOPOLOGY = flags.DEFINE_list("topology", [], "TPU slices: v5p:2x2x1, v5e:2x4, v6e:4x4 or v5p-8, v6e-8 "
+                             "(comma-separated: one table each); default: the preset's --config.topology.")
 PROGRAMS_FLAG = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile: train, prefill, decode.")
 MODEL = flags.DEFINE_string("model_config", "", "Built-in shape (" + ", ".join(builtin_names()) + "), a config.json "
                             "or a checkpoint dir; default: --config.model.init_checkpoint.")
@@ -53,12 +55,15 @@ def main(argv):
     model = MODEL.value or c.model.init_checkpoint
     if not model:
         raise app.UsageError("--model_config is required when --config.model.init_checkpoint is empty")
+    topologies = TOPOLOGY.value or ([c.topology] if c.get("topology") else [])
+    if not topologies:
+        raise app.UsageError("--topology is required: the config names no TPU slice (config.topology)")
     try:
         s = Settings(programs=tuple(PROGRAMS_FLAG.value), rows_per_chip=ROWS.value, prompt_len=PROMPT.value,
                      cache_len=CACHE.value, decode_rows=DECODE_ROWS.value, prefill_patches=PATCHES.value,
                      cache_dtype=CACHE_DTYPE.value, count_flops=FLOPS.value)
         reports = []
-        for topo in TOPOLOGY.value:
+        for topo in topologies:
             reports.append(check(c, model, topo, s))
             print(render(reports[-1]) + "\n", flush=True)
     except (ConfigError, TopologyError, CheckError, LibtpuMissingError) as e:  # bad flags / no libtpu: say which
