@@ -115,6 +115,7 @@ def decoy():
 def host(decoy, monkeypatch):
     """Snapshot of the host before the test; asserts after it that nothing changed."""
     runs = tempfile.mkdtemp(dir=decoy["base"], prefix="runs-")
+    os.chmod(runs, 0o711)  # reachable by the sandbox uid, so the sandbox puts its run dirs here
     monkeypatch.setattr(tempfile, "tempdir", runs)  # the sandbox's dirs go here: none may be left
     before = {"ipc": _sysvipc(), "dev": set(os.listdir("/dev")), "procs": _descendants(),
               "tmp": set(os.listdir("/tmp"))}
@@ -297,6 +298,39 @@ def test_wall_limit_ends_the_whole_namespace(host):
     assert r.status == "timeout" and r.wall_seconds < 8  # the host fixture checks nothing survived
 
 
+def test_killing_the_harness_ends_the_sandbox_and_the_next_run_cleans_up(host):
+    harness = subprocess.Popen(
+        [sys.executable, "-c", "import sys, tempfile; tempfile.tempdir = sys.argv[1]\n"
+         "from viscodex_jax.eval.sandbox import Limits, run_python\n"
+         "run_python('import time\\nprint(1, flush=True)\\ntime.sleep(600)', limits=Limits(wall_seconds=600))",
+         tempfile.tempdir], cwd=CHECKOUT)
+    t0 = time.monotonic()
+    while not _sandboxed_descendants(programs_only=True) and time.monotonic() - t0 < 60:
+        time.sleep(0.1)
+    assert _sandboxed_descendants(programs_only=True), "the sandboxed program never started"
+    harness.kill()  # SIGKILL: no cleanup runs in the harness
+    harness.wait()
+    t0 = time.monotonic()
+    while _sandboxed_descendants() and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    assert not _sandboxed_descendants(), "the sandbox outlived its harness"
+    assert len(os.listdir(tempfile.tempdir)) == 1  # its run dir: nobody could remove it yet
+    assert run_python("print('next')").stdout == "next\n"  # the next run removes it (host fixture checks)
+
+
+def _sandboxed_descendants(programs_only: bool = False) -> list[int]:
+    """Live descendants that are part of a sandbox run (bwrap's argv carries the bootstrap too)."""
+    out = []
+    for pid in _descendants():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f, open(f"/proc/{pid}/comm") as c:
+                if b"runpy.run_path" in f.read() and not (programs_only and c.read().strip() == "bwrap"):
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
 def test_new_processes_are_refused_threads_work(host):
     r = run("""
         import json, os, subprocess, threading
@@ -346,6 +380,36 @@ def test_unix_sockets_cannot_reach_the_host(host):
         for s in servers:
             s.close()
         os.unlink(path)
+
+
+def test_socket_families_outside_the_network_namespace_are_refused(host):
+    r = run("""
+        import json, socket
+        seen = {}
+        for family in (1, 2, 10, 16, 17, 38, 40, 15):  # UNIX INET INET6 NETLINK | PACKET ALG VSOCK KEY
+            try:
+                socket.socket(family, socket.SOCK_STREAM if family == 1 else socket.SOCK_DGRAM).close()
+                seen[family] = "opened"
+            except OSError as e:
+                seen[family] = e.errno
+        print(json.dumps(seen))
+        """)
+    assert observed(r) == {"1": "opened", "2": "opened", "10": "opened", "16": "opened",
+                           "17": 1, "38": 1, "40": 1, "15": 1}
+
+
+def test_network_opt_in_shares_the_host_network(host):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    r = run(f"""
+        import socket
+        socket.create_connection(("127.0.0.1", {port}), timeout=5).close()
+        print("connected")
+        """, limits=Limits(wall_seconds=20, cpu_seconds=5, allow_network=True))
+    server.close()
+    assert r.status == "ok" and r.stdout == "connected\n"
 
 
 def test_network_is_unreachable(host):

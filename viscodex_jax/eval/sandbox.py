@@ -163,12 +163,46 @@ def _write_inputs(workdir: str, code: str, files: Mapping[str, bytes | str] | No
 def _run_parent(mode: str) -> str:
     """Where run dirs go: the temp dir, which bwrap running as the sandbox uid must be able to reach."""
     tmp = tempfile.gettempdir()
-    if mode != "bwrap" or os.geteuid() != 0 or sandbox_bwrap.reachable(os.path.realpath(tmp)):
+    if mode != "bwrap" or os.geteuid() != 0 or sandbox_bwrap.reachable(os.path.realpath(tmp), search_only=True):
         return tmp
-    if sandbox_bwrap.reachable("/tmp"):
+    if sandbox_bwrap.reachable("/tmp", search_only=True):
         return "/tmp"
     raise SandboxUnavailable(f"neither the temp dir {tmp} nor /tmp can be reached by uid {sandbox_bwrap.SANDBOX_UID}, "
                              "which the sandbox runs as")
+
+
+_RUN_PREFIX = "viscodex-sandbox-"
+
+
+def _owner_tag(pid: int) -> str | None:
+    """pid.start-time of a live process (start time tells a reused pid apart), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f"{pid}.{f.read().rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def _sweep_stale_runs(parent: str) -> None:
+    """Removes run dirs left by harness processes that no longer exist (killed with SIGKILL, say)."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_RUN_PREFIX):
+            continue
+        tag = name[len(_RUN_PREFIX):].rsplit("-", 1)[0]
+        pid = tag.split(".")[0]
+        if "." not in tag or not pid.isdigit() or _owner_tag(int(pid)) == tag:
+            continue
+        path = os.path.join(parent, name)
+        try:
+            if os.lstat(path).st_uid != os.geteuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _chown_tree(top: str, uid: int) -> None:
@@ -426,7 +460,9 @@ def run_python(
         raise SandboxUnavailable(str(e)) from None
     if mode == "bwrap":
         sandbox_bwrap.read_only_paths(python)  # bad interpreter: ValueError before any work
-    run_dir = tempfile.mkdtemp(prefix="viscodex-sandbox-", dir=_run_parent(mode))
+    parent = _run_parent(mode)
+    _sweep_stale_runs(parent)
+    run_dir = tempfile.mkdtemp(prefix=f"{_RUN_PREFIX}{_owner_tag(os.getpid())}-", dir=parent)
     workdir = os.path.join(run_dir, "work")
     run = None
     try:

@@ -26,6 +26,9 @@ SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace
 
 # Shared data that numeric/plotting code reads; harmless to expose (no secrets).
 _SHARED_DATA = ("/usr/share/fonts", "/usr/share/zoneinfo", "/etc/localtime", "/etc/ld.so.cache")
+# Only with Limits.allow_network: name resolution and TLS roots.
+_NET_DATA = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/ssl", "/etc/ca-certificates",
+             "/usr/share/ca-certificates")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -97,7 +100,11 @@ def _minimal(paths: Sequence[str]) -> list[str]:
     return out
 
 
-def read_only_paths(python: str) -> list[str]:
+def _data(allow_network: bool) -> tuple[str, ...]:
+    return _SHARED_DATA + (_NET_DATA if allow_network else ())
+
+
+def read_only_paths(python: str, allow_network: bool = False) -> list[str]:
     """Host paths bound read-only: the interpreter, its stdlib and package dirs, and the system's libs."""
     info = interpreter_layout(python)
     pkg_dirs = [p for p in info["path"] if os.path.basename(p.rstrip("/")) in ("site-packages", "dist-packages")]
@@ -107,7 +114,7 @@ def read_only_paths(python: str) -> list[str]:
     else:  # no multiarch triplet: the libraries live directly in /usr/lib
         libs += ["/usr/lib", "/lib"]
     own = [python, os.path.dirname(os.path.realpath(python)), info["libdir"]]
-    return _minimal([*info["prefixes"], *pkg_dirs, *libs, *own, *_SHARED_DATA])
+    return _minimal([*info["prefixes"], *pkg_dirs, *libs, *own, *_data(allow_network)])
 
 
 def _root_symlinks() -> list[str]:
@@ -130,8 +137,9 @@ def _may(st: os.stat_result, bits: int) -> bool:
     return mode & bits == bits
 
 
-def reachable(path: str) -> bool:
-    """Whether uid SANDBOX_UID can resolve and read ``path`` (a real path) by itself."""
+def reachable(path: str, search_only: bool = False) -> bool:
+    """Whether uid SANDBOX_UID can resolve ``path`` (a real path) and read it (or, with
+    ``search_only``, a dir's entries by name) by itself."""
     try:
         parts = path.strip("/").split("/")
         for i in range(len(parts)):
@@ -140,7 +148,9 @@ def reachable(path: str) -> bool:
         st = os.stat(path)
     except OSError:
         return False
-    return _may(st, 5 if stat.S_ISDIR(st.st_mode) else 4)
+    if stat.S_ISDIR(st.st_mode):
+        return _may(st, 1 if search_only else 5)
+    return not search_only and _may(st, 4)
 
 
 def launch_argv(*, python: str, run_dir: str, workdir: str, env: Mapping[str, str], argv: Sequence[str],
@@ -152,7 +162,7 @@ def launch_argv(*, python: str, run_dir: str, workdir: str, env: Mapping[str, st
     first. Otherwise bwrap runs as the caller, whose uid the sandbox's maps to.
     """
     as_root = os.geteuid() == 0
-    binds = [(p, p, True) for p in read_only_paths(python)]
+    binds = [(p, p, True) for p in read_only_paths(python, allow_network)]
     binds.append((workdir, SANDBOX_DIR, False))
     stage: list[list[str]] = []
     args = [check_bwrap(), *_NAMESPACES, "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
@@ -162,6 +172,9 @@ def launch_argv(*, python: str, run_dir: str, workdir: str, env: Mapping[str, st
     for k, v in env.items():
         args += ["--setenv", k, v]
     args += _root_symlinks()
+    for p in _data(allow_network):  # e.g. /etc/localtime -> /usr/share/zoneinfo/...: bound at the target
+        if os.path.islink(p) and os.path.exists(p):
+            args += ["--symlink", os.readlink(p), p]
     for src, dest, ro in binds:
         src = os.path.realpath(src)
         if as_root and not reachable(src):

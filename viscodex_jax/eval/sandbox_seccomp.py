@@ -21,9 +21,13 @@ import os
 import tempfile
 
 CLONE_THREAD = 0x00010000
+# Socket families a program may open: its own network namespace covers these. Others are refused,
+# above all AF_VSOCK (not confined by a network namespace: it reaches the VM host and local vsock
+# services), and AF_PACKET, AF_ALG, AF_KEY, ... (kernel surface nothing here needs).
+_AF_UNIX, _AF_INET, _AF_INET6, _AF_NETLINK = 1, 2, 10, 16
+_ALLOWED_FAMILIES = (_AF_UNIX, _AF_INET, _AF_INET6, _AF_NETLINK)
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 _CLONE_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
-_AF_UNIX = 1
 
 # Calls that act on other processes, the kernel, mounts and namespaces, or hold
 # memory outside RLIMIT_AS (SysV/POSIX IPC, memfd). Names unknown to the running
@@ -43,6 +47,8 @@ DENIED = (
     "clock_adjtime", "adjtimex", "iopl", "ioperm", "modify_ldt", "uselib", "lookup_dcookie", "vhangup",
     # memory the address-space limit does not count
     "shmget", "msgget", "semget", "mq_open", "memfd_create",
+    # other processes' memory (only reachable inside its PID namespace anyway)
+    "process_madvise", "process_mrelease",
     # new processes (clone without CLONE_THREAD is handled by argument below)
     "fork", "vfork",
 )
@@ -91,8 +97,13 @@ def filter_bpf(deny_sockets: bool = False) -> bytes:
         _add(sc, f, eperm, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
     # clone3 passes its flags in memory the filter cannot read: ENOSYS makes libc fall back to clone.
     _add(sc, f, sc.ERRNO(errno.ENOSYS), "clone3")
-    if deny_sockets:
+    if deny_sockets:  # the weak mode has no network namespace: local sockets only
         _add(sc, f, eperm, "socket", sc.Arg(0, sc.NE, _AF_UNIX))
+    else:
+        _add(sc, f, eperm, "socket", sc.Arg(0, sc.GT, max(_ALLOWED_FAMILIES)))
+        for family in range(max(_ALLOWED_FAMILIES)):
+            if family not in _ALLOWED_FAMILIES:
+                _add(sc, f, eperm, "socket", sc.Arg(0, sc.EQ, family))
     with tempfile.TemporaryFile() as t:
         f.export_bpf(t)
         t.seek(0)
