@@ -178,8 +178,9 @@ CALL_VERDICTS = [  # (function body, expected output, official verdict)
 
 
 def test_comparison_cascade_matches_measured_official_verdicts(tmp_path):
-    cases = [("import sys\nsys.stdout.write(%r)" % out, {"inputs": ["x\n"] if isinstance(exp, str) else [["x"]],
-                                                          "outputs": [exp]}, want) for out, exp, want in STDOUT_VERDICTS]
+    cases = [("import sys\nsys.stdout.write(%r)" % out,
+              {"inputs": ["x\n"] if isinstance(exp, str) else [["x"]], "outputs": [exp]}, want)
+             for out, exp, want in STDOUT_VERDICTS]
     cases += [(f"def f(x):\n    {body}", {"fn_name": "f", "inputs": [[0]], "outputs": [exp]}, want)
               for body, exp, want in CALL_VERDICTS]
     items = [_item(tmp_path, spec, f"v{i}") for i, (_, spec, _) in enumerate(cases)]

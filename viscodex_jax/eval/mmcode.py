@@ -13,10 +13,11 @@ Layouts read (as MMCode publishes them, github.com/likaixin2000/MMCode ``utils.p
 A record that cannot be read raises an error naming the file and line (or problem folder); with
 ``on_error="skip"`` it becomes an item that is not generated and scores 0 with the reason in its row.
 
-Prompt (the only one, since the prompt changes the score): MMCode's ``generate.py: generate_prompt`` (QUESTION/ANSWER with
-the Standard IO or Call-Based suffix and the starter code) after GPT-4V's meta-prompt and system message
-(``models.py: GPT4V.generate``); figures interleaved at their ``![image](...)`` markers and images shorter
-than 480 px scaled up to 480 px high, as ``models.py: resize(image, base_height=480)`` does.
+Prompt (the only one, since the prompt changes the score): MMCode's ``generate.py: generate_prompt``
+(QUESTION/ANSWER with the Standard IO or Call-Based suffix and the starter code) after GPT-4V's
+meta-prompt and system message (``models.py: GPT4V.generate``); figures interleaved at their
+``![image](...)`` markers and images shorter than 480 px scaled up to 480 px high, as
+``models.py: resize(image, base_height=480)`` does.
 
 Judging: ``score`` runs the candidate once in ``sandbox.run_python`` under ``mmcode_harness.py``, which
 judges all its tests in that one process (per-test alarms inside), following APPS ``run_test`` as
