@@ -62,6 +62,7 @@ def test_loads_gzipped_official_file_and_filters_split(mmcode_ref):
     assert len(stdio.images) == 1 and stdio.images[0].height >= 480  # shorter figures are scaled up to 480 px
     assert [c["type"] for c in stdio.messages[1]["content"]].count("image") == 1
     assert MMCode(data_split=("dev",)).load(str(mmcode_ref)) == []
+    assert [it.id for it in MMCode(image_categories=("chart", "clock")).load(str(mmcode_ref))] == ["syn_01", "syn_08"]
 
 
 def _record(pid, split="test", **kw):

@@ -9,7 +9,8 @@ Layouts read (as MMCode publishes them, github.com/likaixin2000/MMCode ``utils.p
 * a folder of ``<problem_id>/data.json`` + ``<problem_id>/images/<k>.png`` (k = 1, 2, ...).
 
 ``root`` is such a file, a folder holding one, or the problem-folder root. Problems are kept when their
-``data_split`` is in ``data_split`` (default ``("test",)``; a record without the field counts as "test").
+``data_split`` is in ``data_split`` (default ``("test",)``; a record without the field counts as "test")
+and, when ``image_categories`` is given, one of their ``image_tags`` is in it (the official filters).
 A record that cannot be read raises an error naming the file and line (or problem folder); with
 ``on_error="skip"`` it becomes an item that is not generated and scores 0 with the reason in its row.
 
@@ -172,10 +173,11 @@ class MMCode(Benchmark):
 
     def __init__(self, limits: Limits | None = None, data_split: Sequence[str] = ("test",), on_error: str = "raise",
                  image_height: int | None = IMAGE_HEIGHT, per_test_seconds: int = PER_TEST_SECONDS,
-                 global_seconds: float = GLOBAL_SECONDS):
+                 global_seconds: float = GLOBAL_SECONDS, image_categories: Sequence[str] | None = None):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.data_split = (data_split,) if isinstance(data_split, str) else tuple(data_split)
+        self.image_categories = None if image_categories is None else set(image_categories)
         self.on_error = on_error
         self.image_height = image_height
         self.per_test_seconds = int(per_test_seconds)
@@ -282,6 +284,9 @@ class MMCode(Benchmark):
             if not isinstance(got, Exception):
                 rec, images = got
                 if rec.get("data_split", "test") not in self.data_split:
+                    continue
+                tags = rec.get("image_tags") or []
+                if self.image_categories is not None and not self.image_categories.intersection(tags):
                     continue
                 try:
                     items.append(self._item(rec, images, pid))
