@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from viscodex_jax.eval.base import Benchmark, Item
+from viscodex_jax.eval.check import CheckAdapter, Metric, adapter_for, format_report, run_check
 from viscodex_jax.eval.infibench import InfiBenchV
 from viscodex_jax.eval.mmcode import MMCode
 from viscodex_jax.eval.runner import EvalSettings, run_eval
@@ -118,3 +120,47 @@ def test_scorer_failure_scores_zero_with_reason_and_resume_does_not_crash(setup,
     generated.clear()
     again = run_eval(ckpt, {"mmcode": roots["mmcode"]}, out, EvalSettings(), generate_fn=gen, benchmarks=bench)
     assert generated == [] and again["benchmarks"]["mmcode"]["score"] == pytest.approx(25.0)
+
+
+class ToyBench(Benchmark):
+    """A benchmark whose score is the response's length, to check check.py without any real scorer."""
+
+    name = "toy"
+
+    def load(self, root, limit=None):
+        return [Item(i, [], [], None) for i in ("a", "b")]
+
+    def score(self, item, generation):
+        if generation.startswith("boom"):
+            raise RuntimeError("scorer broke")
+        return {"score": float(len(generation.strip()))}
+
+    def check_adapter(self):
+        adapter = CheckAdapter(self)
+        adapter.item_field, adapter.metrics = "ref", (Metric("score", "official_score", tolerance=0.5),)
+        return adapter
+
+    @staticmethod
+    def make_sample(out_dir):
+        return out_dir
+
+
+def test_check_generic_triples_tolerance_and_scorer_errors(tmp_path):
+    rows = [("a", "four", "abcd", 4.4), ("a", "far", "abcdefgh", 4.0), ("b", "boom", "boom!", 5.0),
+            ("b", "one", "x", 1.0)]
+    for ref, cand, text, _ in rows:
+        (tmp_path / "candidates" / ref).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "candidates" / ref / f"{cand}.txt").write_text(text)
+    (tmp_path / "expected.jsonl").write_text("".join(json.dumps(
+        {"ref": ref, "candidate": cand, "candidate_file": f"candidates/{ref}/{cand}.txt", "official_score": v}) + "\n"
+        for ref, cand, _, v in rows))
+    report = run_check(ToyBench(), str(tmp_path))
+    assert report.agreement(report.metrics[0]) == (2, 4) and not report.ok
+    text = format_report(report)
+    assert "| score | 2 | 4 | 50.00% |" in text and "a/far: score: ours 8.0, official 4.0" in text
+    assert "b/boom: our scorer raised RuntimeError: scorer broke" in text
+    with pytest.raises(NotImplementedError, match="'mmcode-like' cannot be checked yet"):
+        adapter_for(type("NoCheck", (ToyBench,), {"name": "mmcode-like", "check_adapter": None})())
+    (tmp_path / "expected.jsonl").write_text('{"ref": "zz", "candidate_file": "candidates/a/four.txt"}\n')
+    with pytest.raises(ValueError, match=r"names items the loader did not find: \['zz'\]"):
+        run_check(ToyBench(), str(tmp_path))
