@@ -162,7 +162,8 @@ def test_official_quirks_outside_the_shared_set(tmp_path):
 
 
 # (printed text, expected output, official verdict): verdicts measured with the official check_correctness
-# (MMCode @ 8b9ac10, Python 3.11.7); each exercises a different step of the comparison cascade.
+# (MMCode @ 8b9ac10, Python 3.11.7, numpy 2.4; none of these cases depends on the numpy version, the
+# official numpy 1.26 gives the same); each exercises a different step of the comparison cascade.
 STDOUT_VERDICTS = [
     ("3.0001", "3\n", True), ("1_000", "1000\n", True), ("1e3", "1000\n", True), ("nan", "nan\n", True),
     ("inf", "inf", True), ("0.12349 2", "0.1235 2\n", True), ("0.12351 2.0004", "0.1235 2\n", False),
