@@ -10,6 +10,7 @@ from absl import app, flags
 
 import viscodex_jax as vx
 from viscodex_jax.logs import quiet_third_party
+from viscodex_jax.model.config import ConfigError
 
 CKPT = flags.DEFINE_string("checkpoint", None, "HF dir or our orbax dir.", required=True)
 IMAGES = flags.DEFINE_multi_string("image", [], "Image file(s), in prompt order (repeatable).")
@@ -43,8 +44,11 @@ def main(argv):
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": PROMPT.value}]
     messages = ([{"role": "system", "content": SYSTEM.value}] if SYSTEM.value else []) + [
         {"role": "user", "content": content}]
-    vx.generate(model, [messages], images=[images], max_new_tokens=MAX_NEW.value, sampler=sampler_from_flags(),
-                seed=SEED.value, stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    try:
+        vx.generate(model, [messages], images=[images], max_new_tokens=MAX_NEW.value, sampler=sampler_from_flags(),
+                    seed=SEED.value, stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    except ConfigError as e:  # names the setting, which is the flag of the same name
+        raise app.UsageError(f"--{e}") from None
     print()
 
 

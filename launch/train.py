@@ -11,6 +11,7 @@ from absl import app
 from ml_collections import config_flags
 
 from viscodex_jax.logs import quiet_third_party
+from viscodex_jax.model.config import ConfigError
 from viscodex_jax.train.loop import run_training
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config.")
@@ -19,12 +20,11 @@ CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training 
 def main(argv):
     del argv
     quiet_third_party()
-    c = CONFIG.value
-    for flag in ("model.init_checkpoint", "data.train"):
-        section, key = flag.split(".")
-        if not c[section][key]:
-            raise app.UsageError(f"--config.{flag} is required")
-    print(json.dumps(run_training(c)))
+    try:
+        metrics = run_training(CONFIG.value)
+    except ConfigError as e:  # a bad flag value: the message names it; a traceback would bury it
+        raise app.UsageError(str(e)) from None
+    print(json.dumps(metrics))
 
 
 if __name__ == "__main__":

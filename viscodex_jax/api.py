@@ -57,7 +57,14 @@ def load(path: str, param_dtype: Any = None, **runtime) -> Model:
 
 
 def save_hf(model: Model, out_dir: str, dtype: Any = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False):
-    """Writes ``model`` as a HF checkpoint that transformers (and vLLM) load as-is."""
+    """Writes ``model`` as a HF checkpoint that transformers (and vLLM) load as-is.
+
+    Raises NonFiniteError (naming the tensor) for params holding NaN/Inf,
+    before anything is written.
+    """
+    from viscodex_jax.train.guards import check_finite
+
+    check_finite(model.params, f"not exporting to {out_dir}")
     return checkpoint.save_hf(model.params, model.config, model.raw_config, out_dir, side_files_from=model.path,
                               dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
@@ -96,9 +103,15 @@ def generate(
 
     ``stream`` receives the text of row 0 piece by piece as it is generated.
     A single message list is accepted for one prompt.
+
+    Raises:
+        ConfigError: ``max_new_tokens`` not a positive integer, or the prompt
+            plus ``max_new_tokens`` past the model's ``max_position_embeddings``
+            (checked before any image is processed or anything compiled).
     """
     from viscodex_jax.sampling import DecodeSettings, Greedy, generate_ids
 
+    settings = settings or DecodeSettings(max_new_tokens=max_new_tokens)
     if model.processor is None:
         raise ValueError(f"{model.path}: checkpoint has no tokenizer files; cannot generate text")
     if prompts and isinstance(prompts[0], dict):  # one conversation given without the batch list
@@ -107,7 +120,6 @@ def generate(
     batch = model.processor(list(prompts), images=images)
     eos = sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    settings = settings or DecodeSettings(max_new_tokens=max_new_tokens)
     callback = _text_streamer(tok, eos, stream) if stream is not None else None
     out = generate_ids(model.config, model.params, batch, eos, pad, sampler or Greedy(),
                        jax.random.PRNGKey(seed), settings, callback)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viscodex_jax.model.config import ModelConfig
+from viscodex_jax.model.config import ConfigError, ModelConfig
 from viscodex_jax.model.model import CausalLM
 from viscodex_jax.model.vision import metadata_arrays, vision_metadata
 
@@ -92,6 +92,23 @@ class DecodeSettings:
     prompt_bucket: int = 64
     patch_bucket: int = 256
     cache_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "prompt_bucket", "patch_bucket"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ConfigError(f"{name}={v!r}: expected a positive integer")
+        if self.cache_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"cache_dtype={self.cache_dtype!r}: expected float32, bfloat16 or float16")
+
+
+def check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuses a generation that would run past the positions the model was trained for."""
+    limit = cfg.text.max_position_embeddings
+    if prompt_len + max_new_tokens > limit:
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens}: the prompt ({prompt_len} tokens) plus max_new_tokens exceeds the "
+            f"model's max_position_embeddings={limit}; at most {max(limit - prompt_len, 0)} new tokens fit")
 
 
 def _prepare(cfg: ModelConfig, batch: dict[str, Any], settings: DecodeSettings):
@@ -188,7 +205,14 @@ def generate_ids(
 
     ``stream(tokens [B], step)`` is called with each step's tokens when given
     (the loop then runs step by step from Python, same compiled step).
+
+    Raises:
+        ConfigError: ``max_new_tokens`` not positive, or the longest prompt
+            plus ``max_new_tokens`` past ``max_position_embeddings``.
     """
+    if not isinstance(settings, DecodeSettings):
+        raise ConfigError(f"settings={settings!r}: expected a DecodeSettings")
+    check_length(cfg, int(np.shape(batch["input_ids"])[1]), settings.max_new_tokens)
     ids, mask, pos, next_pos, extra = _prepare(cfg, batch, settings)
     key = jax.random.PRNGKey(0) if key is None else key
     cache_len = _round_up(ids.shape[1] + settings.max_new_tokens, settings.prompt_bucket)

@@ -16,6 +16,11 @@ are relative to the JSON file's folder; the images may instead live inside
 Everything here runs on the host, before any jitted code: a bad record becomes
 an :class:`MCDRecordError` naming the file, the record index and the problem,
 and ``on_error="skip"`` turns it into a logged, counted skip (:class:`SkipStats`).
+
+Images are size-checked from their header before any pixel is decoded
+(:func:`decode_image`), so a small file declaring a huge canvas costs
+nothing; PIL's own decompression-bomb limit is set explicitly as a backstop
+above every limit this module allows.
 """
 
 from __future__ import annotations
@@ -34,12 +39,15 @@ from absl import logging
 __all__ = [
     "ALLOWED_ROLES",
     "IMAGE_TAG",
+    "MCDFileError",
     "MCDRecordError",
+    "NoValidRecordError",
     "ImageStore",
     "SkipStats",
     "check_messages",
     "check_on_error",
     "decode_image",
+    "decode_limit",
     "iter_valid",
     "load_images",
     "read_records",
@@ -57,6 +65,18 @@ _FORBIDDEN_IN_TEXT = (
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )
 
+# A decoded image is resized to at most the processor's max_pixels anyway, so
+# more than 16x that (4x per side) buys nothing and only costs memory: 16 x
+# the default 1,003,520 is ~16M pixels (48 MB of RGB), 16 x the 12,845,056 of
+# released Qwen2.5-VL checkpoints ~205M.
+DECODE_PIXEL_FACTOR = 16
+# PIL warns above MAX_IMAGE_PIXELS and refuses above twice that. Its default
+# (~89M) depends on the PIL version and would refuse some images our limit
+# accepts with released checkpoints' max_pixels, so it is set here, explicitly,
+# above any limit we allow: our header check decides, PIL's stays a backstop.
+PIL_MAX_IMAGE_PIXELS = 2**28
+PIL.Image.MAX_IMAGE_PIXELS = PIL_MAX_IMAGE_PIXELS
+
 # Reasons (stable short codes, used as SkipStats keys).
 MALFORMED = "malformed"
 MISSING_IMAGE = "missing_image"
@@ -71,6 +91,10 @@ IMAGE_TOKENS_EXCEED_MAX_LEN = "image_tokens_exceed_max_len"
 NO_LABELS_AFTER_TRUNCATION = "no_labels_after_truncation"
 PATCHES_EXCEED_ROW_BUDGET = "patches_exceed_row_budget"
 IMAGES_FOR_TEXT_MODEL = "images_for_text_model"
+IMAGE_TOO_LARGE = "image_too_large"  # header declares more pixels than the decode limit
+BAD_IMAGE = "bad_image"  # decodes, but the processor refuses it (e.g. aspect ratio over 200)
+INVALID_TEXT = "invalid_text"  # text that is not valid Unicode (lone surrogates)
+ENCODE_ERROR = "encode_error"  # any other exception while encoding (tokenizer, ...), type named
 
 
 class MCDRecordError(ValueError):
@@ -85,6 +109,14 @@ class MCDRecordError(ValueError):
 
     def __reduce__(self):  # picklable across grain worker processes
         return (MCDRecordError, (self.file, self.index, self.reason, self.detail))
+
+
+class MCDFileError(ValueError):
+    """An MCD file that cannot be read at all (not UTF-8, not JSON); the message names the file."""
+
+
+class NoValidRecordError(RuntimeError):
+    """A whole epoch (or far more than one) went by without one usable record."""
 
 
 def check_on_error(on_error: str) -> str:
@@ -133,33 +165,47 @@ class SkipStats:
         return f"SkipStats({dict(self.counts)})"
 
 
+def _utf8_error(path: str, e: UnicodeDecodeError, where: str = "") -> MCDFileError:
+    return MCDFileError(f"{path}: {where}not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start} "
+                        f"({e.reason}); MCD files must be UTF-8 encoded JSON")
+
+
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of an MCD ``.json`` (a JSON list) or ``.jsonl`` (one JSON object per line) file.
 
     Raises:
-        ValueError: for unparsable JSON, naming the file (and the line for JSONL),
-            or a ``.json`` file whose top level is not a list.
+        MCDFileError: (a ValueError) for a file that is not UTF-8 or not valid
+            JSON, naming the file (and the line for JSONL), or a ``.json``
+            file whose top level is not a list.
     """
     path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
     if path.endswith(".jsonl"):
         records = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {lineno}: not valid JSON ({e})") from None
+        for lineno, raw in enumerate(data.split(b"\n"), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, e, f"line {lineno}: ") from None
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise MCDFileError(f"{path}: line {lineno}: not valid JSON ({e})") from None
         return records
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(path, e) from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MCDFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise MCDFileError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return records
 
 
 class ImageStore:
@@ -282,6 +328,11 @@ def check_messages(record: Any, index: int, file: str) -> list[str]:
         if not isinstance(msg, Mapping) or not isinstance(msg.get("content"), str) or "role" not in msg:
             raise err(MALFORMED, f"message {m} must be an object with a 'role' and a string 'content'")
         role, content = msg["role"], msg["content"]
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON \ud800-style escapes decode to lone surrogates
+            raise err(INVALID_TEXT, f"message {m} ({role}) is not valid Unicode: {e.reason} at character "
+                                    f"{e.start} ({content[e.start]!r})") from None
         if role not in ALLOWED_ROLES:
             raise err(UNKNOWN_ROLE, f"message {m} has role {role!r} (allowed: {', '.join(ALLOWED_ROLES)})")
         for tok in _FORBIDDEN_IN_TEXT:
@@ -302,20 +353,38 @@ def check_messages(record: Any, index: int, file: str) -> list[str]:
     return list(images)
 
 
-def decode_image(data: bytes, rel: str, index: int, file: str) -> PIL.Image.Image:
-    """Fully decodes image bytes (so truncated files fail here, not later)."""
+def decode_limit(processor_max_pixels: int, max_image_pixels: int | None = None) -> int:
+    """The most pixels an image may declare before it is decoded (``max_image_pixels`` overrides)."""
+    return int(max_image_pixels) if max_image_pixels else DECODE_PIXEL_FACTOR * int(processor_max_pixels)
+
+
+def decode_image(data: bytes, rel: str, index: int, file: str, max_pixels: int | None = None) -> PIL.Image.Image:
+    """Fully decodes image bytes (so truncated files fail here, not later).
+
+    The size is read from the header first: an image declaring more than
+    ``max_pixels`` (None: no limit but PIL's) is refused before decoding.
+    """
     try:
         img = PIL.Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, DecompressionBombError...)
+        raise MCDRecordError(file, index, CORRUPT_IMAGE, f"image {rel!r} cannot be opened ({e})") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise MCDRecordError(file, index, CORRUPT_IMAGE, f"image {rel!r} is empty ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise MCDRecordError(file, index, IMAGE_TOO_LARGE,
+                             f"image {rel!r} is {w}x{h} = {w * h} pixels, more than the decode limit of {max_pixels} "
+                             f"(not decoded; raise --config.data.max_image_pixels to allow it)")
+    try:
         img.load()
-    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError...)
+    except Exception as e:  # noqa: BLE001
         raise MCDRecordError(file, index, CORRUPT_IMAGE, f"image {rel!r} cannot be decoded ({e})") from None
-    if img.width <= 0 or img.height <= 0:
-        raise MCDRecordError(file, index, CORRUPT_IMAGE, f"image {rel!r} is empty")
     return img
 
 
 def load_images(
-    paths: Sequence[str], image_bytes: Sequence[bytes | None] | None, store: ImageStore | None, index: int, file: str
+    paths: Sequence[str], image_bytes: Sequence[bytes | None] | None, store: ImageStore | None, index: int, file: str,
+    max_pixels: int | None = None,
 ) -> list[PIL.Image.Image]:
     """Decoded images of one record, from given bytes (``None`` = missing) or through ``store``."""
     out = []
@@ -328,7 +397,7 @@ def load_images(
                 raise MCDRecordError(file, index, MISSING_IMAGE, str(e)) from None
         if data is None:
             raise MCDRecordError(file, index, MISSING_IMAGE, f"image file {rel!r} is missing")
-        out.append(decode_image(data, rel, index, file))
+        out.append(decode_image(data, rel, index, file, max_pixels))
     return out
 
 

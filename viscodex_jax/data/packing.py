@@ -38,7 +38,7 @@ import numpy as np
 from viscodex_jax.data import mcd
 from viscodex_jax.data.image_processor import ImageProcessorConfig, num_image_tokens, process_images
 from viscodex_jax.data.tokenizer import DEFAULT_SYSTEM_PROMPT, special_token_ids
-from viscodex_jax.model.config import ModelConfig, VisionConfig
+from viscodex_jax.model.config import ConfigError, ModelConfig, VisionConfig
 from viscodex_jax.model.rope_index import get_rope_index
 from viscodex_jax.model.vision import metadata_arrays, vision_metadata
 
@@ -198,7 +198,10 @@ def encode_record(
                                  f"record has {len(images)} image(s) but the model has no vision tower")
     image_cfg = image_cfg or ImageProcessorConfig()
     if images:
-        processed = process_images(list(images), image_cfg)
+        try:
+            processed = process_images(list(images), image_cfg)
+        except (ValueError, TypeError) as e:  # e.g. an aspect ratio over 200: this record's image, not a bug
+            raise mcd.MCDRecordError(file, index, mcd.BAD_IMAGE, str(e)) from None
         pixel_values, grids = processed.pixel_values, processed.grid_thw
     else:
         patch_dim = vision.patch_dim if vision is not None else image_cfg.patch_dim
@@ -211,12 +214,13 @@ def encode_record(
     special = special_token_ids(tokenizer)
     image_id = special["image_pad"]
     if vision is not None and model_cfg.image_token_id not in (None, image_id):
-        raise ValueError(
+        raise ConfigError(
             f"model image_token_id {model_cfg.image_token_id} != tokenizer <|image_pad|> id {image_id}"
         )
     img_spans = _image_spans(ids, special["vision_start"], special["vision_end"])
     if len(img_spans) != len(grids) or int(np.sum(ids == image_id)) != sum(pad_counts):
-        raise ValueError(f"{file}: record {index}: image tokens do not match the images after tokenization")
+        raise mcd.MCDRecordError(file, index, mcd.ENCODE_ERROR, "image tokens do not match the images after "
+                                 "tokenization")
 
     n_keep = len(grids)
     if len(ids) > max_len:

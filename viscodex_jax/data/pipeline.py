@@ -19,7 +19,10 @@ restored iterator yields exactly the batches the original would have yielded
 next (the packer's state is the parent's state before its carried-over record).
 Batches are the numpy dicts described in ``data.packing``. Bad records are
 skipped and counted (``on_error="skip"``) or raise ``MCDRecordError`` on the
-host (``"raise"``), never inside jitted code.
+host (``"raise"``), never inside jitted code. Any exception while encoding a
+record (image checks and processing, the tokenizer, limits) counts: it becomes
+an ``MCDRecordError`` naming the file and record. A pass over a whole epoch
+without one usable record raises ``NoValidRecordError`` instead of looping.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import copy
 import dataclasses
 import json
 import os
+import threading
 from typing import Any
 
 import grain
@@ -35,7 +39,7 @@ import grain
 from viscodex_jax.data import mcd
 from viscodex_jax.data.image_processor import ImageProcessorConfig
 from viscodex_jax.data.packing import EncodedRecord, Packer, encode_record
-from viscodex_jax.model.config import ModelConfig
+from viscodex_jax.model.config import ConfigError, ModelConfig
 
 __all__ = [
     "MCDEncode",
@@ -93,36 +97,106 @@ def make_source(path: str | os.PathLike, split: str = "train", images: str | os.
     return TfdsMCDSource(path, split=split)
 
 
-class MCDEncode(grain.transforms.Map):
-    """Grain map: canonical source element -> ``EncodedRecord`` (or ``None`` = skipped, counted)."""
+class MCDEncode(grain.transforms.MapWithIndex):
+    """Grain map: canonical source element -> ``EncodedRecord`` (or ``None`` = skipped, counted).
+
+    A record is usable when it encodes and fits a packed row on its own
+    (``patches_per_row``), so the packer never drops what this passed.
+    ``epoch_len`` (records per epoch this process reads) turns an epoch with
+    no usable record into ``NoValidRecordError``: exactly, from the element
+    index, when this process sees whole epochs; and, with grain worker
+    processes (each sees part of an epoch), after ``2 * epoch_len + 64``
+    failures in a row, which no sequence holding a usable record per epoch
+    reaches (the 64 absorbs reordering between read threads).
+    """
 
     def __init__(self, tokenizer, model_cfg: ModelConfig, max_len: int,
                  image_cfg: ImageProcessorConfig | None = None, on_error: str = "skip",
-                 stats: mcd.SkipStats | None = None):
+                 stats: mcd.SkipStats | None = None, patches_per_row: int | None = None,
+                 max_image_pixels: int | None = None, epoch_len: int | None = None):
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
         self.max_len = max_len
         self.image_cfg = image_cfg or ImageProcessorConfig()
         self.on_error = mcd.check_on_error(on_error)
         self.stats = stats if stats is not None else mcd.SkipStats()
+        self.patches_per_row = patches_per_row if model_cfg.vision is not None else None
+        self.max_image_pixels = mcd.decode_limit(self.image_cfg.max_pixels, max_image_pixels)
+        self.epoch_len = epoch_len
+        self._lock = threading.Lock()
+        self._per_epoch: dict[int, list[int]] = {}  # epoch -> [records seen, usable]
+        self._fails_in_a_row = 0
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d.pop("_lock")
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
 
     def map(self, element: dict[str, Any]) -> EncodedRecord | None:
+        return self.map_with_index(None, element)
+
+    def map_with_index(self, position: int | None, element: dict[str, Any]) -> EncodedRecord | None:
         file, index = str(element.get("file", "<source>")), int(element["index"])
         try:
-            raw = element["record"]
-            try:
-                record = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise mcd.MCDRecordError(file, index, mcd.MALFORMED, f"record is not valid JSON ({e})") from None
-            paths = mcd.check_messages(record, index, file)
-            images = mcd.load_images(paths, list(element.get("images") or []), None, index, file)
-            return encode_record(record, images, self.tokenizer, self.image_cfg, self.model_cfg,
-                                 self.max_len, index=index, file=file)
+            rec = self._encode(element, file, index)
         except mcd.MCDRecordError as e:
+            err = e
+        except ConfigError:
+            raise  # the model/tokenizer setup is wrong, not this record: skipping every record would hide it
+        except Exception as e:  # noqa: BLE001 - any failure on one record is that record's, named and counted
+            err = mcd.MCDRecordError(file, index, mcd.ENCODE_ERROR, f"{type(e).__name__}: {e}")
             if self.on_error == "raise":
-                raise
-            self.stats.add(e)
-            return None
+                raise err from e
+        else:
+            self._account(position, True, file)
+            return rec
+        if self.on_error == "raise":
+            raise err
+        self.stats.add(err)
+        self._account(position, False, file)
+        return None
+
+    def _encode(self, element: dict[str, Any], file: str, index: int) -> EncodedRecord:
+        raw = element["record"]
+        try:
+            record = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise mcd.MCDRecordError(file, index, mcd.MALFORMED, f"record is not valid JSON ({e})") from None
+        paths = mcd.check_messages(record, index, file)
+        images = mcd.load_images(paths, list(element.get("images") or []), None, index, file, self.max_image_pixels)
+        rec = encode_record(record, images, self.tokenizer, self.image_cfg, self.model_cfg,
+                            self.max_len, index=index, file=file)
+        if self.patches_per_row is not None and rec.num_patches > self.patches_per_row:
+            raise mcd.MCDRecordError(file, index, mcd.PATCHES_EXCEED_ROW_BUDGET,
+                                     f"{rec.num_patches} image patches > patches_per_row={self.patches_per_row}")
+        return rec
+
+    def _account(self, position: int | None, ok: bool, file: str) -> None:
+        if not self.epoch_len:
+            return
+        with self._lock:
+            self._fails_in_a_row = 0 if ok else self._fails_in_a_row + 1
+            empty_epoch = False
+            if position is not None:
+                epoch = position // self.epoch_len
+                seen = self._per_epoch.setdefault(epoch, [0, 0])
+                seen[0] += 1
+                seen[1] += ok
+                empty_epoch = seen[0] == self.epoch_len and seen[1] == 0
+                if seen[0] == self.epoch_len:
+                    del self._per_epoch[epoch]
+            in_a_row = self._fails_in_a_row
+        if empty_epoch or in_a_row >= 2 * self.epoch_len + 64:
+            what = ("all records of one epoch" if empty_epoch
+                    else f"{in_a_row} records in a row (an epoch has {self.epoch_len})")
+            raise mcd.NoValidRecordError(
+                f"{file}: no usable record: {what} were skipped, by reason {self.stats.as_dict()} "
+                f"(see the warnings above for each record; first skipped indices "
+                f"{ {k: v[:5] for k, v in self.stats.indices.items()} })")
 
 
 class PackIterDataset(grain.IterDataset):
@@ -200,6 +274,8 @@ class PipelineConfig:
     default to ``jax.process_index()``/``jax.process_count()``.
     ``worker_count > 0`` runs encode + pack in grain worker processes
     (``mp_prefetch``); ``read_threads`` parallelise encoding within a process.
+    ``max_image_pixels``: images declaring more pixels are skipped before
+    decoding (None: ``mcd.decode_limit`` of the processor's max_pixels).
     """
 
     batch_size: int
@@ -217,6 +293,7 @@ class PipelineConfig:
     worker_count: int = 0
     worker_buffer_size: int = 2
     prefetch: int = 2
+    max_image_pixels: int | None = None
 
 
 def host_shard(ds: grain.MapDataset, shard_index: int | None = None, shard_count: int | None = None) -> grain.MapDataset:
@@ -250,11 +327,17 @@ def make_dataset(
     stats = stats if stats is not None else mcd.SkipStats()
     ds = grain.MapDataset.source(source)
     ds = host_shard(ds, config.shard_index, config.shard_count)
+    epoch_len = len(ds)
+    if epoch_len == 0:
+        raise mcd.NoValidRecordError(f"{source!r}: no records to read (this host's shard "
+                                     f"{config.shard_index}/{config.shard_count} is empty)")
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
-    ds = ds.map(MCDEncode(tokenizer, model_cfg, config.max_len, image_cfg, config.on_error, stats))
+    ds = ds.map_with_index(MCDEncode(tokenizer, model_cfg, config.max_len, image_cfg, config.on_error, stats,
+                                     patches_per_row=config.patches_per_row,
+                                     max_image_pixels=config.max_image_pixels, epoch_len=epoch_len))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=config.read_buffer_size))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
