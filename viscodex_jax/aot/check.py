@@ -20,7 +20,6 @@ import re
 import time
 from typing import Any, Sequence
 
-import flax.linen as nn
 import numpy as np
 
 from viscodex_jax.aot import flops as flops_lib
@@ -154,32 +153,30 @@ def check(c, model_spec: str, topology: str, s: Settings = Settings()) -> dict[s
         "remat_policy": cfg.remat_policy, "attention_impl": cfg.attention_impl, "dtype": cfg.dtype,
         "param_dtype": str(c.model.param_dtype), "settings": dataclasses.asdict(s), "results": [],
     }
-    # Activation constraints (flax's with_logical_constraint) read the mesh and rules from the context.
-    with mesh, nn.logical_axis_rules(rules):
-        for name in s.programs:
-            if name == "train":
-                setup = programs.train_setup(c, cfg)
-                jitted, args, fn = programs.train_program(c, cfg, mesh, rules, rows, setup)
-                r = compile_program(name, jitted, args, sl)
-                tokens = rows * int(c.data.max_len) * int(c.train.accum_steps)
-                r.update(rows=rows, rows_per_chip=rows / sl.chips, seq_len=int(c.data.max_len),
-                         tokens=tokens, accum_steps=int(c.train.accum_steps))
-                if s.count_flops:
-                    r["flops"] = _train_flops(cfg, setup, fn, args, tokens, c, patches_per_row=c.data.patches_per_row,
-                                              chips=sl.chips, xla_per_chip=r.get("xla_flops_per_chip"))
-            elif name == "prefill":
-                jitted, args, _ = programs.prefill_program(cfg, mesh, rules, c.model.param_dtype, decode_rows,
-                                                           s.prompt_len, s.cache_len, patches, s.cache_dtype)
-                r = compile_program(name, jitted, args, sl)
-                r.update(rows=decode_rows, rows_per_chip=decode_rows / sl.chips, seq_len=s.prompt_len,
-                         tokens=decode_rows * s.prompt_len, cache_len=s.cache_len, patches=patches)
-            else:
-                jitted, args, _ = programs.decode_program(cfg, mesh, rules, c.model.param_dtype, decode_rows,
-                                                          s.cache_len, s.cache_dtype)
-                r = compile_program(name, jitted, args, sl)
-                r.update(rows=decode_rows, rows_per_chip=decode_rows / sl.chips, seq_len=1, tokens=decode_rows,
-                         cache_len=s.cache_len)
-            report["results"].append(r)
+    for name in s.programs:
+        if name == "train":
+            setup = programs.train_setup(c, cfg)
+            jitted, args, fn = programs.train_program(c, cfg, mesh, rules, rows, setup)
+            r = compile_program(name, jitted, args, sl)
+            tokens = rows * int(c.data.max_len) * int(c.train.accum_steps)
+            r.update(rows=rows, rows_per_chip=rows / sl.chips, seq_len=int(c.data.max_len),
+                     tokens=tokens, accum_steps=int(c.train.accum_steps))
+            if s.count_flops:
+                r["flops"] = _train_flops(cfg, setup, fn, args, tokens, c, patches_per_row=c.data.patches_per_row,
+                                          chips=sl.chips, xla_per_chip=r.get("xla_flops_per_chip"))
+        elif name == "prefill":
+            jitted, args, _ = programs.prefill_program(cfg, mesh, rules, c.model.param_dtype, decode_rows,
+                                                       s.prompt_len, s.cache_len, patches, s.cache_dtype)
+            r = compile_program(name, jitted, args, sl)
+            r.update(rows=decode_rows, rows_per_chip=decode_rows / sl.chips, seq_len=s.prompt_len,
+                     tokens=decode_rows * s.prompt_len, cache_len=s.cache_len, patches=patches)
+        else:
+            jitted, args, _ = programs.decode_program(cfg, mesh, rules, c.model.param_dtype, decode_rows,
+                                                      s.cache_len, s.cache_dtype)
+            r = compile_program(name, jitted, args, sl)
+            r.update(rows=decode_rows, rows_per_chip=decode_rows / sl.chips, seq_len=1, tokens=decode_rows,
+                     cache_len=s.cache_len)
+        report["results"].append(r)
     return report
 
 

@@ -5,9 +5,10 @@ Each builder returns ``(jitted function, abstract args)``: every arg a
 so ``jitted.lower(*args).compile()`` compiles exactly what the trainer or the
 sampler would run there, without allocating a byte.
 
-* ``train``: ``train.step.make_train_step`` jitted as ``train/loop.py`` jits it
-  (state and batch shardings from ``state_shardings`` / ``batch_shardings``,
-  state donated), on a batch laid out by ``data.packing.Packer``.
+* ``train``: ``train.step.make_train_step`` (with the mesh and rules, so its
+  activation constraints apply) jitted as ``train/loop.py`` jits it (state and
+  batch shardings from ``state_shardings`` / ``batch_shardings``, state
+  donated), on a batch laid out by ``data.packing.Packer``.
 * ``prefill`` / ``decode``: the sampler's own jitted ``_prefill`` and ``_step``
   (``viscodex_jax.sampling``), lowered with sharded inputs; XLA picks their
   output shardings, as it does when the sampler runs.
@@ -95,7 +96,8 @@ def train_program(c, cfg: ModelConfig, mesh: Mesh, rules, rows: int, setup: Trai
     accum = int(c.train.accum_steps)
     batch = abstract_batch(cfg, rows, c.data.max_len, c.data.patches_per_row, accum)
     bsh = batch_shardings(batch, mesh, rules, accum=accum > 1)
-    step = make_train_step(cfg, setup.optimizer, setup.keys, accum, c.train.skip_nonfinite, c.train.vocab_chunk)
+    step = make_train_step(cfg, setup.optimizer, setup.keys, accum, c.train.skip_nonfinite, c.train.vocab_chunk,
+                           mesh=mesh, rules=rules)
     jitted = jax.jit(step, in_shardings=(ssh, bsh), out_shardings=(ssh, None), donate_argnums=0)
     return jitted, (_with(state, ssh), _with(batch, bsh)), step
 
