@@ -152,6 +152,9 @@ def test_official_quirks_outside_the_shared_set(tmp_path):
     assert bench.judge(item, program("import sys", add, "sys.stdout.close()")) == [-1, -1]
     assert bench.judge(item, program("import os", "os.getcwd()")) == [-1, -1]  # removed by reliability_guard
     assert bench.judge(item, program("import os", add, "os._exit(0)")) == [-1, -1]  # no result: all fail
+    noisy = program("import sys", "for i in range(400000):",
+                    "    print('debug line %d ........' % i, file=sys.stderr)", add)
+    assert bench.judge(item, noisy) == [True, True]  # 20 MB of stderr is not judged, and not a file-size kill
     forged = program("import os", "open('verdicts.json', 'w').write('[true, true]')", "os._exit(0)")
     call = _item(tmp_path, {"fn_name": "f", "inputs": [[1], [2]], "outputs": [1, 2]}, "c")
     assert bench.judge(call, forged) == [-1, -1]  # the program's own verdicts file is not believed

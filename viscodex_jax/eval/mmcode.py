@@ -56,6 +56,8 @@ MMCode's ``eval.py`` calls it. A problem passes when every verdict is > 0 (``com
 * The program runs as many frames deep as in the official worker (padding frames, calibrated with a
   recursion probe under the official evaluator), so recursion near the default limit of 1000 fails or
   passes as it does there.
+* What a program writes to stderr, or to stdout outside the capture, is discarded, so it cannot reach
+  the sandbox's file-size limit (officially it goes to the worker's terminal).
 * What we do not match: the official evaluator runs Python 3.11 with numpy 1.26 and no memory limit; we run
   the sandbox's interpreter (3.11 here, numpy 2: ``np.float_`` and friends are gone) with a 4 GiB
   address-space limit and a process-count limit, and a program holding the GIL past 21 s is stopped by

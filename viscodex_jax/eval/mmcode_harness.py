@@ -278,9 +278,12 @@ def main() -> None:
     watchdog.daemon = True
     watchdog.start()
     try:
+        # What a program prints outside the capture (or to stderr) is not judged, and must not reach the
+        # sandbox's file-size limit as it never would officially: discard it.
         devnull = open(os.devnull, "w")
-        os.dup2(devnull.fileno(), 1)  # what a program prints outside the capture is not judged: discard it
-        sys.stdout = devnull
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+        sys.stdout = sys.stderr = devnull
     except OSError:
         pass
     signal.signal(signal.SIGALRM, _on_alarm)
