@@ -60,7 +60,10 @@ def main(argv):
             raise app.UsageError(str(e)) from e
         bench = build_benchmarks([name], judge_endpoint=JUDGE.value, judge_model=JUDGE_MODEL.value,
                                  clip_path=CLIP.value, on_error=ON_BAD.value)[name]
-        report = run_check(bench, CHECK.value, max_workers=WORKERS.value)
+        try:
+            report = run_check(bench, CHECK.value, max_workers=WORKERS.value)
+        except NotImplementedError as e:  # the benchmark has no check adapter yet
+            raise app.UsageError(str(e)) from e
         print(format_report(report))
         sys.exit(0 if report.ok else 1)
     if not CKPT.value:
