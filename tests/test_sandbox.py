@@ -313,7 +313,7 @@ def test_killing_the_harness_ends_the_sandbox_and_the_next_run_cleans_up(host):
     t0 = time.monotonic()
     while _sandboxed_descendants() and time.monotonic() - t0 < 10:
         time.sleep(0.1)
-    assert not _sandboxed_descendants(), "the sandbox outlived its harness"
+    assert not _sandboxed_descendants(), f"the sandbox outlived its harness: {[_describe(p) for p in _sandboxed_descendants()]}"
     assert len(os.listdir(tempfile.tempdir)) == 1  # its run dir: nobody could remove it yet
     assert run_python("print('next')").stdout == "next\n"  # the next run removes it (host fixture checks)
 
@@ -324,7 +324,9 @@ def _sandboxed_descendants(programs_only: bool = False) -> list[int]:
     for pid in _descendants():
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f, open(f"/proc/{pid}/comm") as c:
-                if b"runpy.run_path" in f.read() and not (programs_only and c.read().strip() == "bwrap"):
+                cmd = f.read()
+                if b"runpy.run_path" in cmd and not (programs_only and (c.read().strip() == "bwrap"
+                                                                        or b"_sandbox_stage0" in cmd)):
                     out.append(pid)
         except OSError:
             pass

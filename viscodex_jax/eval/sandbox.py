@@ -14,7 +14,9 @@ Containment (see ``sandbox_bwrap`` and ``sandbox_seccomp``):
   pipes the harness holds, read with caps; files the caller collects are read
   without following links, only when regular, up to the file-size limit;
 * at the wall limit (or when output passes the file-size limit) the
-  namespace's init is killed, which ends every process in it.
+  namespace's init is killed, which ends every process in it; if the harness
+  itself dies, ``--die-with-parent`` and a lifeline pipe end the program;
+* run dirs left by a harness killed with SIGKILL are removed by the next run.
 
 Where bubblewrap or libseccomp is missing, ``run_python`` raises
 ``SandboxUnavailable`` naming what is missing, unless the weak mode is accepted
@@ -28,10 +30,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import selectors
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -40,6 +40,7 @@ from typing import Mapping
 
 from viscodex_jax.eval import sandbox_bwrap
 from viscodex_jax.eval.sandbox_bwrap import SANDBOX_DIR, SandboxUnavailable
+from viscodex_jax.eval.sandbox_io import Run, read_program_file
 from viscodex_jax.eval.sandbox_seccomp import SeccompUnavailable, filter_fd
 
 __all__ = ["Limits", "SandboxResult", "SandboxUnavailable", "run_python", "WEAK_ENV"]
@@ -85,12 +86,20 @@ _SIGNAL_LIMITS = {signal.SIGXCPU: "cpu", signal.SIGXFSZ: "file_size", signal.SIG
                   signal.SIGSEGV: "memory", signal.SIGSYS: "seccomp"}
 
 # Runs first in the sandboxed interpreter: rlimits (soft = hard, so the program cannot raise
-# them), in the weak mode the seccomp filter, then the program as __main__.
+# them), the lifeline, in the weak mode the seccomp filter, then the program as __main__.
+# Lifeline: a pipe whose only writer is the harness. When the harness dies (even by SIGKILL,
+# even while bwrap was still setting up, before its --die-with-parent took hold) the pipe
+# closes and the kernel sends SIGIO, whose default action ends the program.
 _BOOTSTRAP = r"""
-import json, os, resource, sys
+import fcntl, json, os, resource, select, sys
 _s = json.loads(sys.argv[1])
 for _n, (_soft, _hard) in _s["rlimits"].items():
     resource.setrlimit(getattr(resource, _n), (_soft, _hard))
+_fd = _s["lifeline_fd"]
+fcntl.fcntl(_fd, fcntl.F_SETOWN, os.getpid())
+fcntl.fcntl(_fd, fcntl.F_SETFL, fcntl.fcntl(_fd, fcntl.F_GETFL) | os.O_ASYNC)
+if select.select([_fd], [], [], 0)[0]:  # closed before it was armed: the harness is gone
+    os._exit(137)
 if _s["seccomp_fd"] is not None:
     import ctypes
     _data = b""
@@ -111,7 +120,7 @@ if _s["seccomp_fd"] is not None:
     del ctypes, _data, _c, _Prog, _buf, _prog, _libc
 sys.argv = [_s["program"]]
 sys.path.insert(0, os.getcwd())
-del _s, _n, _soft, _hard
+del _s, _n, _soft, _hard, _fd
 import runpy
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -212,212 +221,6 @@ def _chown_tree(top: str, uid: int) -> None:
             os.chown(os.path.join(root, n), uid, uid, follow_symlinks=False)
 
 
-def _read_program_file(workdir: str, name: str, cap: int) -> bytes | None:
-    """A file the program wrote, or None: no link is followed, only a regular file is read
-    (never a FIFO or device, so this cannot block), and at most ``cap`` bytes."""
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
-        return None
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-    fds = []
-    try:
-        d = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        fds.append(d)
-        for p in parts[:-1]:
-            d = os.open(p, flags | os.O_DIRECTORY, dir_fd=d)
-            fds.append(d)
-        fd = os.open(parts[-1], flags, dir_fd=d)
-        fds.append(fd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks, left = [], cap
-        while left > 0:
-            c = os.read(fd, min(left, 1 << 20))
-            if not c:
-                break
-            chunks.append(c)
-            left -= len(c)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-class _Output:
-    """One captured stream: the first ``keep`` bytes, and the total seen."""
-
-    def __init__(self, keep: int):
-        self.keep, self.data, self.total = keep, bytearray(), 0
-
-    def add(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        room = self.keep - len(self.data)
-        if room > 0:
-            self.data += chunk[:room]
-
-    def text(self) -> str:
-        return bytes(self.data).decode("utf-8", "replace")
-
-
-class _Run:
-    """A started sandbox process: pumps its pipes until exit, a deadline or an output overflow."""
-
-    def __init__(self, proc: subprocess.Popen, status_fd: int | None, limits: Limits):
-        self.proc, self.limits = proc, limits
-        self.out, self.err = _Output(limits.max_output_bytes), _Output(limits.max_output_bytes)
-        self.status_buf = bytearray()
-        self.status_fd = status_fd
-        if status_fd is not None:
-            os.set_blocking(status_fd, False)
-        self.init_pidfd: int | None = None
-        self.exit_code: int | None = None
-
-    def _status_docs(self) -> list[dict]:
-        """The JSON documents bwrap wrote so far (a partial last one is left for later)."""
-        docs, text, i = [], bytes(self.status_buf).decode("utf-8", "replace"), 0
-        dec = json.JSONDecoder()
-        while True:
-            while i < len(text) and text[i].isspace():
-                i += 1
-            if i >= len(text):
-                return docs
-            try:
-                doc, i = dec.raw_decode(text, i)
-            except json.JSONDecodeError:
-                return docs
-            if isinstance(doc, dict):
-                docs.append(doc)
-
-    def _grab_init(self) -> None:
-        """A pidfd on the namespace's init, checked to be it (its PID namespace is the one bwrap made)."""
-        if self.init_pidfd is not None:
-            return
-        docs = self._status_docs()
-        start = next((d for d in docs if "child-pid" in d), None)
-        if start is None:
-            return
-        pid = int(start["child-pid"])
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:  # already gone, and with it the namespace
-            return
-        try:
-            same = os.readlink(f"/proc/{pid}/ns/pid") == f"pid:[{start.get('pid-namespace')}]"
-        except OSError:
-            same = False
-        if same:
-            self.init_pidfd = fd
-        else:
-            os.close(fd)
-
-    def pump(self, deadline: float) -> str | None:
-        """Reads until both output pipes close; returns "wall" or "file_size" if it had to stop."""
-        sel = selectors.DefaultSelector()
-        streams = {self.proc.stdout.fileno(): self.out, self.proc.stderr.fileno(): self.err}
-        for fd in streams:
-            os.set_blocking(fd, False)
-            sel.register(fd, selectors.EVENT_READ)
-        if self.status_fd is not None:
-            sel.register(self.status_fd, selectors.EVENT_READ)
-        open_streams = set(streams)
-        try:
-            while open_streams:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return "wall"
-                for key, _ in sel.select(timeout=min(left, 0.5)):
-                    try:
-                        chunk = os.read(key.fd, 1 << 16)
-                    except BlockingIOError:
-                        continue
-                    if not chunk:
-                        sel.unregister(key.fd)
-                        open_streams.discard(key.fd)
-                        continue
-                    if key.fd == self.status_fd:
-                        self.status_buf += chunk
-                        self._grab_init()
-                        continue
-                    stream = streams[key.fd]
-                    stream.add(chunk)
-                    if stream.total > self.limits.file_size_bytes:
-                        return "file_size"
-            return None
-        finally:
-            sel.close()
-
-    def _drain_status(self) -> None:
-        """Whatever bwrap has written so far (never blocks)."""
-        while self.status_fd is not None:
-            try:
-                c = os.read(self.status_fd, 1 << 16)
-            except BlockingIOError:
-                return
-            if not c:
-                return
-            self.status_buf += c
-
-    def started(self) -> bool:
-        return any("child-pid" in d for d in self._status_docs())
-
-    def finish_status(self) -> None:
-        if self.status_fd is None:
-            return
-        self._drain_status()  # bwrap and the namespace are gone: everything it wrote is there
-        for doc in self._status_docs():
-            if "exit-code" in doc:
-                self.exit_code = int(doc["exit-code"])
-
-    def end(self) -> None:
-        """Ends everything the run started. bwrap: SIGKILL to the PID namespace's init, which takes
-        every process in the namespace with it, then wait until the init has exited (only then is
-        the namespace empty; bwrap itself may exit first). Weak mode: the process group."""
-        if self.status_fd is not None and self.init_pidfd is None:
-            self._drain_status()
-            self._grab_init()
-        if self.init_pidfd is not None:
-            try:
-                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
-            except OSError:
-                pass
-        elif self.status_fd is None:  # weak mode: the program leads its own session
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.init_pidfd is not None:
-            with selectors.DefaultSelector() as sel:  # a pidfd turns readable when its process has exited
-                sel.register(self.init_pidfd, selectors.EVENT_READ)
-                if not sel.select(timeout=10):
-                    raise RuntimeError("sandbox: the PID namespace's init did not exit after SIGKILL")
-
-    def close(self) -> None:
-        for fd in (self.init_pidfd, self.status_fd):
-            if fd is not None:
-                os.close(fd)
-        self.init_pidfd = self.status_fd = None
-        for f in (self.proc.stdout, self.proc.stderr):
-            f.close()
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("PPid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def _mode(allow_weak: bool | None) -> str:
     """"bwrap", or "weak" when bubblewrap cannot run and the weak mode was accepted."""
     try:
@@ -464,7 +267,7 @@ def run_python(
     _sweep_stale_runs(parent)
     run_dir = tempfile.mkdtemp(prefix=f"{_RUN_PREFIX}{_owner_tag(os.getpid())}-", dir=parent)
     workdir = os.path.join(run_dir, "work")
-    run = None
+    run = life_w = None
     try:
         os.mkdir(workdir, 0o700)
         _write_inputs(workdir, code, files)
@@ -475,7 +278,8 @@ def run_python(
             f.write(stdin.encode() if isinstance(stdin, str) else stdin)
             f.flush()
             stdin_file = open(f"/proc/self/fd/{f.fileno()}", "rb")
-        settings = {"program": "main.py", "rlimits": _rlimits(limits),
+        life_r, life_w = os.pipe2(os.O_CLOEXEC)  # the harness keeps the only writer (see _BOOTSTRAP)
+        settings = {"program": "main.py", "rlimits": _rlimits(limits), "lifeline_fd": life_r,
                     "seccomp_fd": seccomp if mode == "weak" else None}
         argv = ["-I", "-B", "-c", _BOOTSTRAP, json.dumps(settings)]
         status_r = status_w = None
@@ -485,22 +289,22 @@ def run_python(
             cmd = sandbox_bwrap.launch_argv(python=python, run_dir=run_dir, workdir=workdir, env=env, argv=argv,
                                             seccomp_fd=seccomp, status_fd=status_w,
                                             allow_network=limits.allow_network)
-            kw = dict(cwd="/", env={"PATH": "/usr/bin:/bin"}, pass_fds=(seccomp, status_w))
+            kw = dict(cwd="/", env={"PATH": "/usr/bin:/bin"}, pass_fds=(seccomp, status_w, life_r))
         else:
             env = _env(workdir, os.path.join(workdir, ".tmp"), limits.allow_network)
             cmd = [python, *argv]
-            kw = dict(cwd=workdir, env=env, pass_fds=(seccomp,))
+            kw = dict(cwd=workdir, env=env, pass_fds=(seccomp, life_r))
         t0 = time.monotonic()
         try:
             with stdin_file:
                 proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         start_new_session=True, close_fds=True, **kw)
         finally:
-            for fd in (seccomp, status_w):
+            for fd in (seccomp, status_w, life_r):
                 if fd is not None:
                     os.close(fd)
             seccomp = None
-        run = _Run(proc, status_r, limits)
+        run = Run(proc, status_r, limits.max_output_bytes, limits.file_size_bytes)
         try:
             stopped = run.pump(t0 + limits.wall_seconds)
             if stopped is None:
@@ -522,7 +326,7 @@ def run_python(
         stdout, stderr = run.out.text(), run.err.text()
         collected = {}
         for name in collect:
-            data = _read_program_file(workdir, name, limits.file_size_bytes)
+            data = read_program_file(workdir, name, limits.file_size_bytes)
             if data is not None:
                 collected[name] = data
         status, limit = _classify(rc, stopped, stderr)
@@ -530,6 +334,8 @@ def run_python(
         return SandboxResult(status, None if stopped == "wall" else rc, stdout, stderr, wall, limit, collected,
                              truncated, mode)
     finally:
+        if life_w is not None:
+            os.close(life_w)
         if run is not None:
             run.close()
         if seccomp is not None:
