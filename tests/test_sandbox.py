@@ -10,6 +10,7 @@ no leaked sandbox dir, no surviving process started by the run.
 from __future__ import annotations
 
 import ctypes
+import glob
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import pytest
@@ -91,6 +93,11 @@ def _describe(pid: int) -> str:
         return f"{pid}: {e}"
 
 
+def _own_cgroups() -> list[str]:
+    """cgroups of this process's sandbox runs (named after the run dir, which carries our pid)."""
+    return glob.glob(f"/sys/fs/cgroup/**/viscodex-sandbox-{os.getpid()}.*", recursive=True)
+
+
 @pytest.fixture(scope="module")
 def decoy():
     """A host process the program must not be able to signal or re-limit, and a canary file."""
@@ -129,6 +136,7 @@ def host(decoy, monkeypatch):
     assert set(os.listdir("/dev")) - before["dev"] == set()
     assert not [n for n in set(os.listdir("/tmp")) - before["tmp"] if "escape" in n]
     assert os.listdir(runs) == [], "the sandbox's dir was not removed"
+    assert _own_cgroups() == [], "a run's cgroup was left behind"
     left = _descendants() - before["procs"] - {decoy["pid"]}
     assert not left, f"sandbox processes survived: {[_describe(p) for p in left]}"
 
@@ -188,6 +196,36 @@ def test_thread_count_is_limited(host):
         print(n)
         """, limits=Limits(wall_seconds=20, cpu_seconds=5, max_processes=16))
     assert r.status == "ok" and 0 < int(r.stdout) < 16  # RLIMIT_NPROC counts its threads
+
+
+def test_run_gets_its_own_cgroup_with_limits_where_the_host_allows(host):
+    from viscodex_jax.eval import sandbox_cgroup
+
+    probe = sandbox_cgroup.create("viscodex-sandbox-probe", 1, 1 << 20)
+    if probe is None:
+        pytest.skip("this host lets root make no pids/memory cgroup")  # the rlimits stay the only layer
+    probe.remove()
+    limits = Limits(wall_seconds=30, cpu_seconds=5, memory_bytes=1 << 30, max_processes=20)
+    result = []
+    runner = threading.Thread(target=lambda: result.append(run("import time\ntime.sleep(3)", limits=limits)))
+    runner.start()
+    seen, t0 = {}, time.monotonic()
+    while runner.is_alive() and time.monotonic() - t0 < 30:
+        for d in _own_cgroups():
+            try:
+                procs = open(os.path.join(d, "cgroup.procs")).read().split()
+                name = "pids.max" if os.path.exists(os.path.join(d, "pids.max")) else "memory.limit_in_bytes"
+                limit = open(os.path.join(d, name)).read().strip()
+            except OSError:
+                continue
+            if len(procs) >= 3:  # bwrap's monitor and init, and the program
+                seen[d] = limit
+        time.sleep(0.05)
+    runner.join()
+    assert result[0].status == "ok"
+    values = set(seen.values())
+    assert str(20 + 4) in values  # pids.max: its threads plus bwrap's processes
+    assert values <= {"24", str((1 << 30) + (256 << 20))}  # memory limit: RLIMIT_AS plus a margin
 
 
 def test_memory_hog_is_killed(host):

@@ -10,7 +10,8 @@ host never sees. No confinement relies on this step: bwrap and its seccomp filte
 do that.
 
 Standard library only, started with ``python -I -S``, single-threaded.
-argv: <json {"binds": [[source, mountpoint], ...], "uid": int, "gid": int, "argv": [bwrap, ...]}>
+argv: <json {"binds": [[source, mountpoint], ...], "uid": int, "gid": int, "argv": [bwrap, ...],
+             "cgroup_procs": [cgroup.procs paths to join first]}>
 """
 
 import ctypes
@@ -24,6 +25,9 @@ MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 
 def main() -> None:
     s = json.loads(sys.argv[1])
+    for procs in s.get("cgroup_procs", []):  # the run's cgroups (sandbox_cgroup): bwrap and all below
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
     if s["binds"]:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.unshare(CLONE_NEWNS) != 0:

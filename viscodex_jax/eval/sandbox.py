@@ -38,7 +38,7 @@ import tempfile
 import time
 from typing import Mapping
 
-from viscodex_jax.eval import sandbox_bwrap
+from viscodex_jax.eval import sandbox_bwrap, sandbox_cgroup
 from viscodex_jax.eval.sandbox_bwrap import SANDBOX_DIR, SandboxUnavailable
 from viscodex_jax.eval.sandbox_io import Run, read_program_file
 from viscodex_jax.eval.sandbox_seccomp import SeccompUnavailable, filter_fd
@@ -47,6 +47,8 @@ __all__ = ["Limits", "SandboxResult", "SandboxUnavailable", "run_python", "WEAK_
 
 WEAK_ENV = "VISCODEX_SANDBOX_ALLOW_WEAK"
 _MAX_OPEN_FILES = 512
+_BWRAP_TASKS = 4  # bwrap's monitor and init beside the program, counted by the cgroup's pids.max
+_CGROUP_MEMORY_MARGIN = 256 << 20  # above RLIMIT_AS: page cache of its files, bwrap, kernel memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +269,7 @@ def run_python(
     _sweep_stale_runs(parent)
     run_dir = tempfile.mkdtemp(prefix=f"{_RUN_PREFIX}{_owner_tag(os.getpid())}-", dir=parent)
     workdir = os.path.join(run_dir, "work")
-    run = life_w = None
+    run = life_w = cgroups = None
     try:
         os.mkdir(workdir, 0o700)
         _write_inputs(workdir, code, files)
@@ -286,9 +288,12 @@ def run_python(
         if mode == "bwrap":
             status_r, status_w = os.pipe()
             env = _env(SANDBOX_DIR, SANDBOX_DIR + "/.tmp", limits.allow_network)
+            cgroups = sandbox_cgroup.create(os.path.basename(run_dir), limits.max_processes + _BWRAP_TASKS,
+                                            limits.memory_bytes + _CGROUP_MEMORY_MARGIN)
             cmd = sandbox_bwrap.launch_argv(python=python, run_dir=run_dir, workdir=workdir, env=env, argv=argv,
                                             seccomp_fd=seccomp, status_fd=status_w,
-                                            allow_network=limits.allow_network)
+                                            allow_network=limits.allow_network,
+                                            cgroup_procs=cgroups.procs_files if cgroups else ())
             kw = dict(cwd="/", env={"PATH": "/usr/bin:/bin"}, pass_fds=(seccomp, status_w, life_r))
         else:
             env = _env(workdir, os.path.join(workdir, ".tmp"), limits.allow_network)
@@ -330,6 +335,8 @@ def run_python(
             if data is not None:
                 collected[name] = data
         status, limit = _classify(rc, stopped, stderr)
+        if status == "killed" and cgroups is not None and cgroups.oom_killed():
+            limit = "memory"
         truncated = run.out.total > len(run.out.data) or run.err.total > len(run.err.data)
         return SandboxResult(status, None if stopped == "wall" else rc, stdout, stderr, wall, limit, collected,
                              truncated, mode)
@@ -340,6 +347,8 @@ def run_python(
             run.close()
         if seccomp is not None:
             os.close(seccomp)
+        if cgroups is not None:
+            cgroups.remove()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -154,7 +154,8 @@ def reachable(path: str, search_only: bool = False) -> bool:
 
 
 def launch_argv(*, python: str, run_dir: str, workdir: str, env: Mapping[str, str], argv: Sequence[str],
-                seccomp_fd: int, status_fd: int, allow_network: bool) -> list[str]:
+                seccomp_fd: int, status_fd: int, allow_network: bool,
+                cgroup_procs: Sequence[str] = ()) -> list[str]:
     """The argv that runs ``python argv...`` in ``workdir`` (bound at SANDBOX_DIR) under bwrap.
 
     As root: through ``_sandbox_stage0`` so that bwrap itself runs as uid SANDBOX_UID (see
@@ -194,5 +195,5 @@ def launch_argv(*, python: str, run_dir: str, workdir: str, env: Mapping[str, st
              "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_fd), "--", python, *argv]
     if not as_root:
         return args
-    spec = {"binds": stage, "uid": SANDBOX_UID, "gid": SANDBOX_UID, "argv": args}
+    spec = {"binds": stage, "uid": SANDBOX_UID, "gid": SANDBOX_UID, "argv": args, "cgroup_procs": list(cgroup_procs)}
     return [sys.executable, "-I", "-S", _STAGE0, json.dumps(spec)]
