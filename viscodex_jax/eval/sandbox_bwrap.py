@@ -3,9 +3,11 @@
 The sandbox's filesystem is a fresh read-only tmpfs root holding only:
 the system's shared-library dirs, the interpreter's prefixes (stdlib and
 site-packages, read-only), the program's own dir (read-write, at ``/sandbox``),
-a private ``/proc`` for its own PID namespace (``/proc/sys`` read-only, as bwrap
-mounts it), and bwrap's minimal ``/dev`` (null, zero, random, ...), also
-read-only. No ``/sys``, ``/etc``, ``/home``, ``/root`` contents, ``/tmp`` of the
+a private ``/proc`` for its own PID namespace, and bwrap's minimal ``/dev``
+(null, zero, random, ...), read-only. The program's kernel uid is 65534 (see
+``_sandbox_stage0``), so root-owned files such as the global sysctls under
+``/proc/sys`` are not writable for it; the sysctls it may write belong to its own
+namespaces. No ``/sys``, ``/etc``, ``/home``, ``/root`` contents, ``/tmp`` of the
 host, or the checkout. ``TMPDIR`` points into the program's dir.
 """
 
@@ -62,9 +64,10 @@ def check_bwrap() -> str:
         why = r.stderr.decode("utf-8", "replace").strip()
         raise SandboxUnavailable(
             f"bubblewrap at {path} cannot create the sandbox's namespaces (user, pid, ipc, uts, net, "
-            f"cgroup): {why or 'exit ' + str(r.returncode)}. It needs user namespaces "
-            "(sysctl user.max_user_namespaces > 0; kernel.unprivileged_userns_clone=1 and no AppArmor "
-            "userns restriction when not root)")
+            f"cgroup): {why or 'exit ' + str(r.returncode)}. It needs unprivileged user namespaces (bwrap "
+            f"runs as uid {SANDBOX_UID} even under root): sysctl user.max_user_namespaces > 0, "
+            "kernel.unprivileged_userns_clone=1 where that sysctl exists, and no AppArmor restriction "
+            "(kernel.apparmor_restrict_unprivileged_userns=0, or a profile allowing bwrap)")
     return path
 
 
