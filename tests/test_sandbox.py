@@ -354,6 +354,7 @@ def test_killing_the_harness_ends_the_sandbox_and_the_next_run_cleans_up(host):
     assert not _sandboxed_descendants(), f"the sandbox outlived its harness: {[_describe(p) for p in _sandboxed_descendants()]}"
     assert len(os.listdir(tempfile.tempdir)) == 1  # its run dir: nobody could remove it yet
     assert run_python("print('next')").stdout == "next\n"  # the next run removes it (host fixture checks)
+    assert glob.glob(f"/sys/fs/cgroup/**/viscodex-sandbox-{harness.pid}.*", recursive=True) == []
 
 
 def _sandboxed_descendants(programs_only: bool = False) -> list[int]:

@@ -194,18 +194,23 @@ def _owner_tag(pid: int) -> str | None:
         return None
 
 
+def _stale(name: str) -> bool:
+    """Whether a run dir/cgroup name carries the tag of a harness process that no longer exists."""
+    tag = name[len(_RUN_PREFIX):].rsplit("-", 1)[0]
+    pid = tag.split(".")[0]
+    return "." in tag and pid.isdigit() and _owner_tag(int(pid)) != tag
+
+
 def _sweep_stale_runs(parent: str) -> None:
-    """Removes run dirs left by harness processes that no longer exist (killed with SIGKILL, say)."""
+    """Removes run dirs and cgroups left by harness processes that no longer exist (killed with
+    SIGKILL, say)."""
+    sandbox_cgroup.sweep(_RUN_PREFIX, _stale)
     try:
         names = os.listdir(parent)
     except OSError:
         return
     for name in names:
-        if not name.startswith(_RUN_PREFIX):
-            continue
-        tag = name[len(_RUN_PREFIX):].rsplit("-", 1)[0]
-        pid = tag.split(".")[0]
-        if "." not in tag or not pid.isdigit() or _owner_tag(int(pid)) == tag:
+        if not name.startswith(_RUN_PREFIX) or not _stale(name):
             continue
         path = os.path.join(parent, name)
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Callable
 
 CGROUP_FS = "/sys/fs/cgroup"
 
@@ -121,6 +122,35 @@ def _v1(name: str, pids_max: int, memory_max: int, own: dict[str, str]) -> RunCg
         made.remove()
         raise
     return made
+
+
+def _parents(own: dict[str, str]) -> list[str]:
+    """Where ``create`` makes cgroups, on every hierarchy it might use."""
+    out = []
+    for root in (CGROUP_FS, os.path.join(CGROUP_FS, "unified")):
+        if "" in own and os.path.exists(os.path.join(root, "cgroup.controllers")):
+            out.append(os.path.join(root, own[""].lstrip("/")))
+    for ctrl in ("pids", "memory"):
+        if ctrl in own:
+            out.append(os.path.join(CGROUP_FS, ctrl, own[ctrl].lstrip("/")))
+    return out
+
+
+def sweep(prefix: str, is_stale: Callable[[str], bool]) -> None:
+    """Removes run cgroups named ``prefix...`` for which ``is_stale(name)`` (their harness died)."""
+    if os.geteuid() != 0:
+        return
+    for parent in _parents(_own_paths()):
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(prefix) and is_stale(name):
+                try:
+                    os.rmdir(os.path.join(parent, name))  # only succeeds once it is empty
+                except OSError:
+                    pass
 
 
 def create(name: str, pids_max: int, memory_max: int) -> RunCgroups | None:
