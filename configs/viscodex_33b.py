@@ -1,28 +1,44 @@
-"""VisCodex-33B SFT: the merged Qwen2.5-VL-32B-sized model on MCD (see configs/viscodex_8b.py).
+"""VisCodex-33B SFT: the merged Qwen2.5-VL-32B-sized model on MCD (settings as configs/viscodex_8b.py).
 
-    python launch/train.py --config=configs/viscodex_33b.py:tpu --config.model.init_checkpoint=... \
+    python launch/train.py --config=configs/viscodex_33b.py:v5p-64 --config.model.init_checkpoint=... \
         --config.data.train=... --config.workdir=...
 
-The 32B LLM needs tensor parallelism next to FSDP: gpu8 = (1, 4, 2) on one 8xH100 host (params
-~65 GB bf16 + ~262 GB fp32 moments: fits only with FSDP over all 8 GPUs, remat full and small
-micro-batches; a multi-node SLURM run is the practical setting); tpu = (-1, 16, 4) on a v5p slice.
+The 33B state (bf16 params ~66 GB, fp32 Adam moments ~262 GB, fp32 grads ~131 GB) needs at least
+a v5p-64 (32 chips x 95.7 GiB). Presets (rows of 4096 tokens per chip per micro-step, accumulated
+to 128 rows per optimizer step) come from ``launch/compile_check.py`` (TABLE below). gpu8 is one
+8xH100 host with FSDP 4 x tensor 2 and full remat; a multi-node SLURM run is the practical GPU setting.
 """
 
-import importlib.util
-import os
+from viscodex_jax.train.config import base_config
+from viscodex_jax.train.presets import Preset, apply_preset
+
+STEPS = 598_000 // 128
+GLOBAL_ROWS = 128
+
+PRESETS = {
+    "gpu8": Preset(chips=8, mesh=(1, 4, 2), rows_per_chip=1, attention="cudnn", remat="full"),
+    "v5p-64": Preset(chips=32, mesh=(1, 32, 1), rows_per_chip=1, attention="splash", remat="proj",
+                     topology="v5p:2x4x4", multi_host=True),
+    "v5p-128": Preset(chips=64, mesh=(1, 64, 1), rows_per_chip=2, attention="splash", remat="proj",
+                      topology="v5p:4x4x4", multi_host=True),
+    "tpu": Preset(chips=128, mesh=(-1, 16, 4), rows_per_chip=1, attention="splash", remat="proj",
+                  multi_host=True),
+}
 
 
-def get_config(preset: str = "tpu"):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "viscodex_8b.py")
-    spec = importlib.util.spec_from_file_location("viscodex_8b", path)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config(preset)
-    c.model.remat_policy = "full"
-    if preset == "gpu8":
-        c.mesh.shape = (1, 4, 2)
-        c.data.batch_size = 8
-        c.train.accum_steps = 16
-    else:
-        c.mesh.shape = (-1, 16, 4)
+def get_config(preset: str = "v5p-64"):
+    c = base_config()
+    c.model.param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"
+    c.data.max_len = 4096
+    c.data.patches_per_row = 4096
+    c.data.worker_count = 8
+    c.train.steps = STEPS
+    c.train.vocab_chunk = 16384
+    c.optim.lr = 1e-5
+    c.optim.warmup_steps = STEPS // 10
+    c.optim.total_steps = STEPS
+    c.optim.weight_decay = 0.0
+    c.checkpoint.save_every = 250
+    apply_preset(c, PRESETS, preset, GLOBAL_ROWS)
     return c

@@ -3,29 +3,43 @@
 Paper-adjacent settings (the paper publishes none; the authors' earlier configs used lr 1e-5 for
 full fine-tuning, cosine, warmup ratio 0.1, 1 epoch, bf16, cutoff 4096).
 
-    python launch/train.py --config=configs/viscodex_8b.py:gpu8 \
+    python launch/train.py --config=configs/viscodex_8b.py:v5p-8 \
         --config.model.init_checkpoint=/ckpt/viscodex-8b-merged --config.data.train=/data/mcd_tfds \
         --config.workdir=/ckpt/viscodex-8b-sft
 
-Presets (after the colon): gpu8 = one 8xH100 host (FSDP over 8); tpu = a v5p/v6e pod slice
-(data x FSDP over all chips, set --config.distributed=true, launched with launch/tpu_pod.sh).
-Memory (bf16 params, fp32 Adam moments on the 7.6B LLM): ~15 GB params + ~61 GB moments + grads,
-sharded over the FSDP axis: ~12 GB per H100 plus activations (remat "dots" at 4096 tokens/row).
+Presets (after the colon): rows of 4096 tokens (and 4096 image patches) per chip per micro-step,
+accumulated to 128 rows per optimizer step. TPU rows are the largest that
+``launch/compile_check.py`` fits with 10% headroom (see TABLE below, filled from its output).
+``tpu`` is the generic pod preset (data x FSDP over every chip of any slice).
 """
 
 from viscodex_jax.train.config import base_config
+from viscodex_jax.train.presets import Preset, apply_preset
 
 STEPS = 598_000 // 128  # one epoch of MCD at 128 rows of 4096 packed tokens
+GLOBAL_ROWS = 128
+
+PRESETS = {
+    "gpu8": Preset(chips=8, mesh=(1, 8, 1), rows_per_chip=2, attention="cudnn", remat="proj"),
+    "v5p-8": Preset(chips=4, mesh=(1, 4, 1), rows_per_chip=4, attention="splash", remat="proj",
+                    topology="v5p:2x2x1"),
+    "v5p-32": Preset(chips=16, mesh=(1, 16, 1), rows_per_chip=4, attention="splash", remat="proj",
+                     topology="v5p:2x2x4", multi_host=True),
+    "v5p-128": Preset(chips=64, mesh=(2, 32, 1), rows_per_chip=2, attention="splash", remat="proj",
+                      topology="v5p:4x4x4", multi_host=True),
+    "v6e-8": Preset(chips=8, mesh=(1, 8, 1), rows_per_chip=1, attention="splash", remat="proj",
+                    topology="v6e:2x4"),
+    "tpu": Preset(chips=128, mesh=(-1, 16, 1), rows_per_chip=1, attention="splash", remat="proj",
+                  multi_host=True),
+}
 
 
 def get_config(preset: str = "gpu8"):
     c = base_config()
     c.model.param_dtype = "bfloat16"
     c.model.dtype = "bfloat16"
-    c.model.attention_impl = "cudnn" if preset == "gpu8" else "xla"
-    c.model.remat_policy = "dots"
     c.data.max_len = 4096
-    c.data.patches_per_row = 16384
+    c.data.patches_per_row = 4096
     c.data.worker_count = 8
     c.train.steps = STEPS
     c.train.vocab_chunk = 16384
@@ -34,14 +48,5 @@ def get_config(preset: str = "gpu8"):
     c.optim.total_steps = STEPS
     c.optim.weight_decay = 0.0
     c.checkpoint.save_every = 250
-    if preset == "gpu8":
-        c.mesh.shape = (1, 8, 1)
-        c.data.batch_size = 16
-        c.train.accum_steps = 8  # 128 rows per optimizer step
-    elif preset == "tpu":
-        c.distributed = True
-        c.mesh.shape = (-1, 16, 1)  # data x fsdp over the slice (e.g. v5p-128: 4 x 16)
-        c.data.batch_size = 128
-    else:
-        raise ValueError(f"preset {preset!r}: use gpu8 or tpu")
+    apply_preset(c, PRESETS, preset, GLOBAL_ROWS)
     return c

@@ -138,6 +138,17 @@ def activation_sharding(mesh: Mesh | None, rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, Any] | None:
+    """The (mesh, rules) of the enclosing ``activation_sharding`` context, or None."""
+    return _ACTIVE.get()
+
+
+def rule_axes(rules, logical: str) -> tuple[str, ...]:
+    """The mesh axes a logical name maps to (empty when unmapped)."""
+    axes = dict(rules).get(logical)
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names; a name absent from the rules leaves its dim to XLA."""
     active = _ACTIVE.get()

@@ -372,12 +372,12 @@ def _splash(q, k, v, q_seg, kv_seg, causal, q_offset, block_q, block_kv, interpr
     return out[:, :, :t].transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(h, tp, sp, causal, q_offset, bq, bkv, interpret):
-    """Kernels are cached: building the block-sparsity tables is host work per shape.
+    """A splash kernel for one shape, built afresh for every trace.
 
-    Built under ensure_compile_time_eval so the cached tables are concrete
-    arrays, not tracers of whichever jit first asked for them.
+    The kernel holds its block-sparsity tables as arrays; a kernel cached across
+    traces leaks the tracers of whichever transformation (grad under remat, scan)
+    first built it, so it is not cached. Building it is host work once per trace.
     """
 
     one = sm.CausalMask((tp, sp), offset=q_offset) if causal else sm.FullMask((tp, sp))

@@ -64,10 +64,6 @@ class CausalLM(nn.Module):
 
     def encode_images(self, pixel_values: Array, vision_meta: dict[str, Array]) -> Array:
         """[P, patch_dim] -> [P/m^2, D]; or per row (training batches): [B, P, patch_dim] -> [B, P/m^2, D]."""
-        if pixel_values.ndim == 3:
-            per_row = nn.vmap(lambda mdl, pv, meta: mdl(pv, meta), in_axes=(0, 0),
-                              variable_axes={"params": None}, split_rngs={"params": False})
-            return per_row(self.visual, pixel_values, vision_meta)
         return self.visual(pixel_values, vision_meta)
 
     def embed(self, input_ids, pixel_values=None, vision_meta=None, image_features=None):

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from viscodex_jax.model.attention import attention
+from viscodex_jax import sharding
+from viscodex_jax.model.attention import attention, attention_on_mesh
 from viscodex_jax.model.config import TextConfig
 from viscodex_jax.model.layers import Dense, RMSNorm, apply_rope
 from viscodex_jax.sharding import constrain
@@ -29,6 +30,19 @@ _REMAT_POLICIES = {
     "proj": _save("q_proj", "k_proj", "v_proj", "attn_out", "o_proj"),  # attention side saved, MLP recomputed
     "proj_mlp": _save("q_proj", "k_proj", "v_proj", "attn_out", "o_proj", "mlp_gate", "mlp_up", "mlp_down"),
 }
+
+
+def attend(q, k, v, *, impl: str, **kw):
+    """``model.attention``; inside an activation-sharding context the kernels run per shard
+    (rows over the batch axes, heads over the tensor axis) instead of being gathered. The XLA
+    reference stays a plain XLA program that the partitioner shards itself."""
+    ctx = sharding.active()
+    if ctx is None or impl == "xla":
+        return attention(q, k, v, impl=impl, **kw)
+    mesh, rules = ctx
+    heads = sharding.rule_axes(rules, "act_heads")
+    return attention_on_mesh(mesh, q, k, v, batch_axes=sharding.rule_axes(rules, "batch"),
+                             head_axis=heads[0] if len(heads) == 1 else None, impl=impl, **kw)
 
 
 class Attention(nn.Module):
@@ -54,8 +68,8 @@ class Attention(nn.Module):
             cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
             new_cache = {"k": ck, "v": cv}
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
-        out = attention(q, k, v, q_segment_ids=segs["q"], kv_segment_ids=segs["kv"], causal=True,
-                        q_offset=cache_index if cache is not None else 0, impl=self.impl)
+        out = attend(q, k, v, q_segment_ids=segs["q"], kv_segment_ids=segs["kv"], causal=True,
+                     q_offset=cache_index if cache is not None else 0, impl=self.impl)
         out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
         out = Dense(c.hidden_size, use_bias=False, axis=2, dtype=self.dtype, kernel_axes=("heads", "head_dim", "embed"),
                     name="o_proj")(out)

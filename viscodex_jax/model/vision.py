@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from viscodex_jax.model.config import VisionConfig
-from viscodex_jax.model.attention import attention
 from viscodex_jax.model.layers import Dense, RMSNorm, apply_rope
-from viscodex_jax.model.text import MLP
+from viscodex_jax.model.text import MLP, attend
+from viscodex_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -100,6 +100,9 @@ def vision_metadata(grid_thw: Sequence[Sequence[int]], cfg: VisionConfig, pad_to
     )
 
 
+_ACT = ("batch", "length", "act_embed")
+
+
 class VisionBlock(nn.Module):
     cfg: VisionConfig
     dtype: Any
@@ -111,9 +114,9 @@ class VisionBlock(nn.Module):
         h = RMSNorm(1e-6, self.dtype, name="norm1")(x)
         # Full-attention blocks are a per-layer flag, so one scanned block serves all.
         segments = jnp.where(is_full, image_segments, window_segments)
-        x = x + _Attn(c, self.dtype, self.impl, name="attn")(h, cos, sin, segments)
+        x = constrain(x + _Attn(c, self.dtype, self.impl, name="attn")(h, cos, sin, segments), _ACT)
         h = RMSNorm(1e-6, self.dtype, name="norm2")(x)
-        x = x + MLP(c.intermediate_size, c.hidden_size, True, self.dtype, name="mlp")(h)
+        x = constrain(x + MLP(c.intermediate_size, c.hidden_size, True, self.dtype, name="mlp")(h), _ACT)
         return x, None
 
 
@@ -125,14 +128,12 @@ class _Attn(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, segments):
         c = self.cfg
-        n = x.shape[0]
-        qkv = Dense(3 * c.hidden_size, dtype=self.dtype, name="qkv")(x).reshape(n, 3, c.num_heads, c.head_dim)
-        q = apply_rope(qkv[:, 0], cos, sin)[None]
-        k = apply_rope(qkv[:, 1], cos, sin)[None]
-        v = qkv[:, 2][None]
-        seg = segments[None]
-        out = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=False, impl=self.impl)[0]
-        return Dense(c.hidden_size, dtype=self.dtype, name="proj")(out.reshape(n, c.hidden_size))
+        b, n = x.shape[:2]
+        qkv = Dense(3 * c.hidden_size, dtype=self.dtype, name="qkv")(x).reshape(b, n, 3, c.num_heads, c.head_dim)
+        q = apply_rope(qkv[:, :, 0], cos, sin)
+        k = apply_rope(qkv[:, :, 1], cos, sin)
+        out = attend(q, k, qkv[:, :, 2], q_segment_ids=segments, kv_segment_ids=segments, causal=False, impl=self.impl)
+        return Dense(c.hidden_size, dtype=self.dtype, name="proj")(out.reshape(b, n, c.hidden_size))
 
 
 class PatchMerger(nn.Module):
@@ -143,14 +144,19 @@ class PatchMerger(nn.Module):
     def __call__(self, x):
         c = self.cfg
         d = c.hidden_size * c.spatial_merge_size**2
-        x = RMSNorm(1e-6, self.dtype, name="ln_q")(x).reshape(-1, d)
+        x = RMSNorm(1e-6, self.dtype, name="ln_q")(x).reshape(x.shape[0], -1, d)
         x = Dense(d, dtype=self.dtype, name="mlp_0")(x)
         x = nn.gelu(x, approximate=False)
         return Dense(c.out_hidden_size, dtype=self.dtype, name="mlp_2")(x)
 
 
 class VisionTower(nn.Module):
-    """pixel_values [P, C*T*p*p] (the processor's patch order) -> merged tokens [P/m^2, out_hidden]."""
+    """pixel_values [P, C*T*p*p] (the processor's patch order) -> merged tokens [P/m^2, out_hidden];
+    or one list of patches per row: [B, P, C*T*p*p] with metadata [B, ...] -> [B, P/m^2, out_hidden].
+
+    Rows are a real batch axis (not a vmap), so attention kernels and sharding
+    constraints see it: a training batch's towers stay sharded like its rows.
+    """
 
     cfg: VisionConfig
     dtype: Any = jnp.float32
@@ -159,12 +165,15 @@ class VisionTower(nn.Module):
     @nn.compact
     def __call__(self, pixel_values: Array, meta: dict[str, Array]) -> Array:
         c = self.cfg
-        x = pixel_values[meta["window_perm"]]
+        single = pixel_values.ndim == 2
+        if single:
+            pixel_values, meta = pixel_values[None], {k: v[None] for k, v in meta.items()}
+        x = jnp.take_along_axis(pixel_values, meta["window_perm"][..., None], axis=1)
         # Conv3d with stride == kernel over flattened patches is exactly a matmul.
-        x = _PatchEmbed(c, self.dtype, name="patch_embed")(x)
+        x = constrain(_PatchEmbed(c, self.dtype, name="patch_embed")(x), _ACT)
         inv_freq = 1.0 / (c.rope_theta ** (jnp.arange(0, c.head_dim // 2, 2, dtype=jnp.float32) / (c.head_dim // 2)))
-        freqs = meta["rotary_pos"].astype(jnp.float32)[..., None] * inv_freq  # [P, 2, hd/4]
-        freqs = freqs.reshape(freqs.shape[0], -1)
+        freqs = meta["rotary_pos"].astype(jnp.float32)[..., None] * inv_freq  # [B, P, 2, hd/4]
+        freqs = freqs.reshape(freqs.shape[:2] + (-1,))
         emb = jnp.concatenate([freqs, freqs], -1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
         is_full = jnp.zeros((c.depth,), bool).at[jnp.array(c.fullatt_block_indexes, jnp.int32)].set(True)
@@ -177,7 +186,8 @@ class VisionTower(nn.Module):
         )(c, self.dtype, self.impl, name="blocks")
         x, _ = blocks(x, is_full, cos, sin, meta["window_segments"], meta["image_segments"])
         merged = PatchMerger(c, self.dtype, name="merger")(x)
-        return merged[meta["merged_inverse"]]
+        merged = jnp.take_along_axis(merged, meta["merged_inverse"][..., None], axis=1)
+        return merged[0] if single else merged
 
 
 class _PatchEmbed(nn.Module):
