@@ -79,10 +79,12 @@ def run_one(a, config_spec: str, topology: str, rows: int, sets: list[str], prog
            f"--prompt_len={a.prompt_len}", f"--cache_len={a.cache_len}", f"--json_out={out}"]
     cmd += ([f"--topology={topology}"] if topology else []) + [f"--config.{s}" for s in sets]
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    if os.path.exists(out):  # never read a previous run's JSON
+        os.remove(out)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=a.timeout)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not os.path.isfile(out):  # a program that did not build still writes its JSON
         tail = proc.stderr.strip().splitlines()[-5:]
         print(f"  failed ({proc.returncode}): {' | '.join(tail)}", file=sys.stderr, flush=True)
         return {"config": config_spec, "topology": topology, "rows_per_chip": rows, "sets": sets,
@@ -127,7 +129,12 @@ def table(runs: list[dict]) -> str:
             continue
         rep = run["report"]
         for r in rep["results"]:
-            fits = ("yes" if r["fits"] else "**no**") if r["compiled"] else "**no** (XLA: out of memory)"
+            if r["compiled"]:
+                fits = "yes" if r["fits"] else "**no**"
+            elif r.get("error_kind") == "out_of_memory":
+                fits = "**no** (XLA: out of memory)"
+            else:
+                fits = f"**error**: {r['error'][:100]}"
             head = "yes" if r.get("fits_headroom") else "no"
             peak = f"{r['peak_bytes'] / GIB:.1f}" if r.get("peak_bytes") is not None else "—"
             temp = f"{r['temp_bytes'] / GIB:.1f}" if r.get("temp_bytes") is not None else "—"

@@ -25,7 +25,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from viscodex_jax.aot import (PROGRAMS, CheckError, LibtpuMissingError, Settings, TopologyError, builtin_names,
-                              check, render)  # noqa: E402
+                              compile_check, render)  # noqa: E402
 from viscodex_jax.logs import quiet_third_party  # noqa: E402
 from viscodex_jax.model.config import ConfigError  # noqa: E402
 
@@ -64,7 +64,7 @@ def main(argv):
                      cache_dtype=CACHE_DTYPE.value, count_flops=FLOPS.value)
         reports = []
         for topo in topologies:
-            reports.append(check(c, model, topo, s))
+            reports.append(compile_check(c, model, topo, s))
             print(render(reports[-1]) + "\n", flush=True)
     except (ConfigError, TopologyError, CheckError, LibtpuMissingError) as e:  # bad flags / no libtpu: say which
         raise app.UsageError(str(e)) from None
@@ -72,6 +72,10 @@ def main(argv):
         os.makedirs(os.path.dirname(os.path.abspath(JSON_OUT.value)), exist_ok=True)
         with open(JSON_OUT.value, "w") as f:
             json.dump({"config": c.to_dict(), "reports": reports}, f, indent=1, default=str)
+    broken = [f"{rep['topology']} {r['program']}" for rep in reports for r in rep["results"]
+              if r["error_kind"] not in (None, "out_of_memory")]
+    if broken:  # "does not fit" is an answer; a program that does not build is a failure
+        raise SystemExit(f"could not compile: {', '.join(broken)} (errors above)")
 
 
 if __name__ == "__main__":

@@ -32,25 +32,30 @@ ROWS_PER_CHIP = 2
 TEMP_GROWTH_TOLERANCE = 0.10
 
 
-@pytest.fixture(scope="module")
-def tiny_reports(hf_checkpoint, tmp_path_factory):
-    """compile_check on the tiny VL model (conftest's vl_a) for a 4- and a 16-chip v5p slice."""
+def run_compile_check(flags: list[str], out: str) -> tuple[dict, str]:
+    """launch/compile_check.py under the libtpu interpreter -> (its JSON, its stdout); fails naming the set-up."""
     py = tpu_python(REPO)
     if not os.path.exists(py):
         pytest.fail(f"{py} does not exist: run launch/setup_env.sh (it makes .venv-tpu, .venv plus libtpu) "
                     "or set VISCODEX_TPU_PYTHON to a Python with libtpu and this project")
-    out = str(tmp_path_factory.mktemp("compile_check") / "tiny.json")
-    cmd = [py, os.path.join(REPO, "launch", "compile_check.py"), "--config=configs/tiny.py",
-           "--config.mesh.shape=(1,-1,1)", "--config.data.max_len=256", "--config.data.patches_per_row=64",
-           f"--model_config={hf_checkpoint('vl_a')}", f"--topology={','.join(TOPOLOGIES)}",
-           f"--rows_per_chip={ROWS_PER_CHIP}", "--prompt_len=64", "--cache_len=128", "--prefill_patches=16",
+    cmd = [py, os.path.join(REPO, "launch", "compile_check.py"), "--config=configs/tiny.py", *flags,
            f"--json_out={out}"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 fake CPUs are not wanted
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"compile_check failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}"
     with open(out) as f:
-        data = json.load(f)
-    return {r["topology"]: r for r in data["reports"]}, proc.stdout
+        return json.load(f), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_reports(hf_checkpoint, tmp_path_factory):
+    """compile_check on the tiny VL model (conftest's vl_a) for a 4- and a 16-chip v5p slice."""
+    data, stdout = run_compile_check(
+        ["--config.mesh.shape=(1,-1,1)", "--config.data.max_len=256", "--config.data.patches_per_row=64",
+         f"--model_config={hf_checkpoint('vl_a')}", f"--topology={','.join(TOPOLOGIES)}",
+         f"--rows_per_chip={ROWS_PER_CHIP}", "--prompt_len=64", "--cache_len=128", "--prefill_patches=16"],
+        str(tmp_path_factory.mktemp("compile_check") / "tiny.json"))
+    return {r["topology"]: r for r in data["reports"]}, stdout
 
 
 def _result(report, program):
@@ -89,6 +94,18 @@ def test_tiny_train_temporaries_do_not_grow_with_the_slice(tiny_reports):
         f"per-chip train temporaries grow with the slice at {ROWS_PER_CHIP} rows per chip: "
         f"{small / 2**20:.1f} MiB on {TOPOLOGIES[0]} -> {big / 2**20:.1f} MiB on {TOPOLOGIES[1]} "
         f"({big / small:.2f}x): some activation is not sharded like the batch")
+
+
+def test_oversized_step_is_reported_as_not_fitting(hf_checkpoint, tmp_path):
+    """32 rows of 4096 tokens per v5e chip (16 GiB): XLA refuses; the report says so with its numbers, rc 0."""
+    data, stdout = run_compile_check(
+        ["--config.mesh.shape=(1,-1,1)", "--config.data.max_len=4096", "--config.data.patches_per_row=64",
+         f"--model_config={hf_checkpoint('vl_a')}", "--topology=v5e:2x2", "--rows_per_chip=32", "--programs=train",
+         "--noflops"], str(tmp_path / "oom.json"))
+    (r,) = data["reports"][0]["results"]
+    assert not r["compiled"] and r["fits"] is False and r["error_kind"] == "out_of_memory", r
+    assert r["temp_bytes"] > 16 * GIB and 15 * GIB < r["xla_hbm_bytes"] <= 16 * GIB, r
+    assert "does not fit" in stdout
 
 
 # ------------------------------------------------------------------------ in-process parts (no libtpu)
@@ -143,3 +160,17 @@ def test_matmul_flops_count_remat_recompute(hf_checkpoint):
     t = cfg.text
     decoder = counts["n_matmul"] - t.hidden_size * t.vocab_size
     assert 2 * decoder <= extra <= 2 * decoder + 4 * t.num_layers * 64 * t.hidden_size * 1.01, (per_token, counts)
+
+
+def test_matmul_flops_count_every_shard_of_a_shard_map():
+    """A matmul split over 8 devices by shard_map costs what the unsplit one does (the body runs per shard)."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4, 1), ("data", "fsdp", "tensor"))
+    x = jax.ShapeDtypeStruct((64, 32), np.float32)
+    w = jax.ShapeDtypeStruct((32, 16), np.float32)
+    split = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P(("data", "fsdp")), P()),
+                          out_specs=P(("data", "fsdp")))
+    whole, _ = flops_lib.jaxpr_matmul_flops(lambda a, b: a @ b, x, w)
+    sharded, _ = flops_lib.jaxpr_matmul_flops(split, x, w)
+    assert whole == 2 * 64 * 32 * 16 and sharded == whole

@@ -109,21 +109,30 @@ def _memory(compiled) -> dict[str, int]:
 
 
 def compile_program(name: str, jitted, args: tuple, sl: Slice) -> dict[str, Any]:
-    """Lowers and compiles; memory per chip, fit against the chip's HBM, compile seconds, XLA's FLOPs."""
+    """Lowers and compiles; memory per chip, fit against the chip's HBM, compile seconds, XLA's FLOPs.
+
+    A program that cannot be built is a result too, not a crash (the other programs still get their
+    row): ``error_kind`` "out_of_memory" is XLA's RESOURCE_EXHAUSTED verdict (with the sizes it names),
+    anything else is the exception's type, e.g. a kernel that does not lower for this mesh.
+    """
+    r: dict[str, Any] = {"program": name}
     t0 = time.perf_counter()
-    lowered = jitted.lower(*args)
-    lower_s = time.perf_counter() - t0
-    r: dict[str, Any] = {"program": name, "lower_s": lower_s}
-    t1 = time.perf_counter()
+    stage = "lower"
     try:
+        lowered = jitted.lower(*args)
+        r["lower_s"] = time.perf_counter() - t0
+        stage = "compile"
+        t0 = time.perf_counter()
         compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - only XLA's out-of-memory verdict is a result; the rest re-raises
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        r.update(compiled=False, fits=False, fits_headroom=False, compile_s=time.perf_counter() - t1,
-                 error=str(e).strip().splitlines()[0][:2000], **parse_oom(str(e)))
+    except Exception as e:  # noqa: BLE001 - reported per program (see the docstring)
+        text = str(e).strip()
+        oom = "RESOURCE_EXHAUSTED" in text
+        r.update(compiled=False, fits=False if oom else None, fits_headroom=False if oom else None,
+                 compile_s=time.perf_counter() - t0, error_kind="out_of_memory" if oom else type(e).__name__,
+                 error=f"{stage}: {text.splitlines()[0][:2000] if text else type(e).__name__}",
+                 **(parse_oom(text) if oom else {}))
         return r
-    r.update(compiled=True, compile_s=time.perf_counter() - t1, error=None, **_memory(compiled))
+    r.update(compiled=True, compile_s=time.perf_counter() - t0, error=None, error_kind=None, **_memory(compiled))
     r["fits"] = r["peak_bytes"] <= sl.hbm_bytes
     r["fits_headroom"] = r["peak_bytes"] <= (1 - HEADROOM) * sl.hbm_bytes
     cost = compiled.cost_analysis()
@@ -133,7 +142,7 @@ def compile_program(name: str, jitted, args: tuple, sl: Slice) -> dict[str, Any]
     return r
 
 
-def check(c, model_spec: str, topology: str, s: Settings = Settings()) -> dict[str, Any]:
+def compile_check(c, model_spec: str, topology: str, s: Settings = Settings()) -> dict[str, Any]:
     """Compiles the requested programs of config ``c`` for ``model_spec`` on ``topology``; returns the report."""
     sl = parse_slice(topology)
     cfg = model_config(model_spec, **runtime_settings(c))
@@ -161,9 +170,12 @@ def check(c, model_spec: str, topology: str, s: Settings = Settings()) -> dict[s
             tokens = rows * int(c.data.max_len) * int(c.train.accum_steps)
             r.update(rows=rows, rows_per_chip=rows / sl.chips, seq_len=int(c.data.max_len),
                      tokens=tokens, accum_steps=int(c.train.accum_steps))
-            if s.count_flops:
-                r["flops"] = _train_flops(cfg, setup, fn, args, tokens, c, patches_per_row=c.data.patches_per_row,
-                                          chips=sl.chips, xla_per_chip=r.get("xla_flops_per_chip"))
+            if s.count_flops and r["error_kind"] in (None, "out_of_memory"):
+                try:
+                    r["flops"] = _train_flops(cfg, setup, fn, args, tokens, c, c.data.patches_per_row, sl.chips,
+                                              r.get("xla_flops_per_chip"))
+                except Exception as e:  # noqa: BLE001 - the memory verdict stands without the FLOP count
+                    r["flops_error"] = f"{type(e).__name__}: {str(e).strip()[:500]}"
         elif name == "prefill":
             jitted, args, _ = programs.prefill_program(cfg, mesh, rules, c.model.param_dtype, decode_rows,
                                                        s.prompt_len, s.cache_len, patches, s.cache_dtype)
@@ -221,8 +233,10 @@ def render(report: dict[str, Any]) -> str:
     for r in report["results"]:
         if r["compiled"]:
             fits, head = ("yes" if r["fits"] else "**no**"), ("yes" if r["fits_headroom"] else "no")
-        else:
+        elif r["error_kind"] == "out_of_memory":
             fits, head = "**does not fit** (XLA)", "no"
+        else:
+            fits, head = f"**error** ({r['error_kind']})", "—"
         lines.append(
             f"| {r['program']} | {r['rows_per_chip']:g} | {r['seq_len']} | {gib(r.get('argument_bytes'))} | "
             f"{gib(r.get('output_bytes'))} | {gib(r.get('alias_bytes'))} | {gib(r.get('temp_bytes'))} | "

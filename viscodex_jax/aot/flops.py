@@ -61,7 +61,8 @@ def _sub_jaxprs(value: Any):
 
 
 def count_jaxpr(jaxpr, notes: set[str]) -> int:
-    """Matmul FLOPs of a jaxpr: scan bodies x length, cond = its costliest branch, while bodies once (noted)."""
+    """Matmul FLOPs of a jaxpr: scan bodies x length, cond = its costliest branch, shard_map bodies x shards,
+    Pallas kernels x grid, while bodies once (noted)."""
     total = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -79,10 +80,16 @@ def count_jaxpr(jaxpr, notes: set[str]) -> int:
             mult = int(eqn.params["length"])
         elif name == "while":
             notes.add("a while loop's body is counted once (trip count unknown when tracing)")
+        elif name == "shard_map":
+            # the body sees one shard and runs once per device along its manual mesh axes
+            mesh = eqn.params["mesh"]
+            axes = eqn.params.get("newly_manual_axes") or eqn.params.get("manual_axes") or mesh.axis_names
+            mult = math.prod(int(mesh.shape[a]) for a in axes)
         elif name == "pallas_call":
             grid = getattr(eqn.params.get("grid_mapping"), "grid", ())
             mult = math.prod(int(g) for g in grid) if grid else 1
-            notes.add("Pallas kernels: the kernel body's matmuls times the grid size")
+            notes.add("Pallas kernels: the kernel body's matmuls times the grid size (blocks a mask skips "
+                      "at run time are counted)")
         for v in eqn.params.values():
             for sub in _sub_jaxprs(v):
                 total += mult * count_jaxpr(sub, notes)

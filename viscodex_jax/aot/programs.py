@@ -49,8 +49,14 @@ def batch_shards(mesh: Mesh, rules) -> int:
     return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
+def _shape_only(cfg: ModelConfig) -> ModelConfig:
+    """The config to trace ``init`` with: params and their axes do not depend on the attention kernel or
+    remat, and a Pallas kernel traced inside ``eval_shape`` can leak tracers from its cached tables."""
+    return cfg.replace(attention_impl="xla", remat_policy="none")
+
+
 def abstract_params(cfg: ModelConfig, dtype: Any) -> dict[str, Any]:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype)), param_shapes(cfg))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype)), param_shapes(_shape_only(cfg)))
 
 
 def _with(tree: Any, shardings: Any) -> Any:
@@ -92,7 +98,7 @@ def train_setup(c, cfg: ModelConfig) -> TrainSetup:
 def train_program(c, cfg: ModelConfig, mesh: Mesh, rules, rows: int, setup: TrainSetup):
     """(jitted step, (state, batch)) for ``rows`` global rows per micro-step."""
     state = jax.eval_shape(lambda p: init_state(p, setup.optimizer, setup.keys), setup.abstract_params)
-    ssh = state_shardings(cfg, state, mesh, rules)
+    ssh = state_shardings(_shape_only(cfg), state, mesh, rules)
     accum = int(c.train.accum_steps)
     batch = abstract_batch(cfg, rows, c.data.max_len, c.data.patches_per_row, accum)
     bsh = batch_shardings(batch, mesh, rules, accum=accum > 1)
@@ -104,7 +110,7 @@ def train_program(c, cfg: ModelConfig, mesh: Mesh, rules, rows: int, setup: Trai
 
 def _param_args(cfg: ModelConfig, mesh: Mesh, rules, dtype: Any) -> dict[str, Any]:
     params = abstract_params(cfg, dtype)
-    return _with(params, tree_shardings(params, logical_axes(cfg), mesh, rules))
+    return _with(params, tree_shardings(params, logical_axes(_shape_only(cfg)), mesh, rules))
 
 
 def _named(mesh: Mesh, rules, logical: tuple, shape: tuple) -> NamedSharding:
