@@ -313,7 +313,7 @@ def task_ablation(ckpt: str, repeats: int) -> dict[str, Any]:
     from viscodex_jax import sampling
     from viscodex_jax.checkpoint import load_hf_params
     from viscodex_jax.model.layers import RMSNorm, text_rope
-    from viscodex_jax.model.model import attention_mask_for
+    from viscodex_jax.model.model import segments_for
     from viscodex_jax.model.text import DecoderLayer
 
     cfg, params = load_hf_params(ckpt, dtype=np.float32)
@@ -330,10 +330,10 @@ def task_ablation(ckpt: str, repeats: int) -> dict[str, Any]:
     def unrolled(per_layer, ck, cv, kv_valid, tok, position, slot):
         x = emb[tok][:, None]
         cos, sin = text_rope(position[:, None], tc.head_dim, tc.rope_theta, None)
-        mask = attention_mask_for(1, kv_valid, slot)
+        segs = segments_for(1, kv_valid)
         nk, nv = [], []
         for i in range(n_layers):
-            x, c = layer.apply({"params": per_layer[i]}, x, {"k": ck[i], "v": cv[i]}, cos, sin, mask, slot)
+            x, c = layer.apply({"params": per_layer[i]}, x, {"k": ck[i], "v": cv[i]}, cos, sin, segs, slot)
             nk.append(c["k"])
             nv.append(c["v"])
         x = final_norm.apply({"params": norm}, x)

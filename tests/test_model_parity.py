@@ -72,8 +72,9 @@ def _hf_logits(path: str, batch, dtype: str) -> np.ndarray:
         return model(**kw).logits.float().numpy()
 
 
-def _our_logits(path: str, batch, dtype: str) -> np.ndarray:
+def _our_logits(path: str, batch, dtype: str, impl: str = "xla") -> np.ndarray:
     cfg, params = _load(path, dtype)
+    cfg = cfg.replace(attention_impl=impl)
     kw = {}
     if "pixel_values" in batch:
         kw = dict(pixel_values=batch["pixel_values"],
@@ -97,18 +98,24 @@ CASES = [(m, s) for m in VL_CONFIGS for s in SCENARIOS] + [(m, "batch_padded") f
         [(m, "text_only") for m in TEXT_CONFIGS]
 
 
-@pytest.mark.parametrize("model_name,scenario", CASES)
-def test_fp32_logits_match_transformers(hf_checkpoint, model_name, scenario):
+# The memory-efficient kernels that run on CPU, on the cases that stress masks most
+# (several images: window and per-image segments; left padding; GQA 3).
+KERNEL_CASES = [(impl, m, s) for impl in ("blockwise", "splash_interpret")
+                for m, s in (("vl_a", "three_images"), ("vl_b", "batch_padded"), ("qwen2_tied_gqa3", "batch_padded"))]
+
+
+@pytest.mark.parametrize("impl,model_name,scenario", [("xla", m, s) for m, s in CASES] + KERNEL_CASES)
+def test_fp32_logits_match_transformers(hf_checkpoint, impl, model_name, scenario):
     path = hf_checkpoint(model_name)
     cfg, _ = _load(path, "float32")
     batch = _batch(scenario, cfg)
-    ours = _our_logits(path, batch, "float32")
+    ours = _our_logits(path, batch, "float32", impl)
     ref = _hf_logits(path, batch, "float32")
     valid = batch["attention_mask"].astype(bool)
     diff = np.abs(ours - ref)[valid].max()
     # The test is only meaningful if logits are far from trivially equal.
     assert np.std(ref[valid]) > 0.1
-    assert diff <= 1e-4, f"{model_name}/{scenario}: max |logit diff| {diff:.3g}"
+    assert diff <= 1e-4, f"{impl}/{model_name}/{scenario}: max |logit diff| {diff:.3g}"
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:

@@ -69,9 +69,11 @@ def test_chunked_cross_entropy_equals_full_softmax():
     np.testing.assert_allclose(g1, g2, atol=1e-5)
 
 
-def test_loss_and_gradients_equal_transformers(hf_checkpoint):
+@pytest.mark.parametrize("impl", ["xla", "blockwise", "splash_interpret"])
+def test_loss_and_gradients_equal_transformers(hf_checkpoint, impl):
     path = hf_checkpoint("vl_a")
     cfg, params = _load(path)
+    cfg = cfg.replace(attention_impl=impl)
     b = _batch()
     batch = _with_meta(b, cfg)
     (s, n), grads = jax.value_and_grad(lambda p: batch_loss(p, batch, cfg, vocab_chunk=96)[:2], has_aux=True)(params)
@@ -108,12 +110,13 @@ def _run_steps(cfg, params, batch, mesh_shape, n_steps=2, trainable="llm"):
     keys = trainable_keys(params, trainable)
     opt = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1, total_steps=10), keys)
     state = init_state(params, opt, keys)
-    step = make_train_step(cfg, opt, keys, vocab_chunk=96)
     if mesh_shape is None:
-        fn = jax.jit(step)
+        fn = jax.jit(make_train_step(cfg, opt, keys, vocab_chunk=96))
         put = lambda x: x
     else:
         mesh = make_mesh(mesh_shape)
+        # with the mesh and rules: activation constraints and per-shard attention kernels are in the program
+        step = make_train_step(cfg, opt, keys, vocab_chunk=96, mesh=mesh, rules=DEFAULT_RULES)
         abstract = jax.eval_shape(lambda: state)
         ssh = state_shardings(cfg, abstract, mesh, DEFAULT_RULES)
         bsh = batch_shardings(batch, mesh, DEFAULT_RULES)
@@ -169,6 +172,16 @@ def test_sharded_step_equals_single_device(single_device_run, mesh_shape):
     assert mlp.sharding.shard_shape(mlp.shape) == (mlp.shape[0], mlp.shape[1] // fsdp, mlp.shape[2] // tensor)
     mu = state["opt_state"][1][0].mu["model/layers/mlp/up_proj/kernel"]
     assert mu.sharding.shard_shape(mu.shape) == mlp.sharding.shard_shape(mlp.shape)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "splash_interpret"])
+def test_sharded_step_with_kernel_equals_single_device_reference(single_device_run, impl):
+    """On a (2, 2, 2) mesh the kernels run per shard (shard_map) inside the constrained step."""
+    cfg, params, batch, _, ref_metrics = single_device_run
+    state, metrics = _run_steps(cfg.replace(attention_impl=impl), params, batch, (2, 2, 2), n_steps=2)
+    for m, ref in zip(metrics, ref_metrics):
+        assert abs(m["loss"] - ref["loss"]) / abs(ref["loss"]) <= 1e-5, impl
+        assert abs(m["grad_norm"] - ref["grad_norm"]) / abs(ref["grad_norm"]) <= 1e-5, impl
 
 
 def test_frozen_parts_bit_identical_trainable_change(single_device_run):

@@ -14,6 +14,9 @@ Implementations (``IMPLS``):
              custom VJP; memory linear in T and S, forward and backward. The
              default off-TPU; runs anywhere.
   splash     Pallas TPU splash attention (``interpret=True`` runs it on CPU).
+  splash_interpret
+             the same kernel, always interpreted: how a model config runs splash
+             on CPU (tests of the model and the train step with this kernel).
   cudnn      cuDNN fused attention on GPU, packed (ragged) layout for segments.
 
 Cases an implementation cannot express run blockwise instead, with the same
@@ -41,9 +44,9 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 
 Array = jax.Array
 
-IMPLS = ("xla", "blockwise", "splash", "cudnn")
+IMPLS = ("xla", "blockwise", "splash", "splash_interpret", "cudnn")
 
-# Same finite value as the reference in layers.py: a fully masked row then gives
+# Large finite negative instead of -inf: a fully masked row then gives
 # a uniform softmax instead of NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -78,6 +81,8 @@ def attention(
     if impl == "xla":
         mask = dense_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
         return reference_attention(q, k, v, mask)
+    if impl == "splash_interpret":
+        impl, interpret = "splash", True
     if impl == "splash":
         if causal and not _is_static_int(q_offset):
             # Splash's causal mask is a static numpy-level object; a traced
@@ -175,7 +180,7 @@ def dense_mask(q_segment_ids: Array, kv_segment_ids: Array, *, causal: bool, q_o
 
 
 def reference_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-    """The XLA reference (same ops as layers.dot_product_attention's "xla" path, so bit-identical).
+    """The XLA reference: float32 logits and softmax over the dense mask (the numerical reference).
 
     mask: bool broadcastable to [B, 1, T, S]. Softmax in float32.
     """

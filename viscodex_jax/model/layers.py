@@ -10,11 +10,6 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# Large finite negative instead of -inf: a fully masked row (left padding)
-# then gives a uniform softmax instead of NaN, and its output is ignored anyway.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
 class RMSNorm(nn.Module):
     """RMSNorm with float32 statistics, cast back before the scale (as HF does)."""
 
@@ -97,36 +92,3 @@ def text_rope(positions: Array, head_dim: int, theta: float, mrope_section: Sequ
         freqs = jnp.einsum("abtf,fa->btf", freqs3, sel)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
-
-
-def dot_product_attention(
-    q: Array, k: Array, v: Array, mask: Array | None, impl: str = "xla"
-) -> Array:
-    """Grouped-query attention.
-
-    q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; mask: bool,
-    broadcastable to [B, 1, T, S] (True = attend). Softmax in float32.
-    The "xla" path is the numerical reference; "cudnn" uses the fused kernel.
-    """
-    b, t, h, d = q.shape
-    kh = k.shape[2]
-    scale = d**-0.5
-    if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-    if impl != "xla":
-        raise ValueError(f"attention_impl must be 'xla' or 'cudnn', got {impl!r}")
-    g = h // kh
-    qg = q.reshape(b, t, kh, g, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        m = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))[:, :, None]  # [B,1,1,T,S]
-        logits = jnp.where(m, logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
-
-
-def segment_mask(q_segments: Array, kv_segments: Array) -> Array:
-    """Block-diagonal mask [..., 1, T, S] from segment ids; negative ids are padding."""
-    m = (q_segments[..., :, None] == kv_segments[..., None, :]) & (kv_segments[..., None, :] >= 0)
-    return m[..., None, :, :]
