@@ -33,7 +33,7 @@ setup(
     extras_require={
         "torch": [TORCH],
         "test": [TORCH, "pytest"],
-        "eval": ["matplotlib", "scipy", "playwright"],
+        "eval": ["matplotlib", "scipy", "playwright", "rouge-score", "numba"],
         # libtpu for the jax we test with: TPU hosts, and compile_check on CPU hosts (launch/setup_env.sh
         # installs it into .venv-tpu rather than .venv, see the README).
         "tpu": ["jax[tpu]==0.10.2"],

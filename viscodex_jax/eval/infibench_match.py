@@ -81,7 +81,7 @@ def _lcs_kernel():
     except ImportError as e:  # the official uses numba too; pure Python would take minutes per case
         raise ImportError("InfiBench blank_filling needs numba (pip install 'viscodex_jax[eval]')") from e
 
-    @numba.njit(cache=False)
+    @numba.njit(cache=True)  # compiled once per machine, not per process
     def lcs(t, r):
         n, m = t.shape[0], r.shape[0]
         f = np.zeros((n, m), dtype=np.int64)
