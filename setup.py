@@ -33,7 +33,8 @@ setup(
     extras_require={
         "torch": [TORCH],
         "test": [TORCH, "pytest"],
-        "eval": ["matplotlib", "scipy", "playwright", "rouge-score", "numba"],
+        "eval": ["matplotlib", "scipy", "playwright", "rouge-score", "numba",
+                 "pandas<3", "openpyxl", "xlsxwriter"],  # pandas & co: InfiBench unit tests' import header
         # libtpu for the jax we test with: TPU hosts, and compile_check on CPU hosts (launch/setup_env.sh
         # installs it into .venv-tpu rather than .venv, see the README).
         "tpu": ["jax[tpu]==0.10.2"],
