@@ -15,7 +15,7 @@ What it does:
    ``data.patches_per_row=4096`` and ``data.max_len=4096``, the issue's goal setting (the configs
    budget 16384 patches per row).
 3. Prints a Markdown table (program, slice, rows per chip, tokens per chip, per-chip GiB, fits,
-   compile s, remat policy, attention) plus the train step's FLOPs per token (6N + attention
+   accumulation steps, compile s, remat policy, attention) plus the train step's FLOPs per token (6N + attention
    against the program's matmuls, so each remat policy's recompute is visible), and writes JSON
    to ``--json_out`` (each run's own JSON under ``runs/benchmarks/compile_check/``).
 
@@ -91,9 +91,10 @@ def run_one(a, config_spec: str, topology: str, rows: int, sets: list[str], prog
                 "failed": "\n".join(tail), "wall_s": wall}
     with open(out) as f:
         (report,) = json.load(f)["reports"]
-    print("  " + "; ".join(f"{r['program']}: {'fits' if r.get('fits') else 'does not fit'} (peak "
-                           f"{(r.get('peak_bytes') or 0) / GIB:.1f} GiB, temp {(r.get('temp_bytes') or 0) / GIB:.1f})"
-                           for r in report["results"]), file=sys.stderr, flush=True)
+    print("  " + "; ".join(f"{r['program']}: " + (
+        f"error {r['error']}" if r["error_kind"] not in (None, "out_of_memory") else
+        f"{'fits' if r['fits'] else 'does not fit'} (peak {(r.get('peak_bytes') or 0) / GIB:.1f} GiB, "
+        f"temp {(r.get('temp_bytes') or 0) / GIB:.1f})") for r in report["results"]), file=sys.stderr, flush=True)
     return {"config": config_spec, "topology": topology, "rows_per_chip": rows, "sets": sets, "report": report,
             "wall_s": wall}
 
@@ -116,15 +117,15 @@ def _tag(*parts: str) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| program | config | slice | chips | rows/chip | tokens/chip | temp GiB | peak GiB per chip | HBM GiB "
-             "| fits | fits 90% | compile s | remat | attention |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
+    lines = ["| program | config | slice | chips | rows/chip | tokens/chip | accum | temp GiB | peak GiB per chip "
+             "| HBM GiB | fits | fits 90% | compile s | remat | attention |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
     flops = ["| config | remat | attention | slice | rows/chip | 6N_total | 6N_trainable | 6N_matmul | 12LTd | "
              "formula (6N_matmul + 12LTd + vision) | program matmuls | program ÷ formula |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         if "report" not in run:
-            lines.append(f"| — | {run['config']} | {run['topology']} | | {run['rows_per_chip']} | | | | | failed: "
+            lines.append(f"| — | {run['config']} | {run['topology']} | | {run['rows_per_chip']} | | | | | | failed: "
                          f"{run['failed'].splitlines()[-1][:120] if run['failed'] else '?'} | | | | |")
             continue
         rep = run["report"]
@@ -135,12 +136,13 @@ def table(runs: list[dict]) -> str:
                 fits = "**no** (XLA: out of memory)"
             else:
                 fits = f"**error**: {r['error'][:100]}"
-            head = "yes" if r.get("fits_headroom") else "no"
+            head = {True: "yes", False: "no"}.get(r.get("fits_headroom"), "—")
             peak = f"{r['peak_bytes'] / GIB:.1f}" if r.get("peak_bytes") is not None else "—"
             temp = f"{r['temp_bytes'] / GIB:.1f}" if r.get("temp_bytes") is not None else "—"
-            per_chip_tokens = r["tokens"] / rep["chips"]
+            accum = r.get("accum_steps", 1)
+            per_chip_tokens = r["tokens"] / rep["chips"] / accum  # per micro-step, as rows/chip
             lines.append(f"| {r['program']} | {run['config']} | {rep['topology']} | {rep['chips']} | "
-                         f"{r['rows_per_chip']:g} | {per_chip_tokens:g} | {temp} | {peak} | "
+                         f"{r['rows_per_chip']:g} | {per_chip_tokens:g} | {accum} | {temp} | {peak} | "
                          f"{rep['hbm_bytes'] / GIB:.1f} | {fits} | {head} | {r['compile_s']:.0f} | "
                          f"{rep['remat_policy']} | {rep['attention_impl']} |")
             f = r.get("flops")

@@ -3,9 +3,10 @@
 Compiles ahead of time for the slice's devices as libtpu describes them (no
 chip needed, nothing allocated) and reads XLA's per-chip memory analysis:
 argument, output, alias (donated inputs reused as outputs) and temporary
-bytes. Peak per chip = argument + output - alias + temporaries, the figure
-XLA's own HBM check uses (code size aside). A program XLA refuses with
-RESOURCE_EXHAUSTED is reported as "does not fit" with the bytes XLA names.
+bytes. Peak per chip = argument + output - alias + temporaries (code size
+aside); "fits" compares it with the chip's HBM. XLA itself refuses a program
+(RESOURCE_EXHAUSTED, reported as "does not fit" with the bytes it names) when
+the temporaries alone exceed HBM, so a program that compiles can still not fit.
 
 Rows per chip: the global batch of a step is ``rows_per_chip x chips`` rows
 of ``data.max_len`` tokens (with tensor parallelism several chips hold the
