@@ -80,8 +80,8 @@ class ModelConfig:
     vision_end_token_id: int | None = None
     # Runtime settings: never written to config.json.
     dtype: str = "float32"  # compute dtype
-    attention_impl: str = "xla"  # "xla" (reference) | "cudnn"
-    remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    attention_impl: str = "xla"  # one of model.attention.IMPLS ("xla" is the numerical reference)
+    remat_policy: str = "none"  # "none" or a policy of model.text (e.g. "full", "proj", "dots")
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

@@ -31,8 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init_checkpoint = ""  # HF dir or our orbax dir (the merged model)
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"  # compute dtype
-    c.model.attention_impl = "xla"
-    c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+    c.model.attention_impl = "xla"  # xla (reference) | blockwise | splash (TPU) | cudnn (GPU) | splash_interpret
+    c.model.remat_policy = "none"  # none | full | proj | proj_mlp | qkv | dots | dots_no_batch (model.text)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # MCD json/jsonl, or a prepared TFDS dir
@@ -120,6 +120,7 @@ def validate_config(c) -> None:
     Also refuses an existing ``export_hf`` directory unless ``overwrite`` is
     set, so a finished run never replaces a directory it was not told it may.
     """
+    from viscodex_jax.model.attention import IMPLS
     from viscodex_jax.model.text import remat_policy_names
     from viscodex_jax.train.step import TRAINABLE_PRESETS
 
@@ -134,6 +135,7 @@ def validate_config(c) -> None:
     _choice(c, "model.dtype", FLOAT_DTYPES)
     _choice(c, "export_dtype", FLOAT_DTYPES + ("",))
     _choice(c, "model.remat_policy", remat_policy_names())
+    _choice(c, "model.attention_impl", IMPLS)
     if isinstance(c.train.trainable, str):
         _choice(c, "train.trainable", tuple(TRAINABLE_PRESETS))
     for name in ("data.max_len", "data.batch_size", "train.steps", "train.accum_steps", "train.vocab_chunk",
