@@ -78,11 +78,12 @@ class InfiBenchV(Benchmark):
     name = "infibench_v"
 
     def __init__(self, judge: Judge | None = None, limits: Limits = Limits(wall_seconds=10, cpu_seconds=6),
-                 support_dirs: Sequence[str] = (), on_unreadable: str = "report", official_prompt: bool = True):
+                 support_dirs: Sequence[str] = (), on_unreadable: str = "report", use_official_prompt: bool = True):
         if on_unreadable not in ("report", "fail", "raise"):
             raise ValueError(f"on_unreadable must be report, fail or raise, got {on_unreadable!r}")
         self.judge, self.limits = judge, limits  # the flat layout's judge and sandbox limits
-        self.support_dirs, self.on_unreadable, self.official_prompt = tuple(support_dirs), on_unreadable, official_prompt
+        self.support_dirs, self.on_unreadable = tuple(support_dirs), on_unreadable
+        self.use_official_prompt = use_official_prompt  # False: the prompt file alone, no system turn
         self.reduce_mode = "avg"  # the official default; a suite's attempt_reduce_mode replaces it
 
     # ---- loading -------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ class InfiBenchV(Benchmark):
                 cid = os.path.basename(c.path).removeprefix("eval_").rsplit(".", 1)[0]
                 items.append(Item(cid, [{"role": "user", "content": [{"type": "text", "text": ""}]}], [], c))
             else:
-                msgs = official_prompt(c) if self.official_prompt else official_prompt(c)[1:]
+                msgs = official_prompt(c) if self.use_official_prompt else official_prompt(c)[1:]
                 items.append(Item(c.id, msgs, [], c))
         return items
 
