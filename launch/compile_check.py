@@ -42,6 +42,9 @@ CACHE = flags.DEFINE_integer("cache_len", Settings.cache_len, "KV-cache length p
 DECODE_ROWS = flags.DEFINE_integer("decode_rows", 0, "Sampler rows (slots), global; 0: one per batch shard.")
 PATCHES = flags.DEFINE_integer("prefill_patches", -1, "Image patches in the prefill prompt; -1: "
                                "--config.data.patches_per_row, 0: text only.")
+SAMPLER_ATTENTION = flags.DEFINE_string("sampler_attention", Settings.sampler_attention,
+                                         "attention_impl of prefill / decode (the sampler's default; '' = the "
+                                         "training config's).")
 CACHE_DTYPE = flags.DEFINE_string("cache_dtype", Settings.cache_dtype, "KV-cache dtype (the sampler's default).")
 FLOPS = flags.DEFINE_boolean("flops", True, "Count the train step's matmul FLOPs (one more trace).")
 JSON_OUT = flags.DEFINE_string("json_out", "", "Write the reports here as JSON.")
@@ -61,7 +64,8 @@ def main(argv):
     try:
         s = Settings(programs=tuple(PROGRAMS_FLAG.value), rows_per_chip=ROWS.value, prompt_len=PROMPT.value,
                      cache_len=CACHE.value, decode_rows=DECODE_ROWS.value, prefill_patches=PATCHES.value,
-                     cache_dtype=CACHE_DTYPE.value, count_flops=FLOPS.value)
+                     cache_dtype=CACHE_DTYPE.value, sampler_attention=SAMPLER_ATTENTION.value,
+                     count_flops=FLOPS.value)
         reports = []
         for topo in topologies:
             reports.append(compile_check(c, model, topo, s))

@@ -50,6 +50,8 @@ class Settings:
     decode_rows: int = 0  # global sampler rows; 0: one per batch shard
     prefill_patches: int = -1  # image patches in the prefill prompt; -1: data.patches_per_row; 0: text only
     cache_dtype: str = DecodeSettings.cache_dtype
+    # The sampler's attention: api.load / launch/generate.py run ModelConfig's default unless told otherwise.
+    sampler_attention: str = ModelConfig.__dataclass_fields__["attention_impl"].default
     count_flops: bool = True  # trace the train step once more to count its matmuls
 
     def __post_init__(self):
@@ -160,9 +162,11 @@ def compile_check(c, model_spec: str, topology: str, s: Settings = Settings()) -
     report: dict[str, Any] = {
         "model": model_spec, "topology": sl.name, "libtpu_topology": sl.topology, "chip": sl.generation,
         "chips": sl.chips, "hbm_bytes": sl.hbm_bytes, "mesh": dict(mesh.shape),
-        "remat_policy": cfg.remat_policy, "attention_impl": cfg.attention_impl, "dtype": cfg.dtype,
+        "remat_policy": cfg.remat_policy, "attention_impl": cfg.attention_impl,
+        "sampler_attention": s.sampler_attention or cfg.attention_impl, "dtype": cfg.dtype,
         "param_dtype": str(c.model.param_dtype), "settings": dataclasses.asdict(s), "results": [],
     }
+    sampler_cfg = cfg.replace(attention_impl=s.sampler_attention) if s.sampler_attention else cfg
     for name in s.programs:
         if name == "train":
             setup = programs.train_setup(c, cfg)
@@ -178,13 +182,13 @@ def compile_check(c, model_spec: str, topology: str, s: Settings = Settings()) -
                 except Exception as e:  # noqa: BLE001 - the memory verdict stands without the FLOP count
                     r["flops_error"] = f"{type(e).__name__}: {str(e).strip()[:500]}"
         elif name == "prefill":
-            jitted, args, _ = programs.prefill_program(cfg, mesh, rules, c.model.param_dtype, decode_rows,
+            jitted, args, _ = programs.prefill_program(sampler_cfg, mesh, rules, c.model.param_dtype, decode_rows,
                                                        s.prompt_len, s.cache_len, patches, s.cache_dtype)
             r = compile_program(name, jitted, args, sl)
             r.update(rows=decode_rows, rows_per_chip=decode_rows / sl.chips, seq_len=s.prompt_len,
                      tokens=decode_rows * s.prompt_len, cache_len=s.cache_len, patches=patches)
         else:
-            jitted, args, _ = programs.decode_program(cfg, mesh, rules, c.model.param_dtype, decode_rows,
+            jitted, args, _ = programs.decode_program(sampler_cfg, mesh, rules, c.model.param_dtype, decode_rows,
                                                       s.cache_len, s.cache_dtype)
             r = compile_program(name, jitted, args, sl)
             r.update(rows=decode_rows, rows_per_chip=decode_rows / sl.chips, seq_len=1, tokens=decode_rows,
@@ -225,7 +229,8 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"{report['model']} on {report['topology']} ({report['chips']} x {report['chip']}, "
         f"{hbm / GIB:.2f} GiB HBM per chip), mesh {report['mesh']}, remat {report['remat_policy']}, "
-        f"attention {report['attention_impl']}, compute {report['dtype']}, params {report['param_dtype']}",
+        f"attention {report['attention_impl']} (sampler: {report['sampler_attention']}), compute {report['dtype']}, "
+        f"params {report['param_dtype']}",
         "",
         "| program | rows/chip | tokens/row | args GiB | out GiB | alias GiB | temp GiB | peak GiB | HBM GiB "
         "| fits | fits 90% | compile s |",
