@@ -44,11 +44,12 @@ def main(argv: list[str]) -> None:
     p.add_argument("--root", default=DEFAULT_ROOT)
     p.add_argument("--support_dir", action="append", default=[], help="extra folder for test programs/handlers")
     p.add_argument("--workers", type=int, default=2, help="responses graded at once (unit tests run in subprocesses)")
+    p.add_argument("--python", default=None, help="interpreter for Python unit tests (default: this one)")
     p.add_argument("--no_exec", action="store_true", help="skip unit-test cases (text graders only)")
     p.add_argument("--json_out", default=os.path.join(REPO, "runs", "benchmarks", "infibench_parity.json"))
     a = p.parse_args(argv)
 
-    bench = InfiBenchV(support_dirs=a.support_dir)
+    bench = InfiBenchV(support_dirs=a.support_dir, python=a.python, on_error="skip")
     pairs = [(i, it, resp, exp) for i, (it, resp, exp) in enumerate(bench.check_pairs(a.root))]
     meta = []
     with open(os.path.join(a.root, "expected.jsonl")) as f:
@@ -79,7 +80,7 @@ def main(argv: list[str]) -> None:
         g = groups[kind_of(it)]
         g["pairs"] += 1
         model, cid, idx = meta[i]
-        if got.get("unreadable"):
+        if "score_error" in got:
             g["unreadable"] += 1
         elif got.get("not_run"):
             g["not_run"] += 1

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from viscodex_jax.eval.check import format_report, run_check
 from viscodex_jax.eval.infibench import QA_SYSTEM_PROMPT, SYSTEM_PROMPT, InfiBenchV, reduce_scores
 from viscodex_jax.eval.infibench_spec import Case, CaseError, load_case
+from viscodex_jax.eval.runner import UnreadableItem, score_guarded
 
 DATA = Path(__file__).parents[2] / "shared" / "benchmarks" / "infibench"
 EVALUATOR_COMMIT = "96cb098c143e42464acdab4ba22da00193039da6"
@@ -220,19 +222,53 @@ def test_python_unit_test_official_extraction_and_exec(tmp_path):
     assert InfiBenchV.grade(case, "def add(a, b):\n    return a + b\n")["unit_test"] == 0.0
 
 
-def test_unreadable_case_names_file_and_never_stops_the_run(tmp_path):
+def test_unreadable_case_names_file_or_counts_as_failed(tmp_path):
     suite = tmp_path / "suite.yaml"
     good = _case(tmp_path, "keywords: [hello]\n")
     (tmp_path / "eval_bad.yaml").write_text("id: bad\nprompt_path: prompt_t.txt\nlang: python\ngrading:\n  unit_test:\n"
                                             "    tests:\n      - path: missing_test.py\n")
     suite.write_text(f"cases:\n- {os.path.basename(good.path)}\n- eval_bad.yaml\n")
     with pytest.raises(CaseError, match=r"eval_bad\.yaml: unit-test program 'missing_test\.py' not found"):
-        InfiBenchV(on_unreadable="raise").load(str(suite))
-    for mode, expect in (("report", math.nan), ("fail", 0.0)):
-        bench = InfiBenchV(on_unreadable=mode)
-        items = bench.load(str(suite))
-        assert [it.id for it in items] == ["t-1", "bad"]
-        rows = [{"id": it.id, **bench.score(it, "hello")} for it in items]
-        assert rows[0]["score"] == 100.0 and rows[1]["unreadable"] == 1.0 and "eval_bad.yaml" in rows[1]["error"]
-        assert (math.isnan(rows[1]["score"]) if math.isnan(expect) else rows[1]["score"] == expect)
-        assert bench.aggregate(rows)["score"] == (100.0 if mode == "report" else 50.0)
+        InfiBenchV().load(str(suite))
+    bench = InfiBenchV(on_error="skip")
+    items = bench.load(str(suite))
+    assert [it.id for it in items] == ["t-1", "bad"]
+    assert isinstance(items[1].reference, UnreadableItem) and "eval_bad.yaml" in items[1].reference.reason
+    rows = [{"id": it.id, **score_guarded(bench, it, "hello")} for it in items]
+    assert rows[0]["score"] == 100.0 and rows[1]["score"] == 0.0 and "missing_test.py" in rows[1]["score_error"]
+
+
+def test_check_against_adapter_on_a_small_folder(root, tmp_path):
+    """run_check (launch/eval.py --check_against) on 3 cases of the dev set: a keyword case, a blank-filling
+    case and a JavaScript unit-test case (not run: counted, never compared)."""
+    wanted = {"0-0-4": 6, "0-1-134": 6, "0-0-0": 4}
+    (tmp_path / "suite.yaml").write_text("attempt_reduce_mode: avg_max_10\ncases:\n" + "".join(
+        f"- {DATA}/cases_dev/eval_{c}.yaml\n" for c in wanted))
+    pairs = {(m, c, i): r for m, c, i, r in _shipped_responses()}
+    lines, seen = [], {}
+    for line in open(DATA / "expected.jsonl"):
+        rec = json.loads(line)
+        if rec["case_id"] in wanted and seen.get(rec["case_id"], 0) < wanted[rec["case_id"]]:
+            seen[rec["case_id"]] = seen.get(rec["case_id"], 0) + 1
+            rec["response"] = pairs[(rec["model"], rec["case_id"], rec["response_index"])]
+            lines.append(json.dumps(rec))
+    (tmp_path / "expected.jsonl").write_text("\n".join(lines) + "\n")
+    report = run_check(InfiBenchV(), str(tmp_path))
+    assert len(report.results) == 12 and report.ok, format_report(report)
+    assert any(a.name.startswith("responses not run (no javascript") and a.ours == 4 for a in report.aggregates)
+    # a wrong official score is reported as a disagreement
+    bad = next(rec for rec in map(json.loads, lines) if rec["case_id"] == "0-0-4")
+    bad["score"] = 0.5 if bad["score"] != 0.5 else 0.25
+    (tmp_path / "expected.jsonl").write_text(json.dumps(bad) + "\n")
+    report = run_check(InfiBenchV(), str(tmp_path))
+    assert not report.ok and "official_score" in format_report(report)
+
+
+def _shipped_responses():
+    import gzip
+
+    for f in sorted((DATA / "responses").glob("*.jsonl.gz")):
+        with gzip.open(f, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                r = json.loads(line)
+                yield r["model"], r["case_id"], r["response_index"], r["response"]

@@ -15,15 +15,16 @@ the response scores ``ans / tot * full_score`` (``official_score``), reported
 as a percentage of the case's full score in ``score``. A response whose unit
 tests could not run (no runtime for the language) scores NaN with
 ``not_run = 1``: never counted as passed or failed. A case that cannot be read
-is logged with its file and, by ``on_unreadable``, reported (NaN, excluded
-from means), counted as failed (0), or raised. Handler modules named by a case
-are imported from the case's folder, as the official grader imports them.
+is an error naming the file (``on_error="raise"``), or, with ``on_error="skip"``,
+an ``UnreadableItem`` that the runner never generates for and counts as failed
+(the run goes on). Handler modules named by a case are imported from the case's
+folder, as the official grader imports them. ``check_adapter()`` plugs the
+shared ``expected.jsonl`` layout into ``launch/eval.py --check_against``.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import logging
 import math
@@ -31,11 +32,13 @@ import os
 from typing import Any, Iterator, Sequence
 
 from viscodex_jax.eval.base import Benchmark, Item
-from viscodex_jax.eval.infibench_exec import grade_unit_tests
+from viscodex_jax.eval.check import CheckAdapter
+from viscodex_jax.eval.infibench_exec import RUNNABLE, grade_unit_tests
 from viscodex_jax.eval.infibench_flat import load_flat, score_flat
 from viscodex_jax.eval.infibench_match import grade_blank_filling, grade_keywords, grade_similarity
 from viscodex_jax.eval.infibench_spec import Case, CaseError, load_case, load_suite
 from viscodex_jax.eval.judge import Judge
+from viscodex_jax.eval.runner import UnreadableItem
 from viscodex_jax.eval.sandbox import Limits
 
 log = logging.getLogger(__name__)
@@ -45,13 +48,6 @@ SYSTEM_PROMPT = ("You are a professional assistant for programmers. "
                  "By default, questions and answers are in Markdown format.")
 QA_SYSTEM_PROMPT = SYSTEM_PROMPT + " You are chatting with programmers, so please answer as briefly as possible."
 METRICS = ("keywords", "blank_filling", "unit_test", "similarity", "custom")
-
-
-class Unreadable:
-    """Stands in for a case that could not be read, so the run goes on and the case is reported."""
-
-    def __init__(self, path: str, error: str):
-        self.path, self.error = path, error
 
 
 def official_prompt(case: Case) -> list[dict[str, Any]]:
@@ -78,12 +74,16 @@ class InfiBenchV(Benchmark):
     name = "infibench_v"
 
     def __init__(self, judge: Judge | None = None, limits: Limits = Limits(wall_seconds=10, cpu_seconds=6),
-                 support_dirs: Sequence[str] = (), on_unreadable: str = "report", use_official_prompt: bool = True):
-        if on_unreadable not in ("report", "fail", "raise"):
-            raise ValueError(f"on_unreadable must be report, fail or raise, got {on_unreadable!r}")
+                 support_dirs: Sequence[str] | None = None, on_error: str = "raise", use_official_prompt: bool = True,
+                 python: str | None = None):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.judge, self.limits = judge, limits  # the flat layout's judge and sandbox limits
-        self.support_dirs, self.on_unreadable = tuple(support_dirs), on_unreadable
+        if support_dirs is None:  # launch/eval.py has no flag for it: the environment names them
+            support_dirs = [d for d in os.environ.get("INFIBENCH_SUPPORT_DIRS", "").split(os.pathsep) if d]
+        self.support_dirs, self.on_error = tuple(support_dirs), on_error
         self.use_official_prompt = use_official_prompt  # False: the prompt file alone, no system turn
+        self.python = python  # interpreter for unit tests (a scoring venv's bin/python); default ours
         self.reduce_mode = "avg"  # the official default; a suite's attempt_reduce_mode replaces it
 
     # ---- loading -------------------------------------------------------------------------------------------
@@ -104,16 +104,17 @@ class InfiBenchV(Benchmark):
             raise FileNotFoundError(f"{root}: no InfiBench suite*.yaml, eval_*.yaml or questions.jsonl")
         return cases
 
-    def load_cases(self, root: str) -> list[Case | Unreadable]:
-        out: list[Case | Unreadable] = []
+    def load_cases(self, root: str) -> list[Case | tuple[str, str]]:
+        """Cases, or (path, reason) for those that cannot be read (with ``on_error="skip"``)."""
+        out: list[Case | tuple[str, str]] = []
         for path in self._case_paths(root):
             try:
-                out.append(load_case(path, self.support_dirs))
+                out.append(load_case(path, self.support_dirs, run_langs=RUNNABLE))
             except CaseError as e:
-                if self.on_unreadable == "raise":
+                if self.on_error == "raise":
                     raise
-                log.warning("InfiBench case unreadable: %s", e)
-                out.append(Unreadable(path, str(e)))
+                log.warning("InfiBench case unreadable, counted as failed: %s", e)
+                out.append((path, str(e)))
         return out
 
     def load(self, root: str, limit: int | None = None) -> list[Item]:
@@ -124,9 +125,9 @@ class InfiBenchV(Benchmark):
             return load_flat(flat, limit)
         items = []
         for c in self.load_cases(root)[:limit]:
-            if isinstance(c, Unreadable):
-                cid = os.path.basename(c.path).removeprefix("eval_").rsplit(".", 1)[0]
-                items.append(Item(cid, [{"role": "user", "content": [{"type": "text", "text": ""}]}], [], c))
+            if isinstance(c, tuple):
+                cid = os.path.basename(c[0]).removeprefix("eval_").rsplit(".", 1)[0]
+                items.append(Item(cid, [], [], UnreadableItem(c[1])))
             else:
                 msgs = official_prompt(c) if self.use_official_prompt else official_prompt(c)[1:]
                 items.append(Item(c.id, msgs, [], c))
@@ -135,14 +136,14 @@ class InfiBenchV(Benchmark):
     # ---- scoring -------------------------------------------------------------------------------------------
     def score(self, item: Item, generation: str) -> dict[str, Any]:
         ref = item.reference
-        if isinstance(ref, Unreadable):
-            return {"score": 0.0 if self.on_unreadable == "fail" else math.nan, "unreadable": 1.0, "error": ref.error}
+        if isinstance(ref, UnreadableItem):  # the runner never gets here (score_guarded); direct callers may
+            return {"score": 0.0, "score_error": ref.reason}
         if isinstance(ref, Case):
-            return self.grade(ref, generation)
+            return self.grade(ref, generation, python=self.python)
         return score_flat(ref, generation, self.judge, self.limits)
 
     @staticmethod
-    def grade(case: Case, response: str) -> dict[str, Any]:
+    def grade(case: Case, response: str, python: str | None = None) -> dict[str, Any]:
         """One response, as grader_main.grade_response; NaN ``score`` with ``not_run`` when tests could not run."""
         g, ans, tot, row, detail = case.grading, 0.0, 0.0, {}, {}
         ran = True
@@ -154,7 +155,7 @@ class InfiBenchV(Benchmark):
                 parts.append(("blank_filling", *grade_blank_filling(g["blank_filling"], response,
                                                                     case.handlers.get("blank_filling"))))
             if "unit_test" in g:
-                a, t, d, ran = grade_unit_tests(case.unit_lang, response, case.unit_tests)
+                a, t, d, ran = grade_unit_tests(case.unit_lang, response, case.unit_tests, python)
                 parts.append(("unit_test", a, t, d))
             if "similarity" in g:
                 parts.append(("similarity", *grade_similarity(g["similarity"], case.references, response)))
@@ -177,13 +178,12 @@ class InfiBenchV(Benchmark):
                 "detail": json.dumps(detail, default=str)[:4000]}
 
     def aggregate(self, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-        """Means over graded responses (not-run and reported-unreadable ones excluded, and counted);
+        """Means over graded responses (not-run ones excluded, and counted);
         with several samples per item, also the suite score under the official attempt reduction."""
         graded = [r for r in rows if isinstance(r.get("score"), (int, float)) and not math.isnan(r["score"])]
         keys = sorted({k for r in graded for k, v in r.items() if isinstance(v, (int, float)) and k != "sample"})
         out = {k: float(sum(r.get(k, 0.0) for r in graded) / max(len(graded), 1)) for k in keys}
-        out.update(n_graded=float(len(graded)), n_not_run=float(sum(r.get("not_run", 0.0) for r in rows)),
-                   n_unreadable=float(sum(r.get("unreadable", 0.0) for r in rows)))
+        out.update(n_graded=float(len(graded)), n_not_run=float(sum(r.get("not_run", 0.0) for r in rows)))
         by_id: dict[str, list[tuple[int, float]]] = {}
         for r in graded:
             by_id.setdefault(r.get("id", ""), []).append((r.get("sample", 0), r["score"]))
@@ -194,42 +194,30 @@ class InfiBenchV(Benchmark):
 
     # ---- official-score check ------------------------------------------------------------------------------
     def check_pairs(self, root: str, models: Sequence[str] | None = None) -> Iterator[tuple[Item, str, dict[str, float]]]:
-        """(item, response, expected metrics) for every line of ``root/expected.jsonl``.
+        """(item, response, expected metrics) for every line of ``root/expected.jsonl`` (layout: ``infibench_check``).
 
-        Layout: ``expected.jsonl`` lines with ``model``, ``case`` (suite-relative case YAML), ``response_index``,
-        ``score`` (official, on the case's full score), ``raw_score``, ``raw_total``, ``subscores``
-        ({metric: [score, total]}); responses in ``responses/<model>.jsonl.gz`` (``case``, ``response_index``,
-        ``response``), or a ``response`` field on the expected line. Expected keys match ``score()``'s:
-        ``score`` (percent of full score), ``official_score``, ``raw``, ``total`` and one per metric.
-        A NaN ``score`` from us means not run/unreadable: compare those as "not run", not as disagreement.
+        Expected keys match ``score()``'s: ``score`` (percent of the case's full score), ``official_score``,
+        ``raw``, ``total`` and one per metric. Our NaN ``score`` means "not run"; an ``UnreadableItem`` (with
+        ``on_error="skip"``) means the case could not be read: neither is an agreement.
         """
-        items: dict[str, Item] = {}
-        for it in self.load(root):
-            path = it.reference.path
-            items[os.path.relpath(os.path.abspath(path), os.path.abspath(root))] = it
-        responses: dict[tuple[str, str, int], str] = {}
-        for f in sorted(glob.glob(os.path.join(root, "responses", "*.jsonl.gz"))):
-            with gzip.open(f, "rt") as fh:
-                for line in fh:
-                    r = json.loads(line)
-                    responses[(r["model"], os.path.normpath(r["case"]), int(r["response_index"]))] = r["response"]
-        with open(os.path.join(root, "expected.jsonl")) as fh:
-            for lineno, line in enumerate(fh, 1):
-                e = json.loads(line)
-                if models is not None and e["model"] not in models:
-                    continue
-                case = os.path.normpath(e["case"])
-                if case not in items:
-                    raise KeyError(f"{root}/expected.jsonl:{lineno}: case {e['case']!r} is not in the suite")
-                key = (e["model"], case, int(e["response_index"]))
-                resp = e.get("response", responses.get(key))
-                if resp is None:
-                    raise KeyError(f"{root}/expected.jsonl:{lineno}: no response for {key}")
-                item = items[case]
-                full = item.reference.full_score if isinstance(item.reference, Case) else 1.0
-                exp = {"score": 100.0 * e["score"] / full, "official_score": e["score"], "raw": e["raw_score"],
-                       "total": e["raw_total"], **{m: v[0] for m, v in e.get("subscores", {}).items()}}
-                yield item, resp, exp
+        from viscodex_jax.eval.infibench_check import expected_records
+
+        items = {it.id: it for it in self.load(root)}
+        for where, rec, response in expected_records(root):
+            if models is not None and rec["model"] not in models:
+                continue
+            if rec["case_id"] not in items:
+                raise KeyError(f"{where}: case {rec['case_id']!r} is not in the suite")
+            item = items[rec["case_id"]]
+            full = item.reference.full_score if isinstance(item.reference, Case) else 1.0
+            exp = {"score": 100.0 * rec["score"] / full, "official_score": rec["score"], "raw": rec["raw_score"],
+                   "total": rec["raw_total"], **{m: v[0] for m, v in rec.get("subscores", {}).items()}}
+            yield item, response, exp
+
+    def check_adapter(self) -> CheckAdapter:
+        from viscodex_jax.eval.infibench_check import InfiBenchCheck
+
+        return InfiBenchCheck(self)
 
     @staticmethod
     def make_sample(out_dir: str) -> str:

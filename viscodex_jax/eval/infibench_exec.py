@@ -122,7 +122,7 @@ os._exit(0)
 """
 
 
-def run_unit_test(lang: str, response: str, test: UnitTest) -> dict:
+def run_unit_test(lang: str, response: str, test: UnitTest, python: str | None = None) -> dict:
     """One official unit test: {"status": "passed"|"failed"|"not_run", "detail": ...}."""
     code = extract_code(test.prefix + "\n" + response, lang, test.only_longest)
     if lang not in RUNNABLE:
@@ -130,17 +130,18 @@ def run_unit_test(lang: str, response: str, test: UnitTest) -> dict:
     timeout = TIMEOUTS[lang] if test.timeout is None else test.timeout
     limits = Limits(wall_seconds=timeout + STARTUP_SLACK, cpu_seconds=int(timeout + STARTUP_SLACK),
                     memory_bytes=16 * 2**30)  # torch/pandas tests reserve several GiB of address space
-    res = run_python(_DRIVER, limits=limits, files={"check_program.py": python_program(code, test)})
+    res = run_python(_DRIVER, limits=limits, files={"check_program.py": python_program(code, test)}, python=python)
     passed = res.ok
     detail = "passed" if passed else f"{res.status}{f' ({res.limit})' if res.limit else ''}: {res.stderr[-500:]}"
     return {"status": "passed" if passed else "failed", "detail": detail}
 
 
-def grade_unit_tests(lang: str, response: str, tests: list[UnitTest]) -> tuple[float, float, list[dict], bool]:
-    """(score, total, per-test details, every test ran)."""
+def grade_unit_tests(lang: str, response: str, tests: list[UnitTest],
+                     python: str | None = None) -> tuple[float, float, list[dict], bool]:
+    """(score, total, per-test details, every test ran); ``python``: the scoring interpreter (default ours)."""
     now, tot, details = 0.0, 0.0, []
     for t in tests:
-        r = run_unit_test(lang, response, t)
+        r = run_unit_test(lang, response, t, python)
         tot += t.weight
         now += t.weight * (r["status"] == "passed")
         details.append({"test": t.source, **r})

@@ -64,17 +64,25 @@ class Case:
     handlers: dict[str, Any] = dataclasses.field(default_factory=dict)  # "keywords"/"blank_filling"/"customized" -> callable
 
 
+_NOT_RUN = "\0not run"  # a support dir meaning "a missing file reads as empty": tests never run
+
+
 def _find(case_dir: str, rel: str, support_dirs: Sequence[str], path: str, what: str) -> str:
     for d in (case_dir, *support_dirs):
+        if d == _NOT_RUN:
+            return d
         p = os.path.join(d, rel)
         if os.path.isfile(p):
             return p
-    looked = ", ".join([case_dir, *support_dirs])
+    looked = ", ".join(d for d in (case_dir, *support_dirs) if d != _NOT_RUN)
     raise CaseError(f"{path}: {what} {rel!r} not found (looked in {looked})")
 
 
 def _read(case_dir: str, rel: str, support_dirs: Sequence[str], path: str, what: str) -> str:
-    with open(_find(case_dir, rel, support_dirs, path, what)) as f:
+    found = _find(case_dir, rel, support_dirs, path, what)
+    if found == _NOT_RUN:
+        return ""
+    with open(found) as f:
         return f.read()
 
 
@@ -126,8 +134,11 @@ def _check_keyword_content(c: Any, path: str, where: str) -> None:
         raise CaseError(f"{path}: {where}: a keyword mapping needs 'or', 'and' or 'content'")
 
 
-def load_case(path: str, support_dirs: Sequence[str] = ()) -> Case:
-    """One ``eval_<id>.yaml``; raises ``CaseError`` naming the file."""
+def load_case(path: str, support_dirs: Sequence[str] = (), run_langs: Sequence[str] | None = None) -> Case:
+    """One ``eval_<id>.yaml``; raises ``CaseError`` naming the file.
+
+    ``run_langs``: the unit-test languages the caller will run (None: all). Test files of other languages
+    may be missing (they are never read: those tests are reported as not run)."""
     try:
         with open(path) as f:
             cfg = yaml.safe_load(f)
@@ -174,22 +185,26 @@ def load_case(path: str, support_dirs: Sequence[str] = ()) -> Case:
         if lang not in LANG_ALIASES:
             raise CaseError(f"{path}: unit tests in unsupported language {lang!r}")
         case.unit_lang = LANG_ALIASES[lang]
+        if run_langs is not None and case.unit_lang not in run_langs:
+            test_dirs = (*support_dirs, _NOT_RUN)
+        else:
+            test_dirs = tuple(support_dirs)
         for k, t in enumerate(ut["tests"]):
             if isinstance(t, str):
                 case.unit_tests.append(UnitTest(reference=t, source=f"tests[{k}]"))
                 continue
             if "path" in t:
-                ref, src = _read(case_dir, t["path"], support_dirs, path, "unit-test program"), t["path"]
+                ref, src = _read(case_dir, t["path"], test_dirs, path, "unit-test program"), t["path"]
             elif "content" in t:
                 ref, src = t["content"], f"tests[{k}]"
             else:
                 raise CaseError(f"{path}: unit_test tests[{k}] needs 'path' or 'content'")
             case.unit_tests.append(UnitTest(
                 reference=ref, source=src, weight=float(t.get("weight", 1.0)), prefix=t.get("prefix", ""),
-                prefix_from_file=_read(case_dir, t["prefix_path"], support_dirs, path, "unit-test prefix")
+                prefix_from_file=_read(case_dir, t["prefix_path"], test_dirs, path, "unit-test prefix")
                 if t.get("prefix_path") else "",
                 timeout=float(t["timeout"]) if t.get("timeout") is not None else None,
-                cleanup=_read(case_dir, t["cleanup_path"], support_dirs, path, "unit-test cleanup")
+                cleanup=_read(case_dir, t["cleanup_path"], test_dirs, path, "unit-test cleanup")
                 if t.get("cleanup_path") else "",
                 only_longest=bool(t.get("only_longest", False))))
 
