@@ -183,6 +183,10 @@ class MCDEncode(grain.transforms.MapWithIndex):
             empty_epoch = False
             if position is not None:
                 epoch = position // self.epoch_len
+                if epoch not in self._per_epoch:
+                    # epochs a worker process only sees part of never complete: keep a few, not all
+                    for old in [e for e in self._per_epoch if e < epoch - 2]:
+                        del self._per_epoch[old]
                 seen = self._per_epoch.setdefault(epoch, [0, 0])
                 seen[0] += 1
                 seen[1] += ok
