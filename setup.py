@@ -34,7 +34,9 @@ setup(
         "torch": [TORCH],
         "test": [TORCH, "pytest"],
         "eval": ["matplotlib", "scipy", "playwright", "rouge-score", "numba",
-                 "pandas<3", "openpyxl", "xlsxwriter"],  # pandas & co: InfiBench unit tests' import header
+                 "pandas<3", "openpyxl", "xlsxwriter",  # pandas & co: InfiBench unit tests' import header
+                 # Design2Code's official pre-processing/blocks (bs4 html.parser), CLIP inpainting, parquet form
+                 "beautifulsoup4", "opencv-python-headless", "pyarrow"],
         # libtpu for the jax we test with: TPU hosts, and compile_check on CPU hosts (launch/setup_env.sh
         # installs it into .venv-tpu rather than .venv, see the README).
         "tpu": ["jax[tpu]==0.10.2"],

@@ -12,9 +12,8 @@ import pytest
 from PIL import Image
 
 from viscodex_jax.eval.base import Item
-from viscodex_jax.eval.design2code import (
-    METRICS, Design2Code, extract_html, low_level_scores, merge_and_match, text_similarity,
-)
+from viscodex_jax.eval import design2code_official as official
+from viscodex_jax.eval.design2code import METRICS, PROMPT, Design2Code, clip_image, extract_html
 from viscodex_jax.eval.render import BrowserUnavailable, Renderer, RenderTimeout, TextBlock, get_renderer
 
 PAGE = """<!DOCTYPE html>
@@ -177,28 +176,89 @@ def test_invalid_or_empty_html_scores_zero(bench, item, generation):
 
 
 def test_block_match_formula_and_merging():
-    a = TextBlock("alpha beta gamma", (0.0, 0.0, 0.5, 0.2), (0, 0, 0))  # area 0.1
-    b = TextBlock("delta epsilon zeta", (0.0, 0.5, 0.5, 0.4), (0, 0, 0))  # area 0.2
-    s = low_level_scores([a, b], [a])
+    B = official.Block
+    a = B("alpha beta gamma", (0.0, 0.0, 0.5, 0.2), (0, 0, 0))  # area 0.1
+    b = B("delta epsilon zeta", (0.0, 0.5, 0.5, 0.4), (0, 0, 0))  # area 0.2
+    s, _ = official.official_scores([a], [a, b])
     assert s["block_match"] == pytest.approx(0.2 / 0.4)
     assert s["text"] == s["position"] == s["color"] == 1.0
     # Chebyshev distance of centres: moved 0.3 right and 0.1 down -> 0.7
-    moved = TextBlock(a.text, (0.3, 0.1, 0.5, 0.2), (0, 0, 0))
-    assert low_level_scores([a], [moved])["position"] == pytest.approx(0.7)
-    # a paragraph split in two on one page is merged to match the other page's single block
-    whole = TextBlock("alpha beta gamma delta epsilon zeta", (0.0, 0.0, 0.5, 0.9), (0, 0, 0))
-    ref, cand, matched = merge_and_match([a, b], [whole])
-    assert len(ref) == 1 and matched == [(0, 0, 1.0)]
+    moved = B(a.text, (0.3, 0.1, 0.5, 0.2), (0, 0, 0))
+    assert official.official_scores([moved], [a])[0]["position"] == pytest.approx(0.7)
+    # a paragraph split in two on the reference is merged to match the prediction's single block
+    whole = B("alpha beta gamma delta epsilon zeta", (0.0, 0.0, 0.5, 0.9), (0, 0, 0))
+    pred, ref, pairs = official.merge_and_match([whole], [a, b])
+    assert len(ref) == 1 and ref[0].text == whole.text and pairs == [(0, 0)]
     # below 0.5 text similarity nothing is matched
-    assert text_similarity("abc", "xyz") == 0.0
-    assert low_level_scores([a], [TextBlock("completely unrelated words", a.bbox, (0, 0, 0))])["low_level"] == 0.0
+    far = B("completely unrelated words", a.bbox, (0, 0, 0))
+    assert official.official_scores([far], [a])[0]["low_level"] == 0.0
+    # blocks with the same box are one block (texts joined, colours averaged)
+    merged = official.merge_by_bbox([B("x", a.bbox, (0, 0, 0)), B("y", a.bbox, (10, 20, 30))])
+    assert len(merged) == 1 and merged[0].text == "x y" and merged[0].color == (5, 10, 15)
+
+
+def test_official_blocks_from_renders():
+    """Text pixels are where the two re-styled screenshots differ by 50; each text node's block is the
+    box of its colour's pixels, its colour the mean of the plain screenshot there."""
+    import numpy as np
+
+    H, W = 20, 40
+    shot = np.full((H, W, 3), 255, np.uint8)
+    p0 = np.full((H, W, 3), 255, np.uint8)
+    p0[2:6, 4:10] = (250, 250, 250)  # the first pool colour, #FAFAFA
+    p1 = p0.copy()
+    p1[2:6, 4:10] = (44, 44, 44)  # (250 + 50) % 256
+    shot[2:6, 4:10] = (200, 0, 0)
+    blocks = official.blocks_from_renders(shot, p0, p1, [("Hello World", "#FAFAFA"), ("gone", "#0A0A0A")])
+    assert len(blocks) == 1 and blocks[0].text == "hello world" and blocks[0].color == (200, 0, 0)
+    assert blocks[0].bbox == pytest.approx((4 / W, 2 / H, 6 / W, 4 / H))
+    p0_html, p1_html = official.restyle("<html><body><p>Hi <em>there</em></p><div>x</div></body></html>", (0, 50))
+    assert official.text_items(p0_html) == [("Hi", "#FAFAFA"), ("there", "#FAFAFA"), ("x", "#FAFAEA")]
+    assert "#2C2C2C" in p1_html and "#FAFAFA" not in p1_html
 
 
 def test_extract_html():
-    assert extract_html("blah\n```html\n<p>x</p>\n```\nbye") == "<p>x</p>\n"
+    # the official cleanup: fences at the very start/end, text before <!DOCTYPE and after </html> go
+    assert official.cleanup_response("```html\n<!DOCTYPE html><html><body>x</body></html>\n```") == \
+        "<!DOCTYPE html><html><body>x</body></html>"
     raw = "Sure! <!DOCTYPE html><html><body>x</body></html> Hope this helps."
-    assert extract_html(raw) == "<!DOCTYPE html><html><body>x</body></html>"
-    assert extract_html("<p>plain</p>") == "<p>plain</p>"
+    assert official.cleanup_response(raw) == "<!DOCTYPE html><html><body>x</body></html>"
+    # then BeautifulSoup (html.parser) re-serialises the page, as the official pre-processing does
+    assert extract_html(raw) == "<!DOCTYPE html>\n<html><body>x</body></html>"
+    # no <html> tag: wrapped as text into a paragraph (official make_html)
+    assert extract_html("<p>plain</p>") == "<html><body><p><p>plain</p></p></body></html>"
+
+
+def test_failed_render_scores_as_blank_page(item):
+    bench = Design2Code(renderer=Renderer(timeout_s=3))
+    s = bench.score(item, "<html><body><p>Welcome to the garden shop</p><script>while(true){}</script></body></html>")
+    assert s["render_error"] == 1.0
+    for k in METRICS + ("low_level", "score"):
+        assert s[k] == 0.0, (k, s)
+
+
+def test_load_parquet(tmp_path, caplog):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), "white").save(buf, format="PNG")
+    png = buf.getvalue()
+    rows = [{"image": {"bytes": png, "path": "7.png"}, "text": "<html><body><p>a</p></body></html>"},
+            {"image": {"bytes": b"not a png", "path": "8.png"}, "text": "<p>b</p>"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match=r"train-00000-of-00001.parquet: row 1"):
+        Design2Code().load(str(tmp_path))
+    b = Design2Code(on_error="skip")
+    items = b.load(str(tmp_path))
+    assert [it.id for it in items] == ["7", "8"]
+    assert items[0].images[0].size == (64, 48) and items[0].reference.startswith("<html>")
+    assert "row 1" in items[1].reference.reason and len(b.skipped) == 1
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(ValueError, match="bad.parquet: not a readable parquet file"):
+        Design2Code().load(str(tmp_path / "bad.parquet"))
 
 
 # -- layout -------------------------------------------------------------------------------------------
@@ -212,8 +272,9 @@ def test_load_make_sample(renderer, tmp_path):
     for it in items:
         assert len(it.images) == 1 and isinstance(it.images[0], Image.Image) and it.images[0].size[0] == 1280
         content = it.messages[0]["content"]
-        assert it.messages[0]["role"] == "user" and content[0] == {"type": "image"}
-        assert "HTML" in content[1]["text"] and "screenshot" in content[1]["text"]
+        # the official direct prompt, text before the screenshot as prompting/gpt4v.py sends it
+        assert it.messages[0]["role"] == "user" and content == [{"type": "text", "text": PROMPT}, {"type": "image"}]
+        assert "rick.jpg" in PROMPT and "HTML+CSS" in PROMPT
         assert it.reference == (tmp_path / "testset_final" / f"{it.id}.html").read_text()
     assert len(b.load(str(tmp_path), limit=2)) == 2  # the parent of testset_final/ works too
     s = b.score(items[0], f"```html\n{items[0].reference}```")
@@ -240,6 +301,14 @@ def test_clip_from_local_checkpoint(renderer, tmp_path):
     it = Item("p", [], [renderer.render(PAGE).image()], PAGE)
     s = b.score(it, PAGE)
     assert s["clip"] == pytest.approx(1.0, abs=1e-4) and s["score"] == pytest.approx(100.0)
-    assert b.score(it, "")["clip"] == 0.0
+    # an empty answer is a page without blocks: CLIP of its (blank) screenshot against the masked reference
+    ref_blocks, ref_shot = b._reference(it, None)
+    empty_shot = renderer.render("<html><body><p></p></body></html>", blocks=False).image()
+    import numpy as np
+
+    want = b._clip_model().similarity(clip_image(np.asarray(empty_shot), []),
+                                      clip_image(ref_shot, official.merge_by_bbox(ref_blocks)))
+    assert b.score(it, "")["clip"] == pytest.approx(want, abs=1e-5)
+    assert clip_image(ref_shot, []).size == (min(ref_shot.shape[:2]),) * 2
     with pytest.raises(FileNotFoundError):
         Design2Code(clip_path=str(tmp_path / "absent")).score(it, PAGE)

@@ -1,235 +1,122 @@
 """Design2Code (Si et al., 2024): a web page screenshot -> the HTML/CSS that reproduces it.
 
-Layout read (as Design2Code publishes its test set, e.g. ``testset_final/``): one directory with
-``<id>.html`` + ``<id>.png`` pairs (the reference page and its screenshot), plus any placeholder
-images the pages use (``rick.jpg``). ``root`` may also be the parent of ``testset_final/``.
+Layouts read:
 
-Scoring renders the reference and the generated page in headless Chromium (``eval.render``: JS
-on, every network request blocked), takes each page's visible text blocks and follows
-Design2Code's fine-grained evaluation:
+* ``testset_final/`` as Design2Code publishes it: ``<id>.html`` + ``<id>.png`` pairs (the reference
+  page and its screenshot) plus the placeholder image the pages use (``rick.jpg``). ``root`` may
+  be that folder, its parent, or a folder whose sub-folders hold such pairs (the layout of
+  ``shared/benchmarks/design2code``); ids must be unique over all of them.
+* the Hugging Face parquet form (``SALT-NLP/Design2Code-hf``: ``data/train-*.parquet`` with an
+  ``image`` column, ``{"bytes", "path"}``, and the page's HTML in ``text``): ``root`` is a
+  ``.parquet`` file or a folder holding some. Item ids are the image paths' stems, else the row
+  numbers. The pages' ``rick.jpg`` is served from ``assets_dir`` when given (without it the
+  placeholder image does not load and the layout can differ from the official screenshots).
 
-1. blocks of the two pages are paired with the Hungarian algorithm
-   (``scipy.optimize.linear_sum_assignment``) maximising the summed text similarity
-   (``difflib.SequenceMatcher.ratio``, i.e. 2*matches/total characters); pairs below 0.5 are
-   dropped (unmatched);
-2. before the final matching, consecutive blocks of either page are merged greedily while
-   that raises the matched similarity (Design2Code's fix for a paragraph split differently
-   on the two pages);
-3. the low-level metrics, each in [0, 1]:
+An item that cannot be read is a ``ValueError`` naming the file (and row); with
+``on_error="skip"`` it is kept as unreadable and scored 0 with that reason (``runner.UnreadableItem``).
 
-   * **block_match** - the area of matched blocks over the area of all blocks, both pages:
-     ``sum_matched (S(r) + S(g)) / (sum_all S(r) + sum_all S(g))`` (areas normalised by page size);
-   * **text** - mean text similarity of the matched pairs;
-   * **position** - mean of ``1 - max(|dx|, |dy|)`` between matched block centres
-     (coordinates normalised by each page's size);
-   * **color** - mean CIEDE2000 color similarity ``max(0, 1 - dE00/100)`` of matched text colors
-     (``eval.colors``);
+Prompt: the official direct prompt (``PROMPT``), text then the screenshot, as ``prompting/gpt4v.py``
+sends it.
 
-   ``low_level`` is their mean and ``score`` = 100 * ``low_level`` (the scale of the VisCodex
-   table's "Design2Code low" column, like the other benchmarks' ``score``).
-4. optional high-level **clip**: with a local CLIP checkpoint (``clip_path``; never downloaded),
-   the cosine similarity of the CLIP image embeddings of the reference screenshot (the published
-   PNG) and the generated page's screenshot, text regions of both painted over first.
+Scoring follows the official ``metrics/visual_score.py`` (``visual_eval_v3_multi``) step by step;
+the details, including the official oddities we keep on purpose, are in ``design2code_official``.
+In short:
 
-Simplifications, compared with the official ``visual_score.py`` (from memory of the paper and code):
+* the response goes through the official ``cleanup_response`` (so a fenced answer with prose
+  around it and no ``<!DOCTYPE`` keeps the prose as page text, as officially), then the
+  prediction-only pre-processing (repetition cut, wrapping of non-HTML text in ``<p>``, elements
+  repeated more than 50 times dropped). We keep the repetition check's known misfire on large
+  inline stylesheets (the page is cut inside ``<style>`` and scores 0): the published numbers
+  include it;
+* text blocks are found without OCR by re-colouring the text elements and diffing two
+  screenshots; block texts are lower-cased (upper-casing a page costs nothing in ``text``);
+* blocks are matched with the official merge search and context bonus; metrics are
+  block_match, text, position, color (each in [0, 1]), ``low_level`` is their mean and
+  ``score`` = 100 * ``low_level`` (the VisCodex table's "Design2Code low" column);
+* a page that does not render is scored as the official blank 1280x960 white image
+  (``render_error`` = 1 marks it): no block, so 0 on the four metrics; CLIP is taken on the blank;
+* optional high-level ``clip`` (``clip_path``: a local CLIP checkpoint, never downloaded): text
+  boxes inpainted (OpenCV Telea), each screenshot resized to a square of its shorter side, then the
+  checkpoint's image pre-processing and the cosine of the image embeddings; with it, ``overall``
+  is the official 0.2 x (block_match + text + position + color + clip). Needs ``opencv-python-headless``.
 
-* blocks come from the DOM (each block-level element's own visible text, its line boxes'
-  union as bbox, its computed CSS ``color``) instead of Design2Code's OCR-free detection by
-  re-coloring text and diffing screenshots; text color is the CSS color, not the sampled pixels;
-* the matching has no "consecutive bonus" for order-preserving pairs; ties between equally
-  similar pairs are broken by a tiny centre-distance term instead; the 0.5 threshold also
-  applies inside the assignment (sub-threshold similarities count as 0);
-* merging is greedy (first improving merge of neighbours, repeated until none improves), and
-  skipped for pages with more than ``max_merge_blocks`` blocks;
-* the text masking before CLIP fills each text box with the median color of its border
-  instead of OpenCV inpainting, and the CLIP image preprocessing is the checkpoint's own
-  (resize + centre crop, as Design2Code's);
-* a page with no text block, or a generation that does not render (timeout, crash), gets 0 on
-  every metric (``render_error`` = 1 marks the latter).
+Rendering: headless Chromium (``eval.render``, network blocked, the page's own folder serving
+its images); the reference's screenshots are rendered once per (page, assets) and cached.
 """
 
 from __future__ import annotations
 
 import collections
-import difflib
 import glob
 import hashlib
+import io
 import logging
 import os
-import re
-from typing import Any, Sequence
+import threading
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from viscodex_jax.eval.base import Benchmark, Item, extract_code
-from viscodex_jax.eval.colors import color_similarity
-from viscodex_jax.eval.render import BrowserUnavailable, RenderError, Renderer, TextBlock, get_renderer
+from viscodex_jax.eval import design2code_official as official
+from viscodex_jax.eval.base import Benchmark, Item
+from viscodex_jax.eval.check import CheckAdapter, Metric
+from viscodex_jax.eval.render import BrowserUnavailable, RenderError, Renderer, get_renderer
 
 log = logging.getLogger(__name__)
 
+# The official direct prompt, from NoviScl/Design2Code prompting/gpt4v.py (direct_prompting).
 PROMPT = (
-    "This is a screenshot of a web page. Write the HTML/CSS code that reproduces this web page screenshot "
-    "as faithfully as possible: the same text, layout, element sizes, positions and colors. Write one "
-    "self-contained HTML file with all CSS inside it; do not load external files or scripts. Use \"rick.jpg\" "
-    "as the source of every image. Reply with the complete HTML file in one ```html code block."
+    "You are an expert web developer who specializes in HTML and CSS.\n"
+    "A user will provide you with a screenshot of a webpage.\n"
+    "You need to return a single html file that uses HTML and CSS to reproduce the given website.\n"
+    "Include all CSS code in the HTML file itself.\n"
+    "If it involves any images, use \"rick.jpg\" as the placeholder.\n"
+    "Some images on the webpage are replaced with a blue rectangle as the placeholder, use \"rick.jpg\" "
+    "for those as well.\n"
+    "Do not hallucinate any dependencies to external files. You do not need to include JavaScript scripts "
+    "for dynamic interactions.\n"
+    "Pay attention to things like size, text, position, and color of all the elements, as well as the "
+    "overall layout.\n"
+    "Respond with the content of the HTML+CSS file:\n"
 )
-METRICS = ("block_match", "text", "position", "color")
-MIN_SIMILARITY = 0.5
-_TIE_EPS = 1e-3
+METRICS = official.METRICS
+cleanup_response = official.cleanup_response
 
-
-# -- generation -> HTML ------------------------------------------------------------------------------
 
 def extract_html(generation: str) -> str:
-    """The HTML of a generation: the last ```html block (else the last fenced block), else the
-    ``<!DOCTYPE``/``<html>`` ... ``</html>`` span of the raw text, else the raw text."""
-    text = generation or ""
-    if "```" in text:
-        return extract_code(text, languages=("html", "htm", "xhtml"))
-    m = re.search(r"<!doctype html|<html[\s>]", text, re.I)
-    if m:
-        end = text.lower().rfind("</html>")
-        return text[m.start():end + len("</html>")] if end > m.start() else text[m.start():]
-    return text
+    """The page the official evaluator renders for a response: ``cleanup_response``, then the
+    prediction pre-processing (repetition cut, non-HTML wrapping, repeated elements dropped)."""
+    return official.pre_process(official.cleanup_response(generation or ""))[0]
 
 
-# -- matching and metrics ------------------------------------------------------------------------------
-
-def text_similarity(a: str, b: str) -> float:
-    """Character-level similarity ``2*M/T`` (``difflib.SequenceMatcher.ratio``), 0 when either is empty."""
-    if not a or not b:
-        return 0.0
-    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
-
-
-def _sim_row(block: TextBlock, others: Sequence[TextBlock], floor: float) -> np.ndarray:
-    out = np.zeros(len(others))
-    for j, o in enumerate(others):
-        sm = difflib.SequenceMatcher(None, block.text, o.text, autojunk=False)
-        if block.text and o.text and sm.real_quick_ratio() >= floor and sm.quick_ratio() >= floor:
-            r = sm.ratio()
-            out[j] = r if r >= floor else 0.0
-    return out
-
-
-def _similarities(ref: Sequence[TextBlock], cand: Sequence[TextBlock], floor: float) -> np.ndarray:
-    """Thresholded text similarity matrix (entries below ``floor`` are 0)."""
-    S = np.zeros((len(ref), len(cand)))
-    for i, r in enumerate(ref):
-        S[i] = _sim_row(r, cand, floor)
-    return S
-
-
-def _assign(S: np.ndarray, ref: Sequence[TextBlock], cand: Sequence[TextBlock]) -> list[tuple[int, int]]:
-    """Hungarian matching maximising summed similarity; pairs with similarity 0 are left out."""
-    from scipy.optimize import linear_sum_assignment
-
-    if S.size == 0 or not S.any():
-        return []
-    rc = np.array([b.center for b in ref]).reshape(-1, 2)
-    cc = np.array([b.center for b in cand]).reshape(-1, 2)
-    dist = np.abs(rc[:, None, :] - cc[None, :, :]).max(-1)
-    cost = -S + _TIE_EPS * dist * (S > 0)
-    rows, cols = linear_sum_assignment(cost)
-    return [(int(i), int(j)) for i, j in zip(rows, cols) if S[i, j] > 0]
-
-
-def _value(S: np.ndarray, pairs: list[tuple[int, int]]) -> float:
-    return float(sum(S[i, j] for i, j in pairs))
-
-
-def _merge(a: TextBlock, b: TextBlock) -> TextBlock:
-    x0, y0 = min(a.bbox[0], b.bbox[0]), min(a.bbox[1], b.bbox[1])
-    x1 = max(a.bbox[0] + a.bbox[2], b.bbox[0] + b.bbox[2])
-    y1 = max(a.bbox[1] + a.bbox[3], b.bbox[1] + b.bbox[3])
-    color = a.color if len(a.text) >= len(b.text) else b.color
-    return TextBlock(text=(a.text + " " + b.text).strip(), bbox=(x0, y0, x1 - x0, y1 - y0), color=color, tag=a.tag)
-
-
-def merge_and_match(ref: Sequence[TextBlock], cand: Sequence[TextBlock], min_similarity: float = MIN_SIMILARITY,
-                    merge: bool = True, max_merge_blocks: int = 200
-                    ) -> tuple[list[TextBlock], list[TextBlock], list[tuple[int, int, float]]]:
-    """Greedily merges consecutive blocks of either page while that raises the matched similarity,
-    then returns (ref blocks, candidate blocks, matched ``(i, j, similarity)``) of the final matching."""
-    ref, cand = list(ref), list(cand)
-    S = _similarities(ref, cand, min_similarity)
-    pairs = _assign(S, ref, cand)
-    best = _value(S, pairs)
-    if merge and 0 < len(ref) <= max_merge_blocks and 0 < len(cand) <= max_merge_blocks:
-        improved = True
-        while improved:
-            improved = False
-            for side in (0, 1):
-                blocks, other = (ref, cand) if side == 0 else (cand, ref)
-                i = 0
-                while i < len(blocks) - 1:
-                    merged = _merge(blocks[i], blocks[i + 1])
-                    row = _sim_row(merged, other, min_similarity)
-                    if not row.any():
-                        i += 1
-                        continue
-                    new_blocks = blocks[:i] + [merged] + blocks[i + 2:]
-                    if side == 0:
-                        S2 = np.concatenate([S[:i], row[None], S[i + 2:]], 0)
-                        p2 = _assign(S2, new_blocks, cand)
-                    else:
-                        S2 = np.concatenate([S[:, :i], row[:, None], S[:, i + 2:]], 1)
-                        p2 = _assign(S2, ref, new_blocks)
-                    v = _value(S2, p2)
-                    if v > best + 1e-9:
-                        blocks[:] = new_blocks
-                        S, pairs, best, improved = S2, p2, v, True
-                    else:
-                        i += 1
-    return ref, cand, [(i, j, float(S[i, j])) for i, j in pairs]
-
-
-def low_level_scores(ref: Sequence[TextBlock], cand: Sequence[TextBlock], min_similarity: float = MIN_SIMILARITY,
-                     merge: bool = True) -> dict[str, float]:
-    """Design2Code's block_match, text, position and color (each in [0, 1]) and their mean ``low_level``.
-
-    Pages with no text block on either side (nothing to match) get 0 everywhere.
-    """
-    ref, cand, matched = merge_and_match(ref, cand, min_similarity, merge)
-    zeros = {k: 0.0 for k in METRICS} | {"low_level": 0.0}
-    if not ref or not cand or not matched:
-        return zeros
-    total = sum(b.area for b in ref) + sum(b.area for b in cand)
-    matched_area = sum(ref[i].area + cand[j].area for i, j, _ in matched)
-    text = [s for _, _, s in matched]
-    position = []
-    color = []
-    for i, j, _ in matched:
-        (x1, y1), (x2, y2) = ref[i].center, cand[j].center
-        position.append(max(0.0, 1.0 - max(abs(x1 - x2), abs(y1 - y2))))
-        color.append(color_similarity(tuple(int(v) for v in ref[i].color), tuple(int(v) for v in cand[j].color)))
-    out = {
-        "block_match": float(matched_area / total) if total > 0 else 0.0,
-        "text": float(np.mean(text)),
-        "position": float(np.mean(position)),
-        "color": float(np.mean(color)),
-    }
-    out["low_level"] = float(np.mean([out[k] for k in METRICS]))
-    return out
+def _png_array(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 # -- CLIP ---------------------------------------------------------------------------------------------
 
-def mask_text(img: Image.Image, blocks: Sequence[TextBlock], pad: int = 2) -> Image.Image:
-    """Paints each text block's box (normalised bbox scaled to the image) with its border's median color."""
-    arr = np.asarray(img.convert("RGB")).copy()
-    H, W = arr.shape[:2]
-    for b in blocks:
-        x0 = max(int(b.bbox[0] * W) - pad, 0)
-        y0 = max(int(b.bbox[1] * H) - pad, 0)
-        x1 = min(int(np.ceil((b.bbox[0] + b.bbox[2]) * W)) + pad, W)
-        y1 = min(int(np.ceil((b.bbox[1] + b.bbox[3]) * H)) + pad, H)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        ring = [arr[y0, x0:x1], arr[y1 - 1, x0:x1], arr[y0:y1, x0], arr[y0:y1, x1 - 1]]
-        arr[y0:y1, x0:x1] = np.median(np.concatenate(ring, 0), axis=0).astype(arr.dtype)
-    return Image.fromarray(arr)
+def clip_image(shot: np.ndarray, blocks: list[official.Block]) -> Image.Image:
+    """The official CLIP input: text boxes inpainted (Telea, radius 3), then resized (Lanczos) to a
+    square of the shorter side."""
+    img = np.ascontiguousarray(shot[..., :3])
+    if blocks:
+        try:
+            import cv2
+        except ImportError as e:
+            raise ImportError("Design2Code's CLIP score inpaints text boxes with OpenCV: "
+                              "pip install opencv-python-headless") from e
+        H, W = img.shape[:2]
+        mask = np.zeros((H, W), np.uint8)
+        for b in blocks:
+            x, y, w, h = (int(b.bbox[0] * W), int(b.bbox[1] * H), int(b.bbox[2] * W), int(b.bbox[3] * H))
+            mask[y:y + h, x:x + w] = 255
+        bgr = cv2.inpaint(np.ascontiguousarray(img[..., ::-1]), mask, 3, cv2.INPAINT_TELEA)
+        img = np.ascontiguousarray(bgr[..., ::-1])
+    pil = Image.fromarray(img)
+    side = min(pil.size)
+    return pil.resize((side, side), Image.LANCZOS)
 
 
 class _Clip:
@@ -259,64 +146,161 @@ class _Clip:
 # -- the benchmark ------------------------------------------------------------------------------------
 
 class Design2Code(Benchmark):
-    """Screenshot -> HTML; see the module docstring for the metrics.
+    """Screenshot -> HTML; see the module docstring for layouts and metrics.
 
     ``clip_path``: a local CLIP checkpoint directory for the high-level ``clip`` metric (off when
-    None). ``renderer``: a ``render.Renderer`` (default: the process's shared one).
+    None). ``renderer``: a ``render.Renderer`` (default: the process's shared one). ``on_error``:
+    ``"raise"`` (an unreadable item stops the load with the file named) or ``"skip"`` (it is kept
+    and scored 0 with the reason). ``assets_dir``: where parquet items' placeholder images are served from.
     """
 
     name = "design2code"
 
-    def __init__(self, clip_path: str | None = None, renderer: Renderer | None = None,
-                 min_similarity: float = MIN_SIMILARITY, merge: bool = True, clip_mask_text: bool = True,
-                 cache_size: int = 256):
+    def __init__(self, clip_path: str | None = None, renderer: Renderer | None = None, on_error: str = "raise",
+                 assets_dir: str | None = None, cache_size: int = 256):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.clip_path = clip_path
         self.renderer = renderer
-        self.min_similarity = min_similarity
-        self.merge = merge
-        self.clip_mask_text = clip_mask_text
+        self.on_error = on_error
+        self.assets_dir = assets_dir
+        self.skipped: list[str] = []
         self._clip: _Clip | None = None
-        self._assets: dict[str, str] = {}  # item id -> the directory its page's images are served from
+        self._assets: dict[str, str | None] = {}  # item id -> the directory its page's images are served from
         self._ref_cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._ref_lock = threading.Lock()
         self._cache_size = cache_size
+        # recent screenshots by page: a re-serialised candidate often re-styles to the reference's exact
+        # pages, and the same response may be scored twice; small, as each is a full-page image
+        self._shots: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._shot_cache_size = 12
 
-    # -- layout ----------------------------------------------------------------------------------------
+    # -- layouts ---------------------------------------------------------------------------------------
 
     @staticmethod
-    def _pairs(root: str) -> list[tuple[str, str, str]]:
-        def scan(d: str) -> list[tuple[str, str, str]]:
-            out = []
-            for html_path in glob.glob(os.path.join(d, "*.html")):
-                stem = os.path.splitext(os.path.basename(html_path))[0]
-                png = os.path.join(d, stem + ".png")
-                if os.path.isfile(png):
-                    out.append((stem, html_path, png))
-            return out
+    def _scan(d: str) -> list[tuple[str, str, str]]:
+        out = []
+        for html_path in glob.glob(os.path.join(d, "*.html")):
+            stem = os.path.splitext(os.path.basename(html_path))[0]
+            png = os.path.join(d, stem + ".png")
+            if os.path.isfile(png):
+                out.append((stem, html_path, png))
+        return out
 
-        found = scan(root)
+    @classmethod
+    def _pairs(cls, root: str) -> list[tuple[str, str, str]]:
+        found = cls._scan(root)
         if not found:
             for sub in ("testset_final", "testset"):
                 if os.path.isdir(os.path.join(root, sub)):
-                    found = scan(os.path.join(root, sub))
+                    found = cls._scan(os.path.join(root, sub))
                     if found:
                         break
+        if not found:  # a folder of such folders (e.g. shared/benchmarks/design2code)
+            for sub in sorted(os.listdir(root)):
+                if os.path.isdir(os.path.join(root, sub)):
+                    found += cls._scan(os.path.join(root, sub))
+        ids = [t[0] for t in found]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"{root}: page ids occur in more than one folder: {dup[:5]}")
         return sorted(found, key=lambda t: (0, int(t[0]), "") if t[0].isdigit() else (1, 0, t[0]))
 
-    def load(self, root: str, limit: int | None = None) -> list[Item]:
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"{root}: not a directory (Design2Code's <id>.html + <id>.png test set)")
-        pairs = self._pairs(root)
-        if not pairs:
-            raise FileNotFoundError(f"{root}: no <id>.html + <id>.png pairs (Design2Code's test set layout)")
+    @staticmethod
+    def _parquet_files(root: str) -> list[str]:
+        if os.path.isfile(root):
+            return [root] if root.endswith(".parquet") else []
+        return sorted(glob.glob(os.path.join(root, "**", "*.parquet"), recursive=True))
+
+    def _item(self, stem: str, html: str, img: Image.Image, assets: str | None) -> Item:
+        content = [{"type": "text", "text": PROMPT}, {"type": "image"}]
+        self._assets[stem] = assets
+        return Item(stem, [{"role": "user", "content": content}], [img], html)
+
+    def _unreadable(self, stem: str, reason: str, cause: Exception) -> Item:
+        if self.on_error == "raise":
+            raise ValueError(reason) from cause
+        from viscodex_jax.eval.runner import UnreadableItem
+
+        log.warning("skipping (counted as failed): %s", reason)
+        self.skipped.append(reason)
+        return Item(stem, [], [], UnreadableItem(reason))
+
+    def _load_pairs(self, pairs, limit):
         items = []
-        for stem, html_path, png_path in pairs[:limit] if limit is not None else pairs:
-            with open(html_path, encoding="utf-8", errors="replace") as f:
-                ref = f.read()
-            with Image.open(png_path) as im:
-                img = im.convert("RGB")
-            content = [{"type": "image"}, {"type": "text", "text": PROMPT}]
-            items.append(Item(stem, [{"role": "user", "content": content}], [img], ref))
-            self._assets[stem] = os.path.dirname(os.path.abspath(html_path))
+        for stem, html_path, png_path in pairs:
+            where = html_path
+            try:
+                with open(html_path, encoding="utf-8", errors="replace") as f:
+                    ref = f.read()
+                where = png_path
+                with Image.open(png_path) as im:
+                    img = im.convert("RGB")
+                items.append(self._item(stem, ref, img, os.path.dirname(os.path.abspath(html_path))))
+            except OSError as e:
+                items.append(self._unreadable(stem, f"{where}: not a readable Design2Code page "
+                                                    f"({type(e).__name__}: {e})", e))
+            if limit is not None and len(items) >= limit:
+                break
+        return items
+
+    def _load_parquet(self, files, limit):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError("reading Design2Code's parquet form needs pyarrow: pip install pyarrow") from e
+        items: list[Item] = []
+        for path in files:
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a bad file)
+                items.append(self._unreadable(os.path.basename(path), f"{path}: not a readable parquet file "
+                                                                      f"({type(e).__name__}: {e})", e))
+                continue
+            for k, row in enumerate(rows):
+                where = f"{path}: row {k}"
+                stem = str(k)
+                try:
+                    img_field = row["image"]
+                    html = row["text"] if "text" in row else row["html"]
+                    if isinstance(img_field, dict):
+                        if img_field.get("path"):
+                            stem = os.path.splitext(os.path.basename(img_field["path"]))[0]
+                        data = img_field.get("bytes")
+                    else:
+                        data = img_field
+                    stem = str(row.get("id", stem))
+                    if not isinstance(data, (bytes, bytearray)) or not isinstance(html, str):
+                        raise TypeError("expected image bytes and the page's HTML as a string")
+                    with Image.open(io.BytesIO(data)) as im:
+                        img = im.convert("RGB")
+                    items.append(self._item(stem, html, img, self.assets_dir))
+                except (KeyError, TypeError, OSError, ValueError) as e:
+                    what = "missing column" if isinstance(e, KeyError) else type(e).__name__
+                    items.append(self._unreadable(stem, f"{where}: not a readable Design2Code record "
+                                                        f"({what}: {e}; expected columns 'image' and 'text')", e))
+                if limit is not None and len(items) >= limit:
+                    return items
+        return items
+
+    def load(self, root: str, limit: int | None = None) -> list[Item]:
+        self.skipped = []
+        parquet = self._parquet_files(root) if os.path.exists(root) else []
+        if parquet and (os.path.isfile(root) or not self._scan(root)):
+            items = self._load_parquet(parquet, limit)
+        else:
+            if not os.path.isdir(root):
+                raise FileNotFoundError(f"{root}: not a directory (Design2Code's <id>.html + <id>.png test set) "
+                                        "nor a parquet file")
+            pairs = self._pairs(root)
+            if not pairs:
+                raise FileNotFoundError(f"{root}: no <id>.html + <id>.png pairs (Design2Code's testset_final "
+                                        "layout) and no .parquet file")
+            items = self._load_pairs(pairs, limit)
+        ids = [it.id for it in items]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"{root}: item ids occur more than once: {dup[:5]}")
         return items
 
     # -- scoring ---------------------------------------------------------------------------------------
@@ -324,58 +308,89 @@ class Design2Code(Benchmark):
     def _renderer(self) -> Renderer:
         return self.renderer.start() if self.renderer is not None else get_renderer()
 
-    def _render_reference(self, item: Item, assets: str | None):
+    def _render_fn(self, assets: str | None, failures: list[str] | None = None):
+        def render(html: str) -> np.ndarray:
+            key = hashlib.sha256(f"{assets}\0{html}".encode("utf-8", "replace")).hexdigest()
+            with self._ref_lock:
+                if key in self._shots:
+                    self._shots.move_to_end(key)
+                    return self._shots[key]
+            try:
+                res = self._renderer().render(html, screenshot=True, blocks=False, assets_dir=assets)
+            except BrowserUnavailable:
+                raise
+            except RenderError as e:
+                if failures is not None:
+                    failures.append(str(e))
+                raise
+            arr = _png_array(res.png)
+            with self._ref_lock:
+                self._shots[key] = arr
+                while len(self._shots) > self._shot_cache_size:
+                    self._shots.popitem(last=False)
+            return arr
+        return render
+
+    def _reference(self, item: Item, assets: str | None):
         key = hashlib.sha256(f"{assets}\0{item.reference}".encode("utf-8", "replace")).hexdigest()
-        if key in self._ref_cache:
-            self._ref_cache.move_to_end(key)
-            return self._ref_cache[key]
-        try:
-            res = self._renderer().render(item.reference, screenshot=self.clip_path is not None and not item.images,
-                                          blocks=True, assets_dir=assets)
-        except BrowserUnavailable:
-            raise
-        except RenderError as e:  # the data, not the model: stop rather than score against nothing
-            raise RenderError(f"design2code item {item.id}: the reference page did not render: {e}") from e
-        self._ref_cache[key] = res
-        while len(self._ref_cache) > self._cache_size:
-            self._ref_cache.popitem(last=False)
-        return res
+        with self._ref_lock:
+            if key in self._ref_cache:
+                self._ref_cache.move_to_end(key)
+                return self._ref_cache[key]
+        failures: list[str] = []
+        blocks, shot = official.page_blocks(item.reference, self._render_fn(assets, failures), need_shot=True)
+        if failures:  # the data, not the model: stop rather than score against a blank page
+            raise RenderError(f"design2code item {item.id}: the reference page did not render: {failures[0]}")
+        with self._ref_lock:
+            self._ref_cache[key] = (blocks, shot)
+            while len(self._ref_cache) > self._cache_size:
+                self._ref_cache.popitem(last=False)
+        return blocks, shot
 
     def _clip_model(self) -> _Clip:
         if self._clip is None:
             self._clip = _Clip(self.clip_path)  # type: ignore[arg-type]
         return self._clip
 
-    def score(self, item: Item, generation: str) -> dict[str, float]:
+    def score_details(self, item: Item, generation: str) -> dict[str, Any]:
+        """``score`` plus what the official pre-processing did: ``prediction_cut_at`` (None: not cut)
+        and ``no_blocks_detected_in_prediction``."""
+        from viscodex_jax.eval.runner import UnreadableItem
+
+        if isinstance(item.reference, UnreadableItem):
+            raise ValueError(item.reference.reason)
         assets = self._assets.get(item.id)
-        ref = self._render_reference(item, assets)  # a reference that cannot render is a real error
-        html = extract_html(generation)
-        out: dict[str, float] = {k: 0.0 for k in METRICS} | {"low_level": 0.0}
-        cand = None
-        render_error = 0.0
-        if html.strip():
-            try:
-                cand = self._renderer().render(html, screenshot=self.clip_path is not None, blocks=True,
-                                               assets_dir=assets)
-            except BrowserUnavailable:
-                raise
-            except RenderError as e:
-                log.info("design2code %s: generated page did not render: %s", item.id, e)
-                render_error = 1.0
-        if cand is not None:
-            out.update(low_level_scores(ref.blocks, cand.blocks, self.min_similarity, self.merge))
+        ref_blocks, ref_shot = self._reference(item, assets)
+        html, cut = official.pre_process(official.cleanup_response(generation or ""))
+        failures: list[str] = []
+        pred_blocks, shot = official.page_blocks(html, self._render_fn(assets, failures),
+                                                 need_shot=self.clip_path is not None)
+        if failures:
+            log.info("design2code %s: generated page did not render (scored as a blank page): %s", item.id,
+                     failures[0])
+        out: dict[str, Any] = {}
+        scores, pred_masked = official.official_scores(pred_blocks, ref_blocks)
+        out.update(scores)
         if self.clip_path is not None:
-            out["clip"] = 0.0
-            if cand is not None and cand.png is not None:
-                ref_img = item.images[0] if item.images else ref.image()
-                cand_img = cand.image()
-                if self.clip_mask_text:
-                    ref_img = mask_text(ref_img, ref.blocks)
-                    cand_img = mask_text(cand_img, cand.blocks)
-                out["clip"] = self._clip_model().similarity(ref_img, cand_img)
-        out["render_error"] = render_error
+            ref_masked = official.merge_by_bbox(ref_blocks)
+            a = clip_image(shot if shot is not None else official.blank_page(), pred_masked)
+            b = clip_image(ref_shot, ref_masked)
+            out["clip"] = self._clip_model().similarity(a, b)
+            out["overall"] = 0.2 * (sum(out[k] for k in METRICS) + out["clip"])
+        out["render_error"] = 1.0 if failures else 0.0
         out["score"] = 100.0 * out["low_level"]
+        out["prediction_cut_at"] = cut
+        out["no_blocks_detected_in_prediction"] = not pred_blocks
         return out
+
+    def score(self, item: Item, generation: str) -> dict[str, float]:
+        d = self.score_details(item, generation)
+        d.pop("prediction_cut_at")
+        d.pop("no_blocks_detected_in_prediction")
+        return d
+
+    def check_adapter(self) -> CheckAdapter:
+        return Design2CodeCheck(self)
 
     # -- sample data -----------------------------------------------------------------------------------
 
@@ -392,6 +407,20 @@ class Design2Code(Benchmark):
             with open(os.path.join(out_dir, f"{stem}.png"), "wb") as f:
                 f.write(png)  # type: ignore[arg-type]
         return out_dir
+
+
+class Design2CodeCheck(CheckAdapter):
+    """``shared/benchmarks/design2code`` layout: page folders, ``candidates/<ref>/<candidate>.txt`` and
+    ``expected.jsonl`` lines naming ``ref`` and ``candidate_file`` with the official metrics in [0, 1]
+    (agreement: within 0.005, i.e. 0.5 points), the cut position and whether no block was found."""
+
+    item_field = "ref"
+    metrics = tuple(Metric(k, tolerance=0.005) for k in METRICS) + (
+        Metric("prediction_cut_at"), Metric("no_blocks_detected_in_prediction"))
+    max_workers = 2  # renders overlap with the Python side; more only contends for the CPU
+
+    def observe(self, item: Item, response: str) -> dict[str, Any]:
+        return self.bench.score_details(item, response)  # type: ignore[attr-defined]
 
 
 _STYLE = "body{font-family:'DejaVu Sans',Arial,sans-serif;margin:0;padding:24px;background:#fff;color:#222}"

@@ -219,6 +219,15 @@ _COLORS_JS = r"""
 }
 """
 
+_SIZE_JS = r"""
+() => {
+  const doc = document.documentElement;
+  const body = document.body || doc;
+  return {width: Math.max(doc.scrollWidth, body.scrollWidth, window.innerWidth),
+          height: Math.max(doc.scrollHeight, body.scrollHeight, window.innerHeight), blocks: []};
+}
+"""
+
 _LOADED_JS = """() => new Promise((resolve) => {
   if (document.readyState === 'complete') resolve(1);
   else window.addEventListener('load', () => resolve(1), {once: true});
@@ -479,7 +488,8 @@ class Renderer:
             await page.evaluate("() => document.fonts ? document.fonts.ready.then(() => 1) : 1")
         except PWError:
             pass
-        info = await page.evaluate(_BLOCKS_JS)
+        # without blocks only the page size is needed: the text walk is the slow part on big pages
+        info = await page.evaluate(_BLOCKS_JS if blocks else _SIZE_JS)
         W, H = max(int(info["width"]), 1), max(int(info["height"]), 1)
         out_blocks: list[TextBlock] = []
         if blocks:
