@@ -9,11 +9,8 @@ to 128 rows per optimizer step) come from ``launch/compile_check.py`` (TABLE bel
 8xH100 host with FSDP 4 x tensor 2 and full remat; a multi-node SLURM run is the practical GPU setting.
 """
 
-from viscodex_jax.train.config import base_config
-from viscodex_jax.train.presets import Preset, apply_preset
+from viscodex_jax.train.presets import Preset, sft_recipe
 
-STEPS = 598_000 // 128
-GLOBAL_ROWS = 128
 
 PRESETS = {
     "gpu8": Preset(chips=8, mesh=(1, 4, 2), rows_per_chip=1, attention="cudnn", remat="full"),
@@ -27,18 +24,4 @@ PRESETS = {
 
 
 def get_config(preset: str = "v5p-64"):
-    c = base_config()
-    c.model.param_dtype = "bfloat16"
-    c.model.dtype = "bfloat16"
-    c.data.max_len = 4096
-    c.data.patches_per_row = 4096
-    c.data.worker_count = 8
-    c.train.steps = STEPS
-    c.train.vocab_chunk = 16384
-    c.optim.lr = 1e-5
-    c.optim.warmup_steps = STEPS // 10
-    c.optim.total_steps = STEPS
-    c.optim.weight_decay = 0.0
-    c.checkpoint.save_every = 250
-    apply_preset(c, PRESETS, preset, GLOBAL_ROWS)
-    return c
+    return sft_recipe(PRESETS, preset)

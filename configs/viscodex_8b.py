@@ -13,11 +13,8 @@ accumulated to 128 rows per optimizer step. TPU rows are the largest that
 ``tpu`` is the generic pod preset (data x FSDP over every chip of any slice).
 """
 
-from viscodex_jax.train.config import base_config
-from viscodex_jax.train.presets import Preset, apply_preset
+from viscodex_jax.train.presets import Preset, sft_recipe
 
-STEPS = 598_000 // 128  # one epoch of MCD at 128 rows of 4096 packed tokens
-GLOBAL_ROWS = 128
 
 PRESETS = {
     "gpu8": Preset(chips=8, mesh=(1, 8, 1), rows_per_chip=2, attention="cudnn", remat="proj"),
@@ -35,18 +32,4 @@ PRESETS = {
 
 
 def get_config(preset: str = "gpu8"):
-    c = base_config()
-    c.model.param_dtype = "bfloat16"
-    c.model.dtype = "bfloat16"
-    c.data.max_len = 4096
-    c.data.patches_per_row = 4096
-    c.data.worker_count = 8
-    c.train.steps = STEPS
-    c.train.vocab_chunk = 16384
-    c.optim.lr = 1e-5
-    c.optim.warmup_steps = STEPS // 10
-    c.optim.total_steps = STEPS
-    c.optim.weight_decay = 0.0
-    c.checkpoint.save_every = 250
-    apply_preset(c, PRESETS, preset, GLOBAL_ROWS)
-    return c
+    return sft_recipe(PRESETS, preset)

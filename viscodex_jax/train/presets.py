@@ -41,3 +41,32 @@ def apply_preset(c, presets: dict[str, Preset], name: str, global_rows: int) -> 
     c.model.remat_policy = p.remat
     c.distributed = p.multi_host
     c.topology = p.topology
+
+
+MCD_ROWS = 598_000  # MCD records; one epoch at global_rows packed rows per optimizer step
+
+
+def sft_recipe(presets: dict[str, Preset], name: str, global_rows: int = 128):
+    """The VisCodex SFT settings shared by the 8B and 33B recipes, on slice preset ``name``.
+
+    The paper publishes none; the authors' earlier configs used lr 1e-5 for full fine-tuning,
+    cosine, warmup ratio 0.1, one epoch, bf16, cutoff 4096.
+    """
+    from viscodex_jax.train.config import base_config
+
+    steps = MCD_ROWS // global_rows
+    c = base_config()
+    c.model.param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"
+    c.data.max_len = 4096
+    c.data.patches_per_row = 4096
+    c.data.worker_count = 8
+    c.train.steps = steps
+    c.train.vocab_chunk = 16384
+    c.optim.lr = 1e-5
+    c.optim.warmup_steps = steps // 10
+    c.optim.total_steps = steps
+    c.optim.weight_decay = 0.0
+    c.checkpoint.save_every = 250
+    apply_preset(c, presets, name, global_rows)
+    return c
