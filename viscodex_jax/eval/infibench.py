@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 SYSTEM_PROMPT = ("You are a professional assistant for programmers. "
                  "By default, questions and answers are in Markdown format.")
 QA_SYSTEM_PROMPT = SYSTEM_PROMPT + " You are chatting with programmers, so please answer as briefly as possible."
-METRICS = ("keywords", "blank_filling", "unit_test", "similarity", "custom")
 
 
 def official_prompt(case: Case) -> list[dict[str, Any]]:
@@ -144,7 +143,10 @@ class InfiBenchV(Benchmark):
 
     @staticmethod
     def grade(case: Case, response: str, python: str | None = None) -> dict[str, Any]:
-        """One response, as grader_main.grade_response; NaN ``score`` with ``not_run`` when tests could not run."""
+        """One response, as grader_main.grade_response; NaN ``score`` with ``not_run`` when tests could not run.
+
+        A case whose rules raise (a bad regex, a blank at the template's very end) scores 0 with
+        ``grading_error``: the official grader scores such a case 0 and also drops it from the full score."""
         g, ans, tot, row, detail = case.grading, 0.0, 0.0, {}, {}
         ran = True
         try:
