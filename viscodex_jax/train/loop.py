@@ -106,8 +106,9 @@ def run_training(c) -> dict[str, Any]:
     workdir = os.path.abspath(c.workdir)
     os.makedirs(workdir, exist_ok=True)
     runtime = dict(dtype=c.model.dtype, attention_impl=c.model.attention_impl, remat_policy=c.model.remat_policy)
+    # A NaN in the init checkpoint would only show as a non-finite first step: refuse it by name.
     model_cfg, params, raw = ckpt_io.load_params(c.model.init_checkpoint, param_dtype=jnp.dtype(c.model.param_dtype),
-                                                 **runtime)
+                                                 check_finite=True, **runtime)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(c.model.init_checkpoint)
