@@ -275,13 +275,14 @@ def blocks_from_renders(shot: np.ndarray, p0: np.ndarray, p1: np.ndarray,
     """Blocks from the plain screenshot and the two re-styled ones (RGB uint8 arrays, H x W x 3)."""
     if p0.shape != p1.shape:
         return []
-    a, b = p0.astype(np.int16), p1.astype(np.int16)
-    moved = (np.abs((a + 50) % 256 - b) <= 8).all(-1)
-    ys, xs = np.nonzero(moved)
+    # only pixels that differ at all can have moved by 50; the exact test runs on those alone
+    ys, xs = np.nonzero((p0 != p1).any(-1))
+    a = p0[ys, xs].astype(np.int16)
+    moved = (np.abs((a + 50) % 256 - p1[ys, xs].astype(np.int16)) <= 8).all(-1)
+    ys, xs, cols = ys[moved], xs[moved], a[moved]
     if ys.size == 0:
         return []
     H, W = p0.shape[:2]
-    cols = a[ys, xs]
     by_color: dict[tuple[int, int, int], np.ndarray] = {}
     blocks = []
     for text, color in items:
@@ -355,15 +356,23 @@ def blank_page() -> np.ndarray:
 
 # -- matching ----------------------------------------------------------------------------------------
 
+_SIM_CACHE: dict[tuple[str, str], float] = {}
+_SIM_CACHE_MAX = 500_000
+
+
 class _Sim:
-    def __init__(self):
-        self.cache: dict[tuple[str, str], float] = {}
+    """``SequenceMatcher(None, a, b).ratio()`` memoised across pairs: candidates of one page share most
+    of their (prediction text, reference text) pairs, and the merge search asks for each many times."""
 
     def __call__(self, a: str, b: str) -> float:
+        if a == b:
+            return 1.0  # what difflib returns for equal strings, empty ones included
         key = (a, b)
-        v = self.cache.get(key)
+        v = _SIM_CACHE.get(key)
         if v is None:
-            v = self.cache[key] = difflib.SequenceMatcher(None, a, b).ratio()
+            if len(_SIM_CACHE) >= _SIM_CACHE_MAX:
+                _SIM_CACHE.clear()
+            v = _SIM_CACHE[key] = difflib.SequenceMatcher(None, a, b).ratio()
         return v
 
     def row(self, a: Block, bs: Sequence[Block]) -> np.ndarray:
