@@ -230,8 +230,13 @@ def test_extract_html():
 
 
 def test_failed_render_scores_as_blank_page(item):
-    bench = Design2Code(renderer=Renderer(timeout_s=3))
-    s = bench.score(item, "<html><body><p>Welcome to the garden shop</p><script>while(true){}</script></body></html>")
+    bench = Design2Code()
+    bench._reference(item, None)  # the reference with the usual time limit (a loaded machine is slow)
+    bench.renderer = Renderer(timeout_s=3)
+    try:
+        s = bench.score(item, "<html><body><p>Welcome to the garden shop</p><script>while(true){}</script></body></html>")
+    finally:
+        bench.renderer.close()
     assert s["render_error"] == 1.0
     for k in METRICS + ("low_level", "score"):
         assert s[k] == 0.0, (k, s)
