@@ -40,6 +40,9 @@ included, because the published numbers include them:
   means over the matched pairs; 0 everywhere when a page has no block or nothing matches.
 * A page that does not render is a blank white 1280x960 image (official ``screenshot_single.py``):
   no block, so 0, and CLIP is taken on that blank image.
+* Where the official code would crash on one pair (a ``style`` colour declaration without ``:``,
+  an empty colour value) we read "no colour" instead; more than 4096 text elements raise
+  ``ValueError`` as the official colour pool does. The reference page is never pre-processed.
 * CLIP: text boxes are inpainted (OpenCV Telea, radius 3) on each screenshot, the image is
   resized to a square of its shorter side (Lanczos), then the CLIP image pre-processing.
 """
