@@ -36,7 +36,8 @@ setup(
         "eval": ["matplotlib", "scipy", "playwright", "rouge-score", "numba",
                  "pandas<3", "openpyxl", "xlsxwriter",  # pandas & co: InfiBench unit tests' import header
                  # Design2Code's official pre-processing/blocks (bs4 html.parser), CLIP inpainting, parquet form
-                 "beautifulsoup4", "opencv-python-headless", "pyarrow"],
+                 "beautifulsoup4", "opencv-python-headless", "pyarrow",
+                 "pypdfium2"],  # ChartMimic ori_500: the reference PDF rendered to PNG at 120 dpi
         # libtpu for the jax we test with: TPU hosts, and compile_check on CPU hosts (launch/setup_env.sh
         # installs it into .venv-tpu rather than .venv, see the README).
         "tpu": ["jax[tpu]==0.10.2"],

@@ -38,3 +38,5 @@ if ! .venv-tpu/bin/python -c "import libtpu, viscodex_jax" >/dev/null 2>&1; then
     > "$(.venv-tpu/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/viscodex_main_venv.pth"
   .venv-tpu/bin/pip install -q "jax[tpu]==$(.venv/bin/python -c 'import jax; print(jax.__version__)')"
 fi
+# .venv-score: ChartMimic's chart programs run with the official pins (matplotlib 3.8.4, ...), see the script.
+bash launch/setup_scoring_env.sh

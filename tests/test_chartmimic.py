@@ -1,4 +1,10 @@
-"""ChartMimic direct-mimic scoring (sandboxed chart extraction, four low-level F1s) and CIEDE2000."""
+"""ChartMimic direct-mimic scoring (sandboxed chart extraction, four low-level F1s) and CIEDE2000.
+
+Expectations changed for the official semantics (issue 11; the parity itself is tests/test_chartmimic_official.py):
+both sides empty scores 0, colours are grouped by the call that drew them (bar -> plot loses the colours),
+a response needs a ```python fence, a program that runs but draws nothing still executes (an empty figure
+is saved), and ``sys.exit`` in the program fails it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("scipy")
 
 from viscodex_jax.eval.base import Item  # noqa: E402
-from viscodex_jax.eval.chartmimic import ChartMimic, color_f1, f1  # noqa: E402
+from viscodex_jax.eval.chartmimic import ChartMimic, ColorlessReference, color_f1, f1  # noqa: E402
 from viscodex_jax.eval.colors import ciede2000, color_similarity, hex_or_rgb_to_lab, similarity_matrix  # noqa: E402
 
 # Sharma, Wu & Dalal (2005), "The CIEDE2000 color-difference formula", Table 1: pairs 1, 4, 9, 13, 17, 25, 34.
@@ -50,11 +56,16 @@ def test_ciede2000_vectorised_and_color_api():
 
 def test_f1_helpers():
     assert f1(["a", "a", "b"], ["a", "b", "b"]) == pytest.approx(100 * 2 / 3)  # multiset, not set
-    assert f1([], []) == 100.0 and f1(["a"], []) == 0.0
-    assert color_f1(["#ff0000", "#0000ff"], ["#0000ff", "#ff0000"]) == pytest.approx(100.0)
+    assert f1([], []) == 0.0 and f1(["a"], []) == 0.0  # official: an empty side scores 0
+    assert color_f1(["bar--#ff0000", "bar--#0000ff"], ["bar--#0000ff", "bar--#ff0000"]) == pytest.approx(100.0)
     # one of two reference colors reproduced exactly: P = 1, R = 1/2 (+ the soft part of nothing)
-    assert color_f1(["#ff0000"], ["#ff0000", "#0000ff"]) == pytest.approx(100 * 2 * 0.5 / 1.5)
-    assert 0 < color_f1(["#fe0000"], ["#00ff00"]) < 50
+    assert color_f1(["bar--#ff0000"], ["bar--#ff0000", "bar--#0000ff"]) == pytest.approx(100 * 2 * 0.5 / 1.5)
+    assert 0 < color_f1(["bar--#fe0000"], ["bar--#00ff00"]) < 50
+    assert color_f1(["plot--#ff0000"], ["bar--#ff0000"]) == 0.0  # matched only within the same call
+    assert color_f1(["imshow--viridis"], ["imshow--viridis", "imshow--magma"]) == pytest.approx(100 * 2 / 3)
+    with pytest.raises(ColorlessReference):  # the official evaluator divides by zero here
+        color_f1(["bar--#ff0000"], [])
+    assert color_f1(["bar--#ff0000"], [], guarded=True) == 0.0  # its "box" guard
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +91,9 @@ def test_load_sample_layout(sample):
         # a rendered chart is not blank
         assert np.asarray(it.images[0]).std() > 5
         assert "import matplotlib" in it.reference
-        content = it.messages[0]["content"]
-        assert it.messages[0]["role"] == "user" and content[0] == {"type": "image"}
-        assert "matplotlib code" in content[1]["text"] and "figsize=" in content[1]["text"]
+        content = it.messages[0]["content"]  # the official order: instruction, then the chart
+        assert it.messages[0]["role"] == "user" and content[1] == {"type": "image"}
+        assert "matplotlib code" in content[0]["text"] and "figsize=" in content[0]["text"]
     # root may be the parent (with direct*/) or the folder itself; limit is honoured
     folder_items = ChartMimic().load(root + "/direct_sample", limit=2)
     assert [it.id for it in folder_items] == ["bar_1", "line_1"]
@@ -95,11 +106,12 @@ def test_identical_code_scores_100(sample):
         it = _item(items, name)
         m = bench.score(it, _fenced(it.reference))
         assert m == {"exec_ok": 1.0, "text_f1": 100.0, "layout_f1": 100.0, "type_f1": 100.0, "color_f1": 100.0,
-                     "score": 100.0}, name
+                     "score": 100.0, "colorless_reference": 0.0}, name
     info = bench.reference_info(_item(items, "subplots_1"))
-    assert set(info["types"]) == {"scatter", "area", "line"}
-    assert ["grid", 2, 1, 1, 2, 0, 1] in info["layout"] and "Two panels" in info["texts"]
-    assert {"#e41a1c", "#377eb8", "#084081"} <= set(info["colors"])
+    assert {k.rsplit("-", 1)[1] for k in info["types"]} == {"scatter", "fill_between", "plot"}
+    assert [2, 1, 1, 1, 0, 0] in info["layout"] and "Two panels" in info["texts"]
+    assert {"#E41A1C", "#377EB8", "#084081"} <= {c.split("--")[1] for c in info["colors"]}
+    assert not any(t in info["texts"] for t in ("0", "2", "4"))  # tick labels are cleared before saving
 
 
 def test_other_colors_drop_color_only(sample):
@@ -133,26 +145,42 @@ def test_bar_vs_line_drops_type(sample):
     m = bench.score(it, _fenced(code))
     assert m["exec_ok"] == 1.0
     assert m["type_f1"] == 0.0
-    assert m["text_f1"] > 80.0 and m["color_f1"] > 95.0  # same texts and colors, other chart type
+    assert m["text_f1"] == 100.0  # same texts, other chart type
+    assert m["color_f1"] == 0.0  # colours match only within the same call (bar vs line)
 
 
-def test_savefig_elsewhere_close_and_exit_are_handled(sample):
+def test_fence_savefig_elsewhere_and_exit(sample):
     bench, items, _ = sample
-    it = _item(items, "line_1")
-    code = ("import sys\n" + it.reference.replace("plt.show()", "plt.savefig('/nonexistent/out/line.png')\n"
-                                                   "plt.close()\nsys.exit(0)"))
-    m = bench.score(it, code)  # no fence: the whole text is the code
+    it = _item(items, "bar_1")
+    assert bench.score(it, it.reference)["exec_ok"] == 0.0  # no ```python fence: no code
+    assert bench.score(it, "```py\n" + it.reference + "```")["exec_ok"] == 0.0
+    # a save to a path outside the sandbox mid-program stays inside it; the run goes on
+    code = it.reference.replace('ax.set_title(', 'fig.savefig("/nonexistent/out/bar.png")\nax.set_title(')
+    assert code != it.reference
+    m = bench.score(it, _fenced(code))
     assert m["exec_ok"] == 1.0 and m["score"] == 100.0
+    # everything from plt.savefig( on is cut, so an exit after it is never reached; before it, it fails the program
+    assert bench.score(it, _fenced(it.reference + "import sys\nsys.exit(3)\n"))["score"] == 100.0
+    died = bench.score(it, _fenced("import sys\n" + it.reference.replace("plt.tight_layout()", "sys.exit(0)")))
+    assert died["exec_ok"] == 0.0 and died["score"] == 0.0
+    # a reference that never saves a PDF (line_1 ends in plt.show()) logs no text, as officially
+    line = _item(items, "line_1")
+    m = bench.score(line, _fenced(line.reference))
+    assert m["text_f1"] == 0.0 and m["layout_f1"] == m["type_f1"] == m["color_f1"] == 100.0
 
 
 def test_failing_or_empty_program_scores_zero(sample):
     bench, items, _ = sample
     it = _item(items, "pie_1")
     bad = it.reference.replace("ax.pie(", "ax.pie(undefined_name, ")
-    for gen in (_fenced(bad), _fenced("print('no chart here')\n")):
+    for gen in (_fenced(bad), _fenced("print('no chart here')\n")):  # the second has no plt for the final save
         m = bench.score(it, gen)
         assert m == {"exec_ok": 0.0, "text_f1": 0.0, "layout_f1": 0.0, "type_f1": 0.0, "color_f1": 0.0,
                      "score": 0.0}
+    # officially a program that draws nothing still runs: an empty figure is saved, every metric is 0
+    m = bench.score(it, _fenced("import matplotlib.pyplot as plt\nprint('no chart here')\n"))
+    assert m == {"exec_ok": 1.0, "text_f1": 0.0, "layout_f1": 0.0, "type_f1": 0.0, "color_f1": 0.0, "score": 0.0,
+                 "colorless_reference": 0.0}
 
 
 def test_broken_reference_raises_naming_item():
