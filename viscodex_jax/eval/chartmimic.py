@@ -37,7 +37,8 @@ Programs run in the sandbox (``eval.sandbox.run_python``) under ``eval/chartmimi
 interpreter of the scoring venv: ``$VISCODEX_SCORING_PYTHON`` when set, else ``<checkout>/.venv-score``
 (``launch/setup_scoring_env.sh`` installs the official pins there: matplotlib 3.8.4, numpy 1.26,
 pandas, seaborn, squarify, matplotlib-venn, networkx, scipy), else the current interpreter (whose newer
-matplotlib lacks e.g. ``cm.get_cmap``, so some references fail and scores can drift from the official).
+matplotlib lacks e.g. ``cm.get_cmap``, so some references fail and scores can drift from the official;
+functions it no longer has go untraced and are listed in the logged ``missing_hooks``).
 """
 
 from __future__ import annotations

@@ -66,6 +66,7 @@ class _State:
     color_busy = False
     color_failed: str | None = None
     program_failed: str | None = None
+    missing_hooks: list = []
 
 
 S = _State()
@@ -320,7 +321,10 @@ def _reread(name, obj):
 # -- patching --------------------------------------------------------------------------------------
 def _wrap(owner, attr, *, types: bool, colors: str | None):
     """Patches ``owner.attr`` with the official type logger and/or colour logger (``colors``: "2d"/"3d")."""
-    func = getattr(owner, attr)
+    func = getattr(owner, attr, None)
+    if func is None:  # another matplotlib than the official 3.8.4: that call goes untraced
+        S.missing_hooks.append(f"{getattr(owner, '__name__', owner)}.{attr}")
+        return
     orig = getattr(func, "_vx_orig", func)
     fname = orig.__name__
     where = _file_of(orig)
@@ -531,7 +535,7 @@ def main():
         died = f"{type(e).__name__}: {e}"
     info = {"died": died, "program_failed": S.program_failed,
             "pdf_written": bool(settings.get("out_pdf")) and os.path.isfile(settings["out_pdf"]),
-            "text_failed": S.text_failed, "color_failed": S.color_failed}
+            "text_failed": S.text_failed, "color_failed": S.color_failed, "missing_hooks": S.missing_hooks}
     if died is None:
         info.update(texts=[] if S.text_failed else list(S.texts), types=dict(S.types),
                     layout=_layout(settings.get("graph", False)))
