@@ -53,16 +53,26 @@ def official_support_dir(root, tmp_path_factory) -> str:
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
         return str(out / "cases_dev")
-    pytest.fail("InfiBench unit-test programs and handlers not found: set INFIBENCH_EVALUATOR_DIR to a checkout of "
-                f"github.com/infi-coder/infibench-evaluator at {EVALUATOR_COMMIT} (or copy its cases_dev/test*, "
-                f"*.js, *.ts, *.cpp, handler_*.py into {DATA}/cases_dev)")
+    # The shared reference set ships the cases, prompts, responses and scores but not the evaluator's
+    # unit-test programs and handler modules; without them those cases are unreadable (named below).
+    return None
+
+
+NO_SUPPORT = ("needs the evaluator's unit-test programs and handlers, which the shared set does not ship: set "
+              f"INFIBENCH_EVALUATOR_DIR to a checkout of github.com/infi-coder/infibench-evaluator at {EVALUATOR_COMMIT}")
 
 
 @pytest.fixture(scope="module")
 def pairs(root, official_support_dir):
-    bench = InfiBenchV(support_dirs=[official_support_dir])
+    """(meta, item, response, expected) for all 8,100 shipped responses; without the evaluator's support files
+    the cases that need them are UnreadableItems (with_support says which situation we are in)."""
+    bench = InfiBenchV(support_dirs=[official_support_dir] if official_support_dir else [], on_error="skip")
     meta = [json.loads(line) for line in open(DATA / "expected.jsonl")]
     return bench, [(m, it, resp, exp) for m, (it, resp, exp) in zip(meta, bench.check_pairs(root))]
+
+
+def _readable(ps):
+    return [p for p in ps if isinstance(p[1].reference, Case)]
 
 
 def _report(bad: list) -> str:
@@ -77,14 +87,18 @@ def test_check_pairs_reads_every_shipped_response(pairs):
     m, item, resp, exp = ps[0]
     assert isinstance(item.reference, Case) and item.id == m["case_id"] and resp.strip()
     assert set(exp) >= {"score", "official_score", "raw", "total"}
-    assert sum(isinstance(p[1].reference, Case) for p in ps) == 8100  # no case unreadable
+    unreadable = {p[1].id: p[1].reference.reason for p in ps if not isinstance(p[1].reference, Case)}
+    if bench.support_dirs:
+        assert not unreadable
+    else:  # exactly the 18 cases whose unit-test programs or handler live in the evaluator, each named
+        assert len(unreadable) == 18 and all("not found" in r for r in unreadable.values()), unreadable
 
 
 def test_text_graders_agree_with_official_on_every_response(pairs):
     """Keywords, blank filling, ROUGE similarity and the custom handler: all 6,420 such responses."""
     bench, ps = pairs
-    text = [p for p in ps if p[1].reference.unit_lang is None]
-    assert len(text) == 6420
+    text = [p for p in _readable(ps) if p[1].reference.unit_lang is None]
+    assert len(text) == (6420 if bench.support_dirs else 6300)  # without support files: no handler cases
     bad = []
     for m, item, resp, exp in text:
         got = bench.score(item, resp)
@@ -95,6 +109,8 @@ def test_text_graders_agree_with_official_on_every_response(pairs):
 
 def test_python_unit_tests_agree_with_official_on_fixed_subset(pairs):
     bench, ps = pairs
+    if not bench.support_dirs:
+        pytest.skip(NO_SUPPORT)
     chosen, seen = [], set()
     for m, item, resp, exp in ps:
         if item.reference.unit_lang != "python":
@@ -117,8 +133,8 @@ def test_python_unit_tests_agree_with_official_on_fixed_subset(pairs):
 
 def test_non_python_unit_tests_are_not_run_and_left_out_of_means(pairs):
     bench, ps = pairs
-    js = next(p for p in ps if p[1].reference.unit_lang == "javascript")
-    kw = next(p for p in ps if p[1].reference.unit_lang is None and p[3]["score"] == 100.0)
+    js = next(p for p in _readable(ps) if p[1].reference.unit_lang == "javascript")
+    kw = next(p for p in _readable(ps) if p[1].reference.unit_lang is None and p[3]["score"] == 100.0)
     row_js, row_kw = bench.score(js[1], js[2]), bench.score(kw[1], kw[2])
     assert math.isnan(row_js["score"]) and row_js["not_run"] == 1.0
     assert "not run" in row_js["detail"]
@@ -140,7 +156,8 @@ def test_official_case_scores_reduce_avg_max_10(pairs):
 
 
 def test_official_prompt_and_qa_system_prompt(root, official_support_dir):
-    items = {it.id: it for it in InfiBenchV(support_dirs=[official_support_dir]).load(root)}
+    support = [official_support_dir] if official_support_dir else []
+    items = {it.id: it for it in InfiBenchV(support_dirs=support, on_error="skip").load(root)}
     assert len(items) == 135
     kw, sim = items["0-0-4"], items["3-13-593"]  # blank filling; similarity only
     assert kw.messages[0]["content"][0]["text"] == SYSTEM_PROMPT

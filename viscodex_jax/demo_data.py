@@ -27,7 +27,8 @@ import numpy as np
 
 from viscodex_jax.data.mcd_sample import make_mcd_sample
 from viscodex_jax.eval.chartmimic import direct_mimic_prompt
-from viscodex_jax.eval.mmcode import PROMPT as MMCODE_PROMPT
+from viscodex_jax.eval.mmcode import SYSTEM_PROMPT as MMCODE_SYSTEM_PROMPT
+from viscodex_jax.eval.mmcode import prompt_text as mmcode_prompt_text
 
 # (statement, solution, function computing the expected output from the input text)
 _FAMILIES = [
@@ -113,8 +114,10 @@ def _simple_charts(records: list[dict[str, Any]], base: str, tag: str, rng: np.r
         with open(os.path.join(base, rel), "wb") as f:
             f.write(draw_chart(code))
         r["images"] = [rel]
-        r["messages"] = [{"role": "user", "content": "<image>" + direct_mimic_prompt(code, (224, 224))},
-                         {"role": "assistant", "content": code}]
+        # As ChartMimic asks: instruction then image, and the answer in a ```python fence (official
+        # extraction scores an unfenced answer 0).
+        r["messages"] = [{"role": "user", "content": direct_mimic_prompt(code, (224, 224)) + "<image>"},
+                         {"role": "assistant", "content": f"```python\n{code}```"}]
 
 
 def _write(path: str, records: list[dict[str, Any]]) -> str:
@@ -151,7 +154,8 @@ def make_demo_data(out_dir: str, seed: int = 0, n_per_category: int = 12, n_prog
     rng = np.random.default_rng(seed + 1000)
     programs = [_problem(rng, i % len(_FAMILIES)) for i in range(n_programs)]
     coder = [{"images": [], "category": "algorithm", "messages": [
-        {"role": "user", "content": MMCODE_PROMPT + p["question"]},
+        {"role": "system", "content": MMCODE_SYSTEM_PROMPT},
+        {"role": "user", "content": mmcode_prompt_text(p["question"])},
         {"role": "assistant", "content": f"```python\n{p['solution']}```"}]} for p in programs]
     coder_path = _write(os.path.join(out_dir, "coder_train.json"), coder)
 
@@ -167,7 +171,7 @@ def make_demo_data(out_dir: str, seed: int = 0, n_per_category: int = 12, n_prog
     os.makedirs(cm_dir, exist_ok=True)
     for i, r in enumerate(x for x in heldout if x["category"] == "chart"):
         with open(os.path.join(cm_dir, f"chart_{i}.py"), "w") as f:
-            f.write(r["messages"][-1]["content"])
+            f.write(r["messages"][-1]["content"].removeprefix("```python\n").removesuffix("```"))
         with open(os.path.join(base, r["images"][0]), "rb") as src, open(os.path.join(cm_dir, f"chart_{i}.png"), "wb") as dst:
             dst.write(src.read())
     return {"mcd_train": mcd["train"], "mcd_heldout": mcd["heldout"], "describe_train": describe_path,
