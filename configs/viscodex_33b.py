@@ -4,9 +4,15 @@
         --config.data.train=... --config.workdir=...
 
 The 33B state (bf16 params ~66 GB, fp32 Adam moments ~262 GB, fp32 grads ~131 GB) needs at least
-a v5p-64 (32 chips x 95.7 GiB). Presets (rows of 4096 tokens per chip per micro-step, accumulated
-to 128 rows per optimizer step) come from ``launch/compile_check.py`` (TABLE below). gpu8 is one
-8xH100 host with FSDP 4 x tensor 2 and full remat; a multi-node SLURM run is the practical GPU setting.
+a v5p-64 (32 chips x 95.7 GiB). Presets: rows of 4096 tokens per chip per micro-step, accumulated to 128 rows per optimizer step,
+from ``launch/compile_check.py`` (Qwen2.5-VL-32B shape, bf16 params, fp32 Adam on the LLM, 2026-12-01):
+
+| preset | slice | chips | rows x tokens per chip | accum | remat | attention | temp GiB | peak GiB per chip | HBM | fits 90% |
+|---|---|---:|---|---:|---|---|---:|---:|---:|---|
+| v5p-64 | v5p:2x4x4 | 32 | 1 x 4096 | 4 | proj | splash | 27.3 | 38.2 | 95.7 | yes |
+
+gpu8 is one 8xH100 host with FSDP 4 x tensor 2 and full remat; a multi-node SLURM run is the
+practical GPU setting.
 """
 
 from viscodex_jax.train.presets import Preset, sft_recipe

@@ -1,6 +1,6 @@
 """VisCodex-8B SFT: the merged Qwen2.5-VL-7B-sized model on MCD, vision tower and merger frozen.
 
-Paper-adjacent settings (the paper publishes none; the authors' earlier configs used lr 1e-5 for
+Paper-adjacent settings (`train.presets.sft_recipe`; the paper publishes none; the authors' earlier configs used lr 1e-5 for
 full fine-tuning, cosine, warmup ratio 0.1, 1 epoch, bf16, cutoff 4096).
 
     python launch/train.py --config=configs/viscodex_8b.py:v5p-8 \
@@ -8,9 +8,22 @@ full fine-tuning, cosine, warmup ratio 0.1, 1 epoch, bf16, cutoff 4096).
         --config.workdir=/ckpt/viscodex-8b-sft
 
 Presets (after the colon): rows of 4096 tokens (and 4096 image patches) per chip per micro-step,
-accumulated to 128 rows per optimizer step. TPU rows are the largest that
-``launch/compile_check.py`` fits with 10% headroom (see TABLE below, filled from its output).
-``tpu`` is the generic pod preset (data x FSDP over every chip of any slice).
+accumulated to 128 rows per optimizer step; ``tpu`` is the generic pod preset (data x FSDP over
+every chip of any slice). TPU rows are the largest that ``launch/compile_check.py`` fits within 90%
+of HBM and that divide the 128 global rows. Measured (XLA:TPU ahead-of-time compile of the SFT step
+on a CPU host, Qwen2.5-VL-7B shape, bf16 params, fp32 Adam on the LLM, 2026-12-01):
+
+| preset | slice | chips | rows x tokens per chip | accum | remat | attention | temp GiB | peak GiB per chip | HBM | fits 90% |
+|---|---|---:|---|---:|---|---|---:|---:|---:|---|
+| v5p-8 | v5p:2x2x1 | 4 | 4 x 4096 | 8 | proj | splash | 44.3 | 63.9 | 95.7 | yes |
+| v5p-32 | v5p:2x2x4 | 16 | 4 x 4096 | 2 | proj | splash | 27.8 | 33.6 | 95.7 | yes |
+| (v5p-128 at 4 rows) | v5p:4x4x4 | 64 | 4 x 4096 | 1 | proj | splash | 22.5 | 26.0 | 95.7 | yes |
+| v6e-8 | v6e:2x4 | 8 | 1 x 4096 | 16 | proj | splash | 17.1 | 27.5 | 32.0 | yes |
+
+v5p-128 runs 2 rows per chip (64 chips x 2 = the 128 global rows); 4 rows fit as the row above shows.
+Per-chip memory at a fixed number of rows per chip falls, never grows, with the slice: FSDP divides
+the state over more chips and the activations stay divided like the batch. gpu8 (8 x H100 80 GB) is
+not compiled here (no GPU topology ahead of time): 2 rows per GPU by the same arithmetic as v5p-8.
 """
 
 from viscodex_jax.train.presets import Preset, sft_recipe
