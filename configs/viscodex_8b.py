@@ -15,12 +15,13 @@ on a CPU host, Qwen2.5-VL-7B shape, bf16 params, fp32 Adam on the LLM, 2026-12-0
 
 | preset | slice | chips | rows x tokens per chip | accum | remat | attention | temp GiB | peak GiB per chip | HBM | fits 90% |
 |---|---|---:|---|---:|---|---|---:|---:|---:|---|
-| v5p-8 | v5p:2x2x1 | 4 | 8 x 4096 | 4 | proj | splash | 66.0 | 86.1 | 95.7 | yes (89.9%) |
+| v5p-8 | v5p:2x2x1 | 4 | 8 x 4096 | 4 * | proj | splash | 66.0 | 86.1 | 95.7 | yes (89.9%) |
 | (v5p-8 at 4 rows) | v5p:2x2x1 | 4 | 4 x 4096 | 8 | proj | splash | 44.3 | 63.9 | 95.7 | yes |
 | v5p-32 | v5p:2x2x4 | 16 | 4 x 4096 | 2 | proj | splash | 27.8 | 33.6 | 95.7 | yes |
 | (v5p-128 at 4 rows) | v5p:4x4x4 | 64 | 4 x 4096 | 1 | proj | splash | 22.5 | 26.0 | 95.7 | yes |
 | v6e-8 | v6e:2x4 | 8 | 1 x 4096 | 16 | proj | splash | 17.1 | 27.5 | 32.0 | yes |
 
+* compiled with 8 accumulation steps; the same per micro-step as the preset's 4.
 v5p-128 runs 2 rows per chip (64 chips x 2 = the 128 global rows); 4 rows fit as the row above shows.
 Per-chip memory at a fixed number of rows per chip falls, never grows, with the slice: FSDP divides
 the state over more chips and the activations stay divided like the batch. gpu8 (8 x H100 80 GB) is
