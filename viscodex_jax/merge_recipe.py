@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from viscodex_jax.merge import MergeError, MergeSpec
+from viscodex_jax.merge import MergeError, MergeSpec, _finite
 from viscodex_jax.merge_checkpoints import merge_checkpoints
 from viscodex_jax.model.config import load_config
 
@@ -60,16 +59,6 @@ def spec_from_config(c) -> MergeSpec:
         if flag is None:
             raise
         raise MergeError(f"--config.{flag}={c[flag]!r}: {e}") from None
-
-
-def _finite(value, flag: str) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise MergeError(f"{flag} must be a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise MergeError(f"{flag} must be finite, got {x}")
-    return x
 
 
 def _require(c, *names):

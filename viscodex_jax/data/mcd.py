@@ -125,7 +125,21 @@ def check_on_error(on_error: str) -> str:
     return on_error
 
 
-class SkipStats:
+class LockedState:
+    """A ``_lock`` that pickling leaves out and unpickling makes anew (grain copies transforms
+    and their state into worker processes; a lock cannot cross)."""
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d.pop("_lock")
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+
+class SkipStats(LockedState):
     """Counts skipped records by reason and keeps (up to ``keep``) of their indices per reason.
 
     Every skip is logged (absl WARNING) with the file, the record index and the problem.
@@ -151,15 +165,6 @@ class SkipStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.counts)
-
-    def __getstate__(self):
-        d = self.__dict__.copy()
-        d.pop("_lock")
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SkipStats({dict(self.counts)})"
@@ -208,7 +213,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-class ImageStore:
+class ImageStore(LockedState):
     """Resolves MCD image paths against a folder and/or a zip archive.
 
     ``root``: folder the record paths are relative to (the JSON file's folder).
@@ -243,14 +248,9 @@ class ImageStore:
         return cls(folder, zip_path if os.path.isfile(zip_path) else None)
 
     def __getstate__(self):
-        d = self.__dict__.copy()
+        d = super().__getstate__()
         d.update(_zip=None, _zip_pid=None, _names=frozenset())
-        d.pop("_lock")
         return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._lock = threading.Lock()
 
     def _archive(self) -> zipfile.ZipFile:
         with self._lock:

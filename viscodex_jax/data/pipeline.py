@@ -97,7 +97,7 @@ def make_source(path: str | os.PathLike, split: str = "train", images: str | os.
     return TfdsMCDSource(path, split=split)
 
 
-class MCDEncode(grain.transforms.MapWithIndex):
+class MCDEncode(mcd.LockedState, grain.transforms.MapWithIndex):
     """Grain map: canonical source element -> ``EncodedRecord`` (or ``None`` = skipped, counted).
 
     A record is usable when it encodes and fits a packed row on its own
@@ -126,15 +126,6 @@ class MCDEncode(grain.transforms.MapWithIndex):
         self._lock = threading.Lock()
         self._per_epoch: dict[int, list[int]] = {}  # epoch -> [records seen, usable]
         self._fails_in_a_row = 0
-
-    def __getstate__(self):
-        d = self.__dict__.copy()
-        d.pop("_lock")
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._lock = threading.Lock()
 
     def map(self, element: dict[str, Any]) -> EncodedRecord | None:
         return self.map_with_index(None, element)
