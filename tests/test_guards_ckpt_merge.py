@@ -22,7 +22,7 @@ from viscodex_jax import checkpoint
 from viscodex_jax.checkpoint import CheckpointError
 from viscodex_jax.checkpoint.atomic import _host, remove_stale_temp_dirs
 from viscodex_jax.checkpoint.hf import flatten
-from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
+from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile
 from viscodex_jax.merge import MergeError, MergeSpec, merge_tensor
 from viscodex_jax.merge_checkpoints import UNRELATED_BASE_COSINE, merge_checkpoints, merge_params
 from viscodex_jax.merge_recipe import lambda_sweep, parse_sweep_lams, run_merge, spec_from_config
@@ -37,19 +37,12 @@ def _nothing_left(parent, name: str):
     assert not os.path.exists(os.path.join(parent, name)), f"{name} was written"
     assert not [f for f in os.listdir(parent) if f.startswith(f".{name}.tmp-")], os.listdir(parent)
 
+from test_checkpoint import _rewrite  # noqa: E402  (one helper for rewriting a checkpoint's tensors)
+
 
 def _copy(src: str, dst) -> str:
     shutil.copytree(src, str(dst))
     return str(dst)
-
-
-def _edit_tensors(ckpt: str, edit) -> str:
-    path = os.path.join(ckpt, "model.safetensors")
-    f = SafetensorsFile(path)
-    tensors = {k: f.read(k) for k in f.keys()}
-    edit(tensors)
-    write_safetensors(path, tensors, {"format": "pt"})
-    return path
 
 
 def _set_value(name: str, value: float, index: int = 0):
@@ -94,7 +87,7 @@ def vl(hf_checkpoint, tmp_path):
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_tensor_is_refused_by_the_converter_and_named(vl, tmp_path, value):
     name = "model.layers.1.mlp.up_proj.weight"
-    path = _edit_tensors(vl, _set_value(name, value, index=7))
+    path = _rewrite(vl, _set_value(name, value, index=7))
     _convert_fails(vl, tmp_path, CheckpointError, path, repr(name), "1 of", "NaN/Inf")
     # the option is real: off, the same file loads (plain loading keeps it off by default)
     _, params = checkpoint.load_hf_params(vl, check_finite=False)
@@ -104,13 +97,13 @@ def test_non_finite_tensor_is_refused_by_the_converter_and_named(vl, tmp_path, v
 
 
 def test_cast_overflow_is_named_as_such(vl, tmp_path):
-    _edit_tensors(vl, _set_value("model.norm.weight", 1e6))
+    _rewrite(vl, _set_value("model.norm.weight", 1e6))
     _convert_fails(vl, tmp_path, CheckpointError, "'model.norm.weight'", "after casting to float16",
                    dtype=np.float16)
 
 
 def test_orbax_to_hf_refuses_non_finite_params_naming_the_param(vl, tmp_path):
-    _edit_tensors(vl, _set_value("visual.blocks.0.attn.qkv.weight", np.nan))
+    _rewrite(vl, _set_value("visual.blocks.0.attn.qkv.weight", np.nan))
     orbax = str(tmp_path / "orbax")
     checkpoint.convert_hf_to_orbax(vl, orbax, check_finite=False)  # explicitly let it through once
     with pytest.raises(CheckpointError, match=r"orbax/params: param visual/blocks/attn/qkv/kernel: 1 of"):
@@ -119,7 +112,7 @@ def test_orbax_to_hf_refuses_non_finite_params_naming_the_param(vl, tmp_path):
 
 
 def test_orbax_to_hf_refuses_a_cast_that_overflows(vl, tmp_path):
-    _edit_tensors(vl, _set_value("model.norm.weight", 1e6))
+    _rewrite(vl, _set_value("model.norm.weight", 1e6))
     orbax = str(tmp_path / "orbax")
     checkpoint.convert_hf_to_orbax(vl, orbax)  # finite in float32
     with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' cast to float16: 1 of 64 values are NaN/Inf"):
@@ -418,13 +411,13 @@ def test_vlm_without_a_vision_tower_is_refused(tiny, tmp_path, case):
 
 def test_vlm_missing_part_of_its_vision_tower_is_refused(tiny, tmp_path):
     vlm = _copy(tiny["vlm"], tmp_path / "vlm_cut")
-    _edit_tensors(vlm, lambda t: t.pop("visual.blocks.2.mlp.down_proj.weight"))
+    _rewrite(vlm, lambda t: t.pop("visual.blocks.2.mlp.down_proj.weight"))
     _merge_fails(tiny, tmp_path, MergeError, vlm, "'visual.blocks.2.mlp.down_proj.weight'", vlm=vlm)
 
 
 def test_non_finite_copied_vision_tensor_is_refused(tiny, tmp_path):
     vlm = _copy(tiny["vlm"], tmp_path / "vlm_nan")
-    path = _edit_tensors(vlm, _set_value("visual.blocks.0.mlp.up_proj.weight", np.inf, index=3))
+    path = _rewrite(vlm, _set_value("visual.blocks.0.mlp.up_proj.weight", np.inf, index=3))
     _merge_fails(tiny, tmp_path, MergeError, path, "'visual.blocks.0.mlp.up_proj.weight'", "NaN/Inf: 1 of", vlm=vlm)
     # in memory too
     cfg, v = checkpoint.load_hf_params(vlm)
@@ -445,7 +438,7 @@ def test_unrelated_base_warns_with_the_numbers(tiny, tmp_path, caplog):
     assert normal["warnings"] == [] and abs(normal["summary"]["mean_cosine_model1_model2"]) < 0.05
     rng = np.random.default_rng(0)
     other = _copy(tiny["base"], tmp_path / "other_base")  # shares nothing: the same offset lands in both task vectors
-    _edit_tensors(other, lambda t: t.update({k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in t.items()}))
+    _rewrite(other, lambda t: t.update({k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in t.items()}))
     with caplog.at_level(logging.WARNING, logger="viscodex_jax.merge_checkpoints"):
         report = merge_checkpoints(other, [tiny["vlm"], tiny["coder"]], str(tmp_path / "odd"), MergeSpec())
     cos = report["summary"]["mean_cosine_model1_model2"]
