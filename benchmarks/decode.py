@@ -190,7 +190,7 @@ def task_ours(ckpt: str, repeats: int, prefill_repeats: int, seed: int) -> dict[
     import jax.numpy as jnp
     import numpy as np
 
-    from viscodex_jax import sampling
+    from viscodex_jax.sampling import loop as sampling
     from viscodex_jax.checkpoint import load_hf_params
     from viscodex_jax.model.rope_index import text_positions
 
@@ -310,7 +310,7 @@ def task_ablation(ckpt: str, repeats: int) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
-    from viscodex_jax import sampling
+    from viscodex_jax.sampling import loop as sampling
     from viscodex_jax.checkpoint import load_hf_params
     from viscodex_jax.model.layers import RMSNorm, text_rope
     from viscodex_jax.model.model import segments_for

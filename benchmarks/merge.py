@@ -149,7 +149,8 @@ def derive_checkpoint(src: str, base: str, out: str, seed: int, std: float, spec
     import numpy as np
 
     from viscodex_jax.checkpoint import hf_map
-    from viscodex_jax.checkpoint.hf import atomic_dir, copy_side_files, iter_hf_tensors
+    from viscodex_jax.checkpoint.hf import copy_side_files, iter_hf_tensors
+    from viscodex_jax.utils import atomic_dir
     from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, iter_index, write_safetensors
 
     t0 = time.perf_counter()
@@ -241,8 +242,8 @@ def _status() -> dict[str, int]:
 def task_ours(base: str, models: list[str], out: str, method: str, density: float) -> dict[str, Any]:
     import jax
 
-    from viscodex_jax.merge import MergeSpec
-    from viscodex_jax.merge_checkpoints import merge_checkpoints
+    from viscodex_jax.merge.tensor import MergeSpec
+    from viscodex_jax.merge.drivers import merge_checkpoints
 
     jax.devices()
     code = code_hash()  # read right after the imports: the code this child runs
@@ -259,7 +260,8 @@ def task_ours(base: str, models: list[str], out: str, method: str, density: floa
 
 
 def task_floor(base: str, models: list[str], out: str) -> dict[str, Any]:
-    from viscodex_jax.checkpoint.hf import atomic_dir, iter_hf_tensors
+    from viscodex_jax.checkpoint.hf import iter_hf_tensors
+    from viscodex_jax.utils import atomic_dir
     from viscodex_jax.checkpoint.safetensors_io import ShardedWriter
 
     before = _status()

@@ -5,7 +5,7 @@ What it does:
 1. Two text-only Qwen2 models (random weights, stored bf16 or fp32, loaded by
    both implementations as **float32** and trained in float32 on the CPU):
 
-   * ``tiny``: the base text model of ``viscodex_jax.tiny.make_tiny_checkpoints``
+   * ``tiny``: the base text model of ``viscodex_jax.testing.tiny.make_tiny_checkpoints``
      (hidden 64, intermediate 128, 2 layers, 4/2 heads, vocab 4160 padded,
      untied lm_head), batch 4 x 512 tokens;
    * ``0.5b-wide-4l``: Qwen2.5-0.5B's shapes (vocab 151936, hidden 896,
@@ -161,7 +161,7 @@ def child_main(argv: list[str]) -> None:
     if a["task"] == "make":
         res = cb.make_checkpoint(a["name"], a["ckpt"], a["seed"])
     elif a["task"] == "make_tiny":
-        from viscodex_jax.tiny import ensure_tiny_checkpoints
+        from viscodex_jax.testing.tiny import ensure_tiny_checkpoints
 
         res = ensure_tiny_checkpoints(a["ckpt"], seed=a["seed"])
     elif a["task"] == "ours":

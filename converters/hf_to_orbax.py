@@ -6,7 +6,7 @@
 from absl import app, flags, logging
 
 from viscodex_jax import checkpoint
-from viscodex_jax.logs import quiet_third_party
+from viscodex_jax.utils import quiet_third_party
 from viscodex_jax.model.config import ConfigError
 
 FLAGS = flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (config.json + weights).", required=True)

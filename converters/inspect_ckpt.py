@@ -7,7 +7,7 @@ from absl import app, flags
 
 from viscodex_jax import checkpoint
 from viscodex_jax.checkpoint.inspect_tree import format_rows, inspect_rows
-from viscodex_jax.logs import quiet_third_party
+from viscodex_jax.utils import quiet_third_party
 
 PATH = flags.DEFINE_string("path", None, "HF or orbax checkpoint directory.", required=True)
 AS_PARAMS = flags.DEFINE_bool("as_params", False, "Show our params tree (converted, stacked layers) instead of the files.")

@@ -6,7 +6,7 @@
 from absl import app, flags, logging
 
 from viscodex_jax import checkpoint
-from viscodex_jax.logs import quiet_third_party
+from viscodex_jax.utils import quiet_third_party
 from viscodex_jax.model.config import ConfigError
 
 CKPT = flags.DEFINE_string("ckpt_dir", None, "Our checkpoint dir (orbax params + config.json).", required=True)

@@ -26,7 +26,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from viscodex_jax.aot import (PROGRAMS, CheckError, LibtpuMissingError, Settings, TopologyError, builtin_names,
                               compile_check, render)  # noqa: E402
-from viscodex_jax.logs import quiet_third_party  # noqa: E402
+from viscodex_jax.utils import quiet_third_party  # noqa: E402
 from viscodex_jax.model.config import ConfigError  # noqa: E402
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config (with --config.* overrides).")

@@ -10,8 +10,8 @@ import json
 from absl import app, logging
 from ml_collections import config_flags
 
-from viscodex_jax.demo import run_demo
-from viscodex_jax.logs import quiet_third_party
+from viscodex_jax.demo.pipeline import run_demo
+from viscodex_jax.utils import quiet_third_party
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo settings.")
 

@@ -19,7 +19,7 @@ import sys
 from absl import app, flags
 
 from viscodex_jax.eval.runner import BENCHMARKS, EvalSettings, build_benchmarks, lazy_generate_fn, run_eval
-from viscodex_jax.logs import quiet_third_party
+from viscodex_jax.utils import quiet_third_party
 
 CKPT = flags.DEFINE_string("checkpoint", None, "HF dir or our orbax dir (required unless --check_against).")
 BENCH = flags.DEFINE_list("benchmarks", list(BENCHMARKS), "Which benchmarks.")

@@ -9,7 +9,7 @@ import sys
 from absl import app, flags
 
 import viscodex_jax as vx
-from viscodex_jax.logs import quiet_third_party
+from viscodex_jax.utils import quiet_third_party
 from viscodex_jax.model.config import ConfigError
 
 CKPT = flags.DEFINE_string("checkpoint", None, "HF dir or our orbax dir.", required=True)

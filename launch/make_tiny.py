@@ -5,8 +5,8 @@
 
 from absl import app, flags, logging
 
-from viscodex_jax.tiny import make_tiny_checkpoints
-from viscodex_jax.logs import quiet_third_party
+from viscodex_jax.testing.tiny import make_tiny_checkpoints
+from viscodex_jax.utils import quiet_third_party
 
 OUT = flags.DEFINE_string("out_dir", "runs/tiny", "Output directory (base/, vlm/, coder/ inside).")
 SEED = flags.DEFINE_integer("seed", 0, "Seed: the same seed writes the same bytes.")

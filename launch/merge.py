@@ -11,9 +11,9 @@ from absl import app, logging
 from ml_collections import config_flags
 
 from viscodex_jax.checkpoint import CheckpointError
-from viscodex_jax.logs import quiet_third_party
-from viscodex_jax.merge import MergeError
-from viscodex_jax.merge_recipe import lambda_sweep, parse_sweep_lams, run_merge
+from viscodex_jax.utils import quiet_third_party
+from viscodex_jax.merge.tensor import MergeError
+from viscodex_jax.merge.recipe import lambda_sweep, parse_sweep_lams, run_merge
 from viscodex_jax.model.config import ConfigError
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/merge_viscodex_8b.py", "Merge config.")

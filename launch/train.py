@@ -10,7 +10,7 @@ import json
 from absl import app
 from ml_collections import config_flags
 
-from viscodex_jax.logs import quiet_third_party
+from viscodex_jax.utils import quiet_third_party
 from viscodex_jax.model.config import ConfigError
 from viscodex_jax.train.loop import run_training
 

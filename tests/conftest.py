@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from viscodex_jax.tiny import hf_text_model, hf_vl_model  # noqa: E402
+from viscodex_jax.testing.tiny import hf_text_model, hf_vl_model  # noqa: E402
 
 VOCAB = 320
 TOKENS = dict(image_token_id=300, video_token_id=301, vision_start_token_id=302, vision_end_token_id=303)

@@ -13,7 +13,8 @@ import torch
 
 from viscodex_jax import checkpoint
 from viscodex_jax.checkpoint import CheckpointError
-from viscodex_jax.checkpoint.hf import flatten, iter_hf_tensors
+from viscodex_jax.checkpoint.hf import iter_hf_tensors
+from viscodex_jax.utils import flatten
 from viscodex_jax.checkpoint.hf_map import canonical_name
 from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from viscodex_jax.model.config import ConfigError

@@ -20,14 +20,14 @@ import pytest
 
 from viscodex_jax import checkpoint
 from viscodex_jax.checkpoint import CheckpointError
-from viscodex_jax.checkpoint.atomic import _host, remove_stale_temp_dirs
-from viscodex_jax.checkpoint.hf import flatten
+from viscodex_jax.utils import _host, remove_stale_temp_dirs
+from viscodex_jax.utils import flatten
 from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile
-from viscodex_jax.merge import MergeError, MergeSpec, merge_tensor
-from viscodex_jax.merge_checkpoints import UNRELATED_BASE_COSINE, merge_checkpoints, merge_params
-from viscodex_jax.merge_recipe import lambda_sweep, parse_sweep_lams, run_merge, spec_from_config
+from viscodex_jax.merge.tensor import MergeError, MergeSpec, merge_tensor
+from viscodex_jax.merge.drivers import UNRELATED_BASE_COSINE, merge_checkpoints, merge_params
+from viscodex_jax.merge.recipe import lambda_sweep, parse_sweep_lams, run_merge, spec_from_config
 from viscodex_jax.model.config import ConfigError, config_from_dict, read_config_json
-from viscodex_jax.tiny import make_tiny_checkpoints
+from viscodex_jax.testing.tiny import make_tiny_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -439,7 +439,7 @@ def test_unrelated_base_warns_with_the_numbers(tiny, tmp_path, caplog):
     rng = np.random.default_rng(0)
     other = _copy(tiny["base"], tmp_path / "other_base")  # shares nothing: the same offset lands in both task vectors
     _rewrite(other, lambda t: t.update({k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in t.items()}))
-    with caplog.at_level(logging.WARNING, logger="viscodex_jax.merge_checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="viscodex_jax.merge.drivers"):
         report = merge_checkpoints(other, [tiny["vlm"], tiny["coder"]], str(tmp_path / "odd"), MergeSpec())
     cos = report["summary"]["mean_cosine_model1_model2"]
     assert cos > UNRELATED_BASE_COSINE
@@ -452,7 +452,7 @@ def test_unrelated_base_warns_with_the_numbers(tiny, tmp_path, caplog):
 def test_model_equal_to_the_base_warns(tiny, caplog):
     cfg, b = checkpoint.load_hf_params(tiny["base"])
     _, c = checkpoint.load_hf_params(tiny["coder"])
-    with caplog.at_level(logging.WARNING, logger="viscodex_jax.merge_checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="viscodex_jax.merge.drivers"):
         _, report = merge_params(b, [b, c], MergeSpec(), cfg, model_names=["same", "coder"])
     assert any("task vector of same is zero" in w for w in report["warnings"]) and "is zero" in caplog.text
 

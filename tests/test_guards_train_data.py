@@ -28,8 +28,8 @@ from viscodex_jax.data.mcd_sample import make_mcd_sample
 from viscodex_jax.data.pipeline import MCDEncode, MCDJsonSource, PipelineConfig, make_dataset
 from viscodex_jax.data.tokenizer import build_qwen2_tokenizer, special_token_ids
 from viscodex_jax.model.config import ConfigError, ModelConfig, TextConfig, VisionConfig
-from viscodex_jax.sampling import DecodeSettings, generate_ids
-from viscodex_jax.tiny import make_tiny_checkpoints
+from viscodex_jax.sampling.loop import DecodeSettings, generate_ids
+from viscodex_jax.testing.tiny import make_tiny_checkpoints
 from viscodex_jax.train.config import base_config
 from viscodex_jax.train.guards import NonFiniteError, ResumeError, check_finite
 from viscodex_jax.train.loop import read_metrics, run_training

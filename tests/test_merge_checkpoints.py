@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from viscodex_jax import checkpoint
-from viscodex_jax.checkpoint.hf import SIDE_FILES, flatten, iter_hf_tensors
+from viscodex_jax.checkpoint.hf import SIDE_FILES, iter_hf_tensors
+from viscodex_jax.utils import flatten
 from viscodex_jax.checkpoint.safetensors_io import ShardedWriter
-from viscodex_jax.merge import MergeError, MergeSpec
-from viscodex_jax.merge_checkpoints import merge_checkpoints, merge_params
-from viscodex_jax.tiny import make_tiny_checkpoints
+from viscodex_jax.merge.tensor import MergeError, MergeSpec
+from viscodex_jax.merge.drivers import merge_checkpoints, merge_params
+from viscodex_jax.testing.tiny import make_tiny_checkpoints
 
 
 def _reshard(src: str, dst: str, max_bytes: int, drop=(), edit=None):
@@ -95,7 +96,7 @@ def test_merged_checkpoint_loads_in_transformers_with_our_logits(tiny, tmp_path)
     from transformers import AutoModelForImageTextToText
 
     import viscodex_jax as vx
-    from viscodex_jax.demo import demo_chart
+    from viscodex_jax.demo.pipeline import demo_chart
 
     model = vx.load(out)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "plot it"}]}]
@@ -196,7 +197,7 @@ def test_error_disk_full_leaves_nothing(tiny, tmp_path, monkeypatch):
 def test_config_recipe_and_lambda_sweep(tiny, tmp_path):
     import importlib.util
 
-    from viscodex_jax.merge_recipe import lambda_sweep, run_merge, spec_from_config
+    from viscodex_jax.merge.recipe import lambda_sweep, run_merge, spec_from_config
 
     spec = importlib.util.spec_from_file_location("cfg", os.path.join(os.path.dirname(__file__), "..", "configs",
                                                                      "merge_viscodex_33b.py"))

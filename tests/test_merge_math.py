@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from viscodex_jax.merge import MergeError, MergeSpec, merge_tensor, tensor_key
+from viscodex_jax.merge.tensor import MergeError, MergeSpec, merge_tensor, tensor_key
 
 
 def _ref(base, thetas, w, method, lam=1.0, density=1.0, masks=None, rescale="inverse_p"):
@@ -129,7 +129,7 @@ def test_errors():
 @pytest.mark.parametrize("method,density", [("task_arithmetic", 1.0), ("ties", 0.3), ("linear", 1.0)])
 def test_row_chunked_merge_equals_whole_tensor(monkeypatch, method, density):
     """Big tensors are merged in row chunks (bounded memory); the result must not depend on it."""
-    from viscodex_jax import merge as merge_mod
+    from viscodex_jax.merge import tensor as merge_mod
 
     base, thetas = _rand(11, shape=(40, 9))
     spec = MergeSpec(method=method, weights=(0.6, 0.5), density=density, out_dtype="float32")

@@ -15,7 +15,7 @@ from viscodex_jax.checkpoint import load_hf_params
 from viscodex_jax.model.model import CausalLM
 from viscodex_jax.model.rope_index import get_rope_index, text_positions
 from viscodex_jax.model.vision import metadata_arrays, vision_metadata
-from viscodex_jax.sampling import DecodeSettings, Greedy, Temperature, TopK, TopP, generate_ids
+from viscodex_jax.sampling.loop import DecodeSettings, Greedy, Temperature, TopK, TopP, generate_ids
 
 NEW = 10
 CASES = {
@@ -144,8 +144,8 @@ def test_top_p_distribution_on_known_logits():
 
 def test_generate_api_streams_the_same_text(tmp_path):
     import viscodex_jax as vx
-    from viscodex_jax.demo import demo_chart
-    from viscodex_jax.tiny import make_tiny_checkpoints
+    from viscodex_jax.demo.pipeline import demo_chart
+    from viscodex_jax.testing.tiny import make_tiny_checkpoints
 
     model = vx.load(make_tiny_checkpoints(str(tmp_path / "t"), seed=2)["vlm"])
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Write the code."}]}]

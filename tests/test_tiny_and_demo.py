@@ -13,7 +13,7 @@ import time
 import pytest
 
 from viscodex_jax.model.config import load_config
-from viscodex_jax.tiny import make_tiny_checkpoints
+from viscodex_jax.testing.tiny import make_tiny_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +106,7 @@ def test_demo_numbers_are_reproducible(demo_run):
     again = wd + "_coder_again"
     import ml_collections
 
-    from viscodex_jax.demo import _train_args
+    from viscodex_jax.demo.pipeline import _train_args
 
     c = ml_collections.ConfigDict({"workdir": again, "batch_size": 4, "max_len": 512, "seed": 0})
     args = _train_args(c, "coder", os.path.join(wd, "tiny", "coder"), os.path.join(wd, "data", "coder_train.json"),

@@ -12,7 +12,7 @@ import torch
 from conftest import IMG, vl_prompt
 
 from viscodex_jax.checkpoint import hf_map, load_hf_params
-from viscodex_jax.checkpoint.hf import flatten
+from viscodex_jax.utils import flatten
 from viscodex_jax.model.rope_index import get_rope_index
 from viscodex_jax.model.vision import metadata_arrays, vision_metadata
 from viscodex_jax.sharding import DEFAULT_RULES, make_mesh

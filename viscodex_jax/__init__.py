@@ -11,7 +11,7 @@
 __version__ = "0.1.0"
 
 from viscodex_jax.api import Model, generate, load, save_hf
-from viscodex_jax.sampling import Greedy, Temperature, TopK, TopP
+from viscodex_jax.sampling.loop import Greedy, Temperature, TopK, TopP
 from viscodex_jax.data.processor import Processor
 from viscodex_jax.model.config import ModelConfig, load_config
 

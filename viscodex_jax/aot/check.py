@@ -28,7 +28,7 @@ from viscodex_jax.aot import programs
 from viscodex_jax.aot.shapes import model_config
 from viscodex_jax.aot.topologies import GIB, Slice, parse_slice, slice_devices
 from viscodex_jax.model.config import ModelConfig
-from viscodex_jax.sampling import DecodeSettings
+from viscodex_jax.sampling.loop import DecodeSettings
 from viscodex_jax.sharding import make_mesh
 
 PROGRAMS = ("train", "prefill", "decode")

@@ -104,7 +104,7 @@ def jaxpr_matmul_flops(fn: Callable, *args) -> tuple[int, list[str]]:
 
 
 def param_counts(cfg: ModelConfig, abstract_params: Any, trainable: list[str]) -> dict[str, int]:
-    from viscodex_jax.checkpoint.hf import flatten
+    from viscodex_jax.utils import flatten
 
     sizes = {"/".join(k): int(np.prod(v.shape)) for k, v in flatten(abstract_params).items()}
     keys = set(trainable)

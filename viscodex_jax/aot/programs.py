@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from viscodex_jax import sampling
+from viscodex_jax.sampling import loop as sampling
 from viscodex_jax.data.packing import Packer
 from viscodex_jax.model.config import ModelConfig
 from viscodex_jax.model.model import logical_axes, param_shapes

@@ -7,17 +7,16 @@ from typing import Any
 
 import jax
 
-from viscodex_jax.checkpoint.hf import atomic_dir, check_tensor_finite, flatten, load_hf_params, save_hf
+from viscodex_jax.checkpoint.hf import check_tensor_finite, load_hf_params, save_hf
+from viscodex_jax.utils import flatten
 from viscodex_jax.checkpoint.orbax_io import PARAMS_SUBDIR, is_orbax_dir, load_orbax_params, save_orbax
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 
 __all__ = [
     "CheckpointError",
-    "atomic_dir",
     "convert_hf_to_orbax",
     "convert_orbax_to_hf",
-    "flatten",
     "load_params",
     "save_hf",
     "save_orbax",

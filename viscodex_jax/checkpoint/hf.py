@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 
 from viscodex_jax.checkpoint import hf_map
-from viscodex_jax.checkpoint.atomic import atomic_dir  # noqa: F401 - re-exported
+from viscodex_jax.utils import atomic_dir, flatten, unflatten
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, ShardedWriter, iter_index
 from viscodex_jax.checkpoint.validate import count_nonfinite, is_float_dtype
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
@@ -32,24 +32,6 @@ SIDE_FILES = (
 )
 
 
-def flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return tree
 
 
 def _read_bin(path: str) -> dict[str, np.ndarray]:

@@ -7,7 +7,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from viscodex_jax.checkpoint.hf import flatten, iter_hf_tensors
+from viscodex_jax.checkpoint.hf import iter_hf_tensors
+from viscodex_jax.utils import flatten
 from viscodex_jax.checkpoint.orbax_io import PARAMS_SUBDIR, is_orbax_dir
 
 

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from viscodex_jax.checkpoint.hf import atomic_dir, copy_side_files
+from viscodex_jax.checkpoint.hf import copy_side_files
+from viscodex_jax.utils import atomic_dir
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError
 
 PARAMS_SUBDIR = "params"

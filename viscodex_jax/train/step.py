@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from viscodex_jax.checkpoint.hf import flatten, unflatten
+from viscodex_jax.utils import flatten, unflatten
 from viscodex_jax.model.config import ModelConfig
 from viscodex_jax.model.model import CausalLM, logical_axes
 from viscodex_jax.sharding import activation_sharding, batch_sharding, tree_shardings

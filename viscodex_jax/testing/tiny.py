@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from viscodex_jax.checkpoint.hf import atomic_dir
+from viscodex_jax.utils import atomic_dir
 
 TINY_RANKS = 4096
 

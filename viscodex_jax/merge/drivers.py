@@ -31,10 +31,11 @@ import numpy as np
 import tqdm
 
 from viscodex_jax.checkpoint import hf_map
-from viscodex_jax.checkpoint.hf import atomic_dir, copy_side_files, flatten, iter_hf_tensors, unflatten
+from viscodex_jax.checkpoint.hf import copy_side_files, iter_hf_tensors
+from viscodex_jax.utils import atomic_dir, flatten, unflatten
 from viscodex_jax.checkpoint.safetensors_io import ShardedWriter
 from viscodex_jax.checkpoint.validate import count_nonfinite, is_float_dtype
-from viscodex_jax.merge import MergeError, MergeSpec, merge_named
+from viscodex_jax.merge.tensor import MergeError, MergeSpec, merge_named
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 from viscodex_jax.model.model import param_shapes
 

@@ -10,8 +10,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from viscodex_jax.merge import MergeError, MergeSpec, _finite
-from viscodex_jax.merge_checkpoints import merge_checkpoints
+from viscodex_jax.merge.tensor import MergeError, MergeSpec, _finite
+from viscodex_jax.merge.drivers import merge_checkpoints
 from viscodex_jax.model.config import load_config
 
 log = logging.getLogger(__name__)

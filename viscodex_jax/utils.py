@@ -1,14 +1,13 @@
-"""Output directories that appear only when complete, and cleanup of ones a killed run left behind.
+"""Generic helpers with no jax import: pytree flatten/unflatten, directories that appear only when
+complete, and logging set-up for the entry points.
 
-A run writes into ``.<name>.tmp-<host>-<pid>-<random>`` next to ``<name>`` and
-renames it when done. An exception removes the temp dir, but kill -9 (or the
-OOM killer, or a lost node) cannot, so the next run for the same output looks
-for temp dirs of that exact pattern whose owner is gone and removes them. The
-owner is judged by host name and pid: a dir made on another host is never
-touched (its pid means nothing here), and a dir whose pid is still alive is
-left alone, even if that pid now belongs to an unrelated process (a reused pid
-keeps a stale dir, which is safe; it never removes a live one). The one case
-this cannot see is a second pid namespace sharing both the host name and the
+Atomic output directories: a run writes into ``.<name>.tmp-<host>-<pid>-<random>`` next to ``<name>``
+and renames it when done. An exception removes the temp dir, but kill -9 (or the OOM killer, or a lost
+node) cannot, so the next run for the same output looks for temp dirs of that exact pattern whose owner
+is gone and removes them. The owner is judged by host name and pid: a dir made on another host is never
+touched (its pid means nothing here), and a dir whose pid is still alive is left alone, even if that pid
+now belongs to an unrelated process (a reused pid keeps a stale dir, which is safe; it never removes a
+live one). The one case this cannot see is a second pid namespace sharing both the host name and the
 directory (two containers with one hostname writing the same output).
 """
 
@@ -21,9 +20,29 @@ import re
 import shutil
 import socket
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
+
+def flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return tree
+
 
 
 def _host() -> str:
@@ -95,3 +114,17 @@ def atomic_dir(final: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+_NOISY = ("orbax", "jax/_src", "etils", "absl/", "tensorstore")
+
+
+class _DropNoisyInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(n in record.pathname for n in _NOISY)
+
+
+def quiet_third_party() -> None:
+    """orbax logs every save/restore step at INFO through absl; keep only its warnings."""
+    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+        handler.addFilter(_DropNoisyInfo())
+    logging.getLogger("absl").addFilter(_DropNoisyInfo())

@@ -29,10 +29,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from viscodex_jax.demo_report import MODELS
+from viscodex_jax.demo.report import MODELS
 
 log = logging.getLogger(__name__)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def demo_chart(width: int = 160, height: int = 120, seed: int = 0):
@@ -137,7 +137,7 @@ def _train_args(c, name: str, init: str, data: str, steps: int, trainable: str, 
 
 def run_demo(c) -> dict[str, Any]:
     """Runs (or continues) every stage; returns the summary that the report shows."""
-    from viscodex_jax.tiny import ensure_tiny_checkpoints
+    from viscodex_jax.testing.tiny import ensure_tiny_checkpoints
 
     wd = os.path.abspath(c.workdir)
     c.workdir = wd
@@ -149,7 +149,7 @@ def run_demo(c) -> dict[str, Any]:
         raise RuntimeError(f"parity check failed: {parity}")
 
     def data():
-        from viscodex_jax.demo_data import make_demo_data
+        from viscodex_jax.demo.data import make_demo_data
 
         return make_demo_data(os.path.join(wd, "data"), c.seed, c.n_per_category, c.n_programs, c.n_heldout_programs)
 
@@ -174,7 +174,7 @@ def run_demo(c) -> dict[str, Any]:
             f"--batch_size={c.eval_batch_size}", f"--model_name={MODELS[m]}"]))
 
     def report():
-        from viscodex_jax.demo_report import write_report
+        from viscodex_jax.demo.report import write_report
 
         return write_report(wd, dict(st.seconds), parity, c.to_dict() if hasattr(c, "to_dict") else dict(c))
 

@@ -1,0 +1,1 @@
+"""JAX sampling: samplers, prefill and a jitted decode loop over a KV cache."""
