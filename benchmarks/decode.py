@@ -192,7 +192,7 @@ def task_ours(ckpt: str, repeats: int, prefill_repeats: int, seed: int) -> dict[
 
     from viscodex_jax.sampling import loop as sampling
     from viscodex_jax.checkpoint import load_hf_params
-    from viscodex_jax.model.rope_index import text_positions
+    from viscodex_jax.model.families.qwen2_5_vl import text_positions
 
     jax.devices()
     t0 = time.perf_counter()
@@ -313,7 +313,7 @@ def task_ablation(ckpt: str, repeats: int) -> dict[str, Any]:
     from viscodex_jax.sampling import loop as sampling
     from viscodex_jax.checkpoint import load_hf_params
     from viscodex_jax.model.layers import RMSNorm, text_rope
-    from viscodex_jax.model.model import segments_for
+    from viscodex_jax.model.causal_lm import segments_for
     from viscodex_jax.model.text import DecoderLayer
 
     cfg, params = load_hf_params(ckpt, dtype=np.float32)

@@ -8,9 +8,9 @@ import numpy as np
 from conftest import IMG, vl_prompt
 
 from viscodex_jax.checkpoint import load_hf_params
-from viscodex_jax.model.model import CausalLM
-from viscodex_jax.model.rope_index import get_rope_index
-from viscodex_jax.model.vision import VisionTower, metadata_arrays, vision_metadata
+from viscodex_jax.model.causal_lm import CausalLM
+from viscodex_jax.model.families.qwen2_5_vl import get_rope_index
+from viscodex_jax.model.families.qwen2_5_vl import VisionTower, metadata_arrays, vision_metadata
 
 
 def test_incremental_decode_with_cache_equals_full_forward(hf_checkpoint):

@@ -22,7 +22,7 @@ from viscodex_jax.data.packing import (
 from viscodex_jax.data.pipeline import MCDEncode, MCDJsonSource, PipelineConfig, host_shard, make_dataset
 from viscodex_jax.data.tokenizer import build_qwen2_tokenizer, special_token_ids
 from viscodex_jax.model.config import ModelConfig, TextConfig, VisionConfig
-from viscodex_jax.model.vision import metadata_arrays, vision_metadata
+from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 
 IMAGE_CFG = ImageProcessorConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)  # as the tiny VLM's
 
@@ -397,7 +397,7 @@ def test_packed_batch_runs_through_the_model(sample, tok, cfgs):
     import jax
     import jax.numpy as jnp
 
-    from viscodex_jax.model.model import CausalLM, param_shapes
+    from viscodex_jax.model.causal_lm import CausalLM, param_shapes
 
     vl, _ = cfgs
     ds = make_dataset(MCDJsonSource(sample["heldout"]), tok, vl,

@@ -8,8 +8,8 @@ import torch
 from conftest import IMG, left_padded_prompts, make_hf_model
 
 from viscodex_jax.model.config import config_from_dict
-from viscodex_jax.model.rope_index import get_rope_index
-from viscodex_jax.model.vision import vision_metadata
+from viscodex_jax.model.families.qwen2_5_vl import get_rope_index
+from viscodex_jax.model.families.qwen2_5_vl import vision_metadata
 
 CASES = {
     "text_only": ([], [[11], [7]]),

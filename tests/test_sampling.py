@@ -12,9 +12,9 @@ import torch
 from conftest import IMG, left_padded_prompts
 
 from viscodex_jax.checkpoint import load_hf_params
-from viscodex_jax.model.model import CausalLM
-from viscodex_jax.model.rope_index import get_rope_index, text_positions
-from viscodex_jax.model.vision import metadata_arrays, vision_metadata
+from viscodex_jax.model.causal_lm import CausalLM
+from viscodex_jax.model.families.qwen2_5_vl import get_rope_index, text_positions
+from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 from viscodex_jax.sampling.loop import DecodeSettings, Greedy, Temperature, TopK, TopP, generate_ids
 
 NEW = 10

@@ -13,8 +13,8 @@ from conftest import IMG, vl_prompt
 
 from viscodex_jax.checkpoint import hf_map, load_hf_params
 from viscodex_jax.utils import flatten
-from viscodex_jax.model.rope_index import get_rope_index
-from viscodex_jax.model.vision import metadata_arrays, vision_metadata
+from viscodex_jax.model.families.qwen2_5_vl import get_rope_index
+from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 from viscodex_jax.sharding import DEFAULT_RULES, make_mesh
 from viscodex_jax.train.loss import token_nll
 from viscodex_jax.train.step import (OptimConfig, batch_loss, batch_shardings, init_state, make_optimizer,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from viscodex_jax import checkpoint
 from viscodex_jax.data.processor import Processor
 from viscodex_jax.model.config import ModelConfig
-from viscodex_jax.model.model import CausalLM
+from viscodex_jax.model.causal_lm import CausalLM
 
 
 @dataclasses.dataclass

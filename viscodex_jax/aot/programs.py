@@ -28,8 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from viscodex_jax.sampling import loop as sampling
 from viscodex_jax.data.packing import Packer
 from viscodex_jax.model.config import ModelConfig
-from viscodex_jax.model.model import logical_axes, param_shapes
-from viscodex_jax.model.vision import metadata_arrays, vision_metadata
+from viscodex_jax.model.causal_lm import logical_axes, param_shapes
+from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 from viscodex_jax.sharding import batch_sharding, logical_to_mesh_spec, tree_shardings
 from viscodex_jax.train.step import (OptimConfig, batch_shardings, init_state, make_optimizer, make_train_step,
                                      state_shardings, trainable_keys)

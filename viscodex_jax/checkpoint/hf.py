@@ -18,7 +18,7 @@ from viscodex_jax.utils import atomic_dir, flatten, unflatten
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, ShardedWriter, iter_index
 from viscodex_jax.checkpoint.validate import count_nonfinite, is_float_dtype
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
-from viscodex_jax.model.model import param_shapes
+from viscodex_jax.model.causal_lm import param_shapes
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from viscodex_jax.data import mcd
 from viscodex_jax.data.image_processor import ImageProcessorConfig, num_image_tokens, process_images
 from viscodex_jax.data.tokenizer import DEFAULT_SYSTEM_PROMPT, special_token_ids
 from viscodex_jax.model.config import ConfigError, ModelConfig, VisionConfig
-from viscodex_jax.model.rope_index import get_rope_index
-from viscodex_jax.model.vision import metadata_arrays, vision_metadata
+from viscodex_jax.model.families.qwen2_5_vl import get_rope_index
+from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 
 __all__ = [
     "IGNORE_INDEX",

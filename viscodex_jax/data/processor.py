@@ -9,8 +9,8 @@ import numpy as np
 
 from viscodex_jax.data.image_processor import ImageProcessorConfig, expand_image_tokens, process_images
 from viscodex_jax.model.config import ModelConfig
-from viscodex_jax.model.rope_index import get_rope_index, text_positions
-from viscodex_jax.model.vision import metadata_arrays, vision_metadata
+from viscodex_jax.model.families.qwen2_5_vl import get_rope_index, text_positions
+from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 
 
 class Processor:

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from viscodex_jax.model.config import ConfigError, ModelConfig
-from viscodex_jax.model.model import CausalLM
-from viscodex_jax.model.vision import metadata_arrays, vision_metadata
+from viscodex_jax.model.causal_lm import CausalLM
+from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 
 Array = jax.Array
 

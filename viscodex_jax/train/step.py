@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from viscodex_jax.utils import flatten, unflatten
 from viscodex_jax.model.config import ModelConfig
-from viscodex_jax.model.model import CausalLM, logical_axes
+from viscodex_jax.model.causal_lm import CausalLM, logical_axes
 from viscodex_jax.sharding import activation_sharding, batch_sharding, tree_shardings
 from viscodex_jax.train.loss import shifted_targets, token_nll
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from viscodex_jax.model.config import ModelConfig
 from viscodex_jax.model.layers import Dense, text_rope
 from viscodex_jax.model.text import Decoder
-from viscodex_jax.model.vision import VisionTower
+from viscodex_jax.model.families.qwen2_5_vl import VisionTower
 
 Array = jax.Array
 
@@ -127,7 +127,7 @@ def init_boxed(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict[str, 
     pos = jnp.zeros((1, seq_len), jnp.int32)
     kwargs = {}
     if cfg.vision is not None:
-        from viscodex_jax.model.vision import metadata_arrays, vision_metadata
+        from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 
         m = cfg.vision.spatial_merge_size
         meta = metadata_arrays(vision_metadata([(1, 2 * m, 2 * m)], cfg.vision))
