@@ -24,16 +24,6 @@ SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 
 
-def sampler_from_flags():
-    if TEMP.value <= 0:
-        return vx.Greedy()
-    if TOP_K.value > 0:
-        return vx.TopK(TOP_K.value, TEMP.value)
-    if TOP_P.value < 1.0:
-        return vx.TopP(TOP_P.value, TEMP.value)
-    return vx.Temperature(TEMP.value)
-
-
 def main(argv):
     del argv
     quiet_third_party()
@@ -45,7 +35,7 @@ def main(argv):
     messages = ([{"role": "system", "content": SYSTEM.value}] if SYSTEM.value else []) + [
         {"role": "user", "content": content}]
     try:
-        vx.generate(model, [messages], images=[images], max_new_tokens=MAX_NEW.value, sampler=sampler_from_flags(),
+        vx.generate(model, [messages], images=[images], max_new_tokens=MAX_NEW.value, sampler=vx.sampler_from_settings(TEMP.value, TOP_P.value, TOP_K.value),
                     seed=SEED.value, stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     except ConfigError as e:  # names the setting, which is the flag of the same name
         raise app.UsageError(f"--{e}") from None

@@ -15,7 +15,8 @@ from viscodex_jax.checkpoint import load_hf_params
 from viscodex_jax.model.causal_lm import CausalLM
 from viscodex_jax.model.families.qwen2_5_vl import get_rope_index, text_positions
 from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
-from viscodex_jax.sampling.loop import DecodeSettings, Greedy, Temperature, TopK, TopP, generate_ids
+from viscodex_jax.sampling.loop import DecodeSettings, generate_ids
+from viscodex_jax.sampling.methods import Greedy, Temperature, TopK, TopP
 
 NEW = 10
 CASES = {
@@ -155,3 +156,26 @@ def test_generate_api_streams_the_same_text(tmp_path):
                         max_new_tokens=12)
     assert len(one) == 1 and "".join(pieces) == one[0] and one[0]
     assert batch[0] == one[0]  # batching and padding do not change row 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=1.0, top_k=-1), "top_k=-1"),
+    (dict(temperature=1.0, top_p=0.0), "top_p=0.0"),
+    (dict(temperature=1.0, top_p=1.5), "top_p=1.5"),
+    (dict(temperature=float("nan")), "temperature=nan"),
+])
+def test_sampler_settings_refuse_nonsense(kwargs, match):
+    from viscodex_jax.model.config import ConfigError
+    from viscodex_jax.sampling.methods import from_settings
+
+    with pytest.raises(ConfigError, match=match):
+        from_settings(**kwargs)
+
+
+def test_sampler_settings_pick_the_method():
+    from viscodex_jax.sampling.methods import from_settings
+
+    assert from_settings(0.0, 0.5, 3) == Greedy()
+    assert from_settings(0.7, 0.9, 5) == TopK(5, 0.7)
+    assert from_settings(0.7, 0.9, 0) == TopP(0.9, 0.7)
+    assert from_settings(0.7) == Temperature(0.7)

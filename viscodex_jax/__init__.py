@@ -11,11 +11,11 @@
 __version__ = "0.1.0"
 
 from viscodex_jax.api import Model, generate, load, save_hf
-from viscodex_jax.sampling.loop import Greedy, Temperature, TopK, TopP
+from viscodex_jax.sampling.methods import Greedy, Temperature, TopK, TopP, from_settings as sampler_from_settings
 from viscodex_jax.data.processor import Processor
 from viscodex_jax.model.config import ModelConfig, load_config
 
 __all__ = [
     "Greedy", "Model", "ModelConfig", "Processor", "Temperature", "TopK", "TopP",
-    "generate", "load", "load_config", "save_hf",
+    "generate", "load", "load_config", "sampler_from_settings", "save_hf",
 ]

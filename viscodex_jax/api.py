@@ -109,7 +109,8 @@ def generate(
             plus ``max_new_tokens`` past the model's ``max_position_embeddings``
             (checked before any image is processed or anything compiled).
     """
-    from viscodex_jax.sampling.loop import DecodeSettings, Greedy, generate_ids
+    from viscodex_jax.sampling.loop import DecodeSettings, generate_ids
+    from viscodex_jax.sampling.methods import Greedy
 
     settings = settings or DecodeSettings(max_new_tokens=max_new_tokens)
     if model.processor is None:

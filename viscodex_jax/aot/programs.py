@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from viscodex_jax.sampling import loop as sampling
+from viscodex_jax.sampling.methods import Greedy
 from viscodex_jax.data.packing import Packer
 from viscodex_jax.model.config import ModelConfig
 from viscodex_jax.model.causal_lm import logical_axes, param_shapes
@@ -174,7 +175,7 @@ def decode_args(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int
 def decode_program(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int, cache_len: int,
                    cache_dtype: Any):
     args = decode_args(cfg, mesh, rules, param_dtype, rows, cache_len, cache_dtype)
-    static = dict(cfg=cfg, sampler=sampling.Greedy(), mrope=cfg.text.mrope_section is not None)
+    static = dict(cfg=cfg, sampler=Greedy(), mrope=cfg.text.mrope_section is not None)
     return _Bound(sampling._step, static), args, functools.partial(sampling._step_fn, **static)
 
 

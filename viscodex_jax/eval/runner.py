@@ -171,14 +171,7 @@ def model_generate_fn(checkpoint: str, settings: EvalSettings, dtype: str = "flo
     import viscodex_jax as vx
 
     model = vx.load(checkpoint, dtype=dtype)
-    if settings.temperature <= 0:
-        sampler = vx.Greedy()
-    elif settings.top_k > 0:
-        sampler = vx.TopK(settings.top_k, settings.temperature)
-    elif settings.top_p < 1.0:
-        sampler = vx.TopP(settings.top_p, settings.temperature)
-    else:
-        sampler = vx.Temperature(settings.temperature)
+    sampler = vx.sampler_from_settings(settings.temperature, settings.top_p, settings.top_k)
 
     def fn(items: Sequence[Item], sample: int) -> list[str]:
         return vx.generate(model, [it.messages for it in items], images=[it.images for it in items],

@@ -20,63 +20,9 @@ import numpy as np
 from viscodex_jax.model.config import ConfigError, ModelConfig
 from viscodex_jax.model.causal_lm import CausalLM
 from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
+from viscodex_jax.sampling.methods import Greedy, Sampler
 
 Array = jax.Array
-
-
-# ----------------------------------------------------------------------------------------- samplers
-
-
-@dataclasses.dataclass(frozen=True)
-class Greedy:
-    def __call__(self, logits: Array, key: Array) -> Array:
-        del key
-        return jnp.argmax(logits, axis=-1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Temperature:
-    temperature: float = 1.0
-
-    def __call__(self, logits: Array, key: Array) -> Array:
-        return jax.random.categorical(key, logits.astype(jnp.float32) / self.temperature, axis=-1)
-
-
-@dataclasses.dataclass(frozen=True)
-class TopK:
-    k: int
-    temperature: float = 1.0
-
-    def __call__(self, logits: Array, key: Array) -> Array:
-        logits = logits.astype(jnp.float32) / self.temperature
-        kth = jax.lax.top_k(logits, self.k)[0][..., -1:]
-        return jax.random.categorical(key, jnp.where(logits >= kth, logits, -jnp.inf), axis=-1)
-
-
-@dataclasses.dataclass(frozen=True)
-class TopP:
-    """Nucleus sampling: the smallest set of tokens whose probability reaches ``p``."""
-
-    p: float
-    temperature: float = 1.0
-
-    def filter(self, logits: Array) -> Array:
-        logits = logits.astype(jnp.float32) / self.temperature
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
-        keep_sorted = before < self.p  # always keeps the top token
-        keep = jnp.zeros_like(keep_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted) if logits.ndim == 2 else \
-            jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
-        return jnp.where(keep, logits, -jnp.inf)
-
-    def __call__(self, logits: Array, key: Array) -> Array:
-        return jax.random.categorical(key, self.filter(logits), axis=-1)
-
-
-Sampler = Callable[[Array, Array], Array]
 
 
 # ----------------------------------------------------------------------------------------- decode
