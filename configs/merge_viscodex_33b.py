@@ -8,15 +8,11 @@ secondary summaries of the paper).
       --config.coder_dir=/ckpt/OpenCodeReasoning-Nemotron-1.1-32B --config.out_dir=/ckpt/viscodex-33b-merged
 """
 
-import importlib.util
-import os
+from viscodex_jax.merge.recipe import merge_config
 
 
 def get_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "merge_viscodex_8b.py")
-    spec = importlib.util.spec_from_file_location("merge_viscodex_8b", path)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = merge_config()
+    c.method = "task_arithmetic"
     c.lam = 0.85
     return c

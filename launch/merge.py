@@ -7,14 +7,14 @@
 
 import json
 
-from absl import app, logging
+from absl import app
 from ml_collections import config_flags
 
 from viscodex_jax.checkpoint import CheckpointError
-from viscodex_jax.utils import quiet_third_party
-from viscodex_jax.merge.tensor import MergeError
+from viscodex_jax.merge import MergeError
 from viscodex_jax.merge.recipe import lambda_sweep, parse_sweep_lams, run_merge
 from viscodex_jax.model.config import ConfigError
+from viscodex_jax.utils import quiet_third_party
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/merge_viscodex_8b.py", "Merge config.")
 
@@ -22,23 +22,18 @@ CONFIG = config_flags.DEFINE_config_file("config", "configs/merge_viscodex_8b.py
 def main(argv):
     del argv
     quiet_third_party()
+    c = CONFIG.value
     try:
-        _run(CONFIG.value)
+        if c.sweep_lams:
+            result = lambda_sweep(c, parse_sweep_lams(c.sweep_lams))
+            for r in result["rows"]:
+                print(f"lam={r['lam']:<5g} score={r['score']:.5f}  {r['dir']}")
+            print(f"best lam: {result['best_lam']}")
+        else:
+            print(json.dumps(run_merge(c)["summary"], indent=2))
     except (MergeError, CheckpointError, ConfigError, FileExistsError) as e:
         # Bad input, already named in the message: no traceback, exit status 1.
         raise SystemExit(f"merge: {e}") from None
-
-
-def _run(c):
-    if c.sweep_lams:
-        result = lambda_sweep(c, parse_sweep_lams(c.sweep_lams))
-        for r in result["rows"]:
-            print(f"lam={r['lam']:<5g} score={r['score']:.5f}  {r['dir']}")
-        print(f"best lam: {result['best_lam']}")
-        return
-    report = run_merge(c)
-    print(json.dumps(report["summary"] if "summary" in report else {}, indent=2))
-    logging.info("wrote %s", c.out_dir)
 
 
 if __name__ == "__main__":

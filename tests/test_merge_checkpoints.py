@@ -15,8 +15,7 @@ from viscodex_jax import checkpoint
 from viscodex_jax.checkpoint.hf import SIDE_FILES, iter_hf_tensors
 from viscodex_jax.utils import flatten
 from viscodex_jax.checkpoint.safetensors_io import ShardedWriter
-from viscodex_jax.merge.tensor import MergeError, MergeSpec
-from viscodex_jax.merge.drivers import merge_checkpoints, merge_params
+from viscodex_jax.merge import MergeError, MergeSpec, merge_checkpoints, merge_params
 from viscodex_jax.testing.tiny import make_tiny_checkpoints
 
 

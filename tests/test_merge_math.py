@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from viscodex_jax.merge.tensor import MergeError, MergeSpec, merge_tensor, tensor_key
+from viscodex_jax.merge import MergeError, MergeSpec
+from viscodex_jax.merge.tensor import merge_tensor, tensor_key
 
 
 def _ref(base, thetas, w, method, lam=1.0, density=1.0, masks=None, rescale="inverse_p"):

@@ -1,4 +1,4 @@
-"""Config -> merge: the VisCodex recipe, its output formats, and the lambda sweep."""
+"""Config -> merge: the merge config schema, the VisCodex recipe, its output formats, and the lambda sweep."""
 
 from __future__ import annotations
 
@@ -8,20 +8,42 @@ import os
 import shutil
 from typing import Any, Callable, Sequence
 
-import numpy as np
+import ml_collections
 
-from viscodex_jax.merge.tensor import MergeError, MergeSpec, _finite
 from viscodex_jax.merge.drivers import merge_checkpoints
+from viscodex_jax.merge.spec import MergeError, MergeSpec, finite_number
 from viscodex_jax.model.config import load_config
 
 log = logging.getLogger(__name__)
 
-# Held-out texts for the default sweep score until benchmark scoring is wired in: short programs.
-DEFAULT_HELDOUT = (
-    "import matplotlib.pyplot as plt\nplt.bar(['a', 'b', 'c'], [3, 1, 2], color='tab:blue')\nplt.title('Sales')\nplt.show()\n",
-    "def two_sum(nums, target):\n    seen = {}\n    for i, x in enumerate(nums):\n        if target - x in seen:\n            return seen[target - x], i\n        seen[x] = i\n",
-    "<html><body><h1>Welcome</h1><p>Sign up for our newsletter.</p><button>Join</button></body></html>\n",
-)
+
+def merge_config() -> ml_collections.ConfigDict:
+    """The merge config schema with the VisCodex-8B defaults; ``configs/merge_*.py`` presets set values on it."""
+    c = ml_collections.ConfigDict()
+    c.base_dir = ""
+    c.vlm_dir = ""
+    c.coder_dir = ""
+    c.out_dir = ""  # HF dir (safetensors + VLM config + tokenizer + merge_report.json)
+    c.orbax_dir = ""  # optional: also write our orbax checkpoint
+    c.method = "task_arithmetic"
+    c.lam = 0.7  # weight of the VLM's task vector, in [0, 1]; the coder gets 1 - lam
+    c.scale = 1.0  # final lambda of the generalized pipeline, in (0, 2]
+    c.density = 1.0  # ties/dare only
+    c.seed = 0
+    c.dare_rescale = "inverse_p"
+    # The paper does not say whether embeddings/lm_head were merged; by default they are.
+    c.merge_embeddings = True
+    c.exclude = ""  # comma-separated extra regexes on param paths to copy from the VLM instead
+    c.attn_lam = -1.0  # -1: off; in [0, 1]: a different lam for attention (per-group weights)
+    # Lifts the ranges above (negative weights, lam > 1, scale > 2); values must still be finite.
+    c.allow_unusual_weights = False
+    c.out_dtype = "bfloat16"  # bfloat16 | float16 | float32
+    c.max_shard_mb = 5000
+    c.overwrite = False
+    # lambda sweep: comma-separated lams; each is merged to <out_dir>/lam_<lam> and scored.
+    c.sweep_lams = ""
+    c.heldout_jsonl = ""  # {"text": ...} per line for the held-out loss score; built-in snippets if empty
+    return c
 
 
 def _unusual(c) -> bool:
@@ -35,10 +57,10 @@ def spec_from_config(c) -> MergeSpec:
     ``--config.allow_unusual_weights`` lifts the ranges (see MergeSpec), never finiteness.
     """
     unusual = _unusual(c)
-    lam = _finite(c.lam, "--config.lam")
+    lam = finite_number(c.lam, "--config.lam")
     if not unusual and not 0.0 <= lam <= 1.0:
         raise MergeError(f"--config.lam must be in [0, 1], got {lam:g} (or set --config.allow_unusual_weights)")
-    attn_lam = _finite(c.attn_lam, "--config.attn_lam")
+    attn_lam = finite_number(c.attn_lam, "--config.attn_lam")
     if attn_lam != -1.0 and not unusual and not 0.0 <= attn_lam <= 1.0:
         raise MergeError(f"--config.attn_lam must be -1 (off) or in [0, 1], got {attn_lam:g} "
                          "(or set --config.allow_unusual_weights)")
@@ -98,7 +120,7 @@ def run_merge(c, out_dir: str | None = None, spec: MergeSpec | None = None) -> d
     _require(c, "base_dir", "vlm_dir", "coder_dir", "out_dir")
     out_dir = out_dir or c.out_dir
     spec = spec or spec_from_config(c)
-    if not _finite(c.max_shard_mb, "--config.max_shard_mb") > 0:
+    if not finite_number(c.max_shard_mb, "--config.max_shard_mb") > 0:
         raise MergeError(f"--config.max_shard_mb must be > 0, got {c.max_shard_mb}")
     _check_outputs(c, out_dir)
     _check_vlm(c)
@@ -127,47 +149,6 @@ def parse_sweep_lams(text: str) -> list[float]:
     return lams
 
 
-def heldout_loss(ckpt_dir: str, texts: Sequence[str]) -> float:
-    """Mean next-token NLL of ``texts`` under a checkpoint (lower is better)."""
-    import jax
-    import jax.numpy as jnp
-
-    import viscodex_jax as vx
-
-    model = vx.load(ckpt_dir, param_dtype=np.float32)
-    tok = model.processor.tokenizer
-    total, count = 0.0, 0
-    for text in texts:
-        ids = np.array([tok.encode(text, add_special_tokens=False)], np.int32)
-        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        pos = np.arange(ids.shape[1], dtype=np.int32)[None]
-        batch["positions"] = np.broadcast_to(pos, (3,) + pos.shape) if model.config.is_multimodal else pos
-        logits = model.logits(batch)
-        lp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), -1)
-        nll = -jnp.take_along_axis(lp, jnp.asarray(ids[0, 1:, None]), -1)
-        total += float(nll.sum())
-        count += ids.shape[1] - 1
-    return total / count
-
-
-def _read_heldout(path: str) -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise MergeError(f"{path}:{n}: expected a JSON object with a 'text' string ({e!r})") from None
-            if not isinstance(text, str):
-                raise MergeError(f"{path}:{n}: 'text' is {type(text).__name__}, not a string")
-            texts.append(text)
-    if not texts:
-        raise MergeError(f"{path}: no held-out texts (one {{\"text\": ...}} object per line)")
-    return texts
-
-
 def _sweep_configs(c, lams: Sequence[float]) -> list[tuple[Any, str]]:
     """One (config, output dir) per lam, all validated before the first merge starts."""
     if not len(lams):
@@ -176,7 +157,7 @@ def _sweep_configs(c, lams: Sequence[float]) -> list[tuple[Any, str]]:
     for lam in lams:
         sub = c.copy_and_resolve_references()
         try:
-            sub.lam = _finite(lam, "lam")
+            sub.lam = finite_number(lam, "lam")
             spec_from_config(sub)
         except MergeError as e:
             raise MergeError(f"--config.sweep_lams: {lam!r}: {e}") from None
@@ -202,10 +183,13 @@ def lambda_sweep(c, lams: Sequence[float], score: Callable[[str], float] | None 
     _require(c, "base_dir", "vlm_dir", "coder_dir", "out_dir")
     subs = _sweep_configs(c, lams)
     if score is None:
-        texts = DEFAULT_HELDOUT
-        if c.heldout_jsonl:
-            texts = _read_heldout(c.heldout_jsonl)
-        score = lambda d: heldout_loss(d, texts)  # noqa: E731
+        import numpy as np
+
+        import viscodex_jax as vx
+        from viscodex_jax.merge.heldout import DEFAULT_HELDOUT, heldout_loss, read_heldout_jsonl
+
+        texts = read_heldout_jsonl(c.heldout_jsonl) if c.heldout_jsonl else DEFAULT_HELDOUT
+        score = lambda d: heldout_loss(vx.load(d, param_dtype=np.float32), texts)  # noqa: E731
     os.makedirs(c.out_dir, exist_ok=True)
     rows = []
     for lam, (sub, out) in zip(lams, subs):

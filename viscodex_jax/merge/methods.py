@@ -1,0 +1,141 @@
+"""Merge methods: one table from a method name to the pieces of the per-tensor pipeline.
+
+For every tensor, with task vectors ``d_i = theta_i - base`` (float32), ``tensor.merge_tensor`` runs
+
+    sparsify (which entries of each d_i survive)  ->  weight  w_i * d_i
+    -> sign consensus (elect the sign of sum_i w_i d_i; drop entries that disagree)
+    -> sum -> normalise (divide by the summed weights that contributed)
+    -> scale lam -> base + result, cast to the output dtype (bf16 by default)
+
+| method            | sparsify | sign consensus | normalise |
+|-------------------|----------|----------------|-----------|
+| linear            | -        | -              | yes (sum w) -> sum_i w_i theta_i / sum_i w_i, base cancels |
+| task_arithmetic   | -        | -              | no        |
+| ties              | top-k    | yes            | yes (disjoint mean) |
+| dare_linear       | DARE     | -              | no        |
+| dare_ties         | DARE     | yes            | yes (disjoint mean) |
+
+VisCodex is ``task_arithmetic`` with ``weights=[lam, 1 - lam]`` for (VLM, coder):
+``base + lam * tau_vlm + (1 - lam) * tau_code``.
+
+DARE rescaling: ``"inverse_p"`` (the DARE paper) divides kept entries by the
+keep probability ``p``, which preserves each task vector in expectation;
+``"l1"`` instead rescales so the kept entries have the same L1 norm as the
+whole task vector, which preserves it exactly per tensor. They differ for any
+single draw; both are offered.
+
+Adding a method is a sparsify function (when no existing one fits) plus one
+line in ``METHODS``; the pipeline, both drivers and the sweep pick it up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _per_model(x: jax.Array, d: jax.Array) -> jax.Array:
+    """A per-model value [n] shaped to broadcast against task vectors [n, ...]."""
+    return x.reshape((d.shape[0],) + (1,) * (d.ndim - 1))
+
+
+def _never(spec) -> bool:
+    del spec
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Sparsify:
+    """Which entries of each task vector survive.
+
+    ``keep(d, thresholds, key, spec)`` is traced inside the jitted merge: ``d`` is
+    the float32 task vectors [n_models, ...] (a row chunk of the tensor when it is
+    big), ``thresholds`` float32 [n_models, len(ranks)], ``key`` this tensor's
+    PRNG key. It returns ``(sparsified d, boolean keep mask)``, or None when the
+    spec makes it a no-op (the exact weighted-sum path is then used).
+
+    ``ranks(spec, numel)``: 1-based ranks k; per model the host finds the
+    magnitude of the k-th largest ``|d|`` entry of the whole tensor (0 -> +inf),
+    so row chunks see the thresholds of the whole tensor.
+
+    ``whole_tensor(spec)``: True when ``keep`` must see the whole tensor at once.
+    """
+
+    keep: Callable[..., Any]
+    ranks: Callable[[Any, int], Sequence[int]] | None = None
+    whole_tensor: Callable[[Any], bool] = _never
+
+
+def _topk_ranks(spec, numel: int) -> tuple[int, ...]:
+    return (max(1, int(np.ceil(spec.density * numel))),) if spec.density < 1.0 else ()
+
+
+def topk(d, thresholds, key, spec):
+    """TIES trim: keep each task vector's ``density`` fraction of largest magnitudes (ties at the cut kept)."""
+    del key
+    if spec.density >= 1.0:
+        return None
+    keep = jnp.abs(d) >= _per_model(thresholds[:, 0], d)
+    return jnp.where(keep, d, 0.0), keep
+
+
+def dare(d, thresholds, key, spec):
+    """DARE: keep each entry with probability ``density`` (mask keyed by seed and tensor), then rescale."""
+    del thresholds
+    if spec.density >= 1.0:
+        return None
+    keys = jax.random.split(key, d.shape[0])
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, spec.density, d.shape[1:]))(keys)
+    dropped = jnp.where(keep, d, 0.0)
+    if spec.dare_rescale == "inverse_p":
+        return dropped / spec.density, keep
+    axes = tuple(range(1, d.ndim))
+    l1_all = jnp.sum(jnp.abs(d), axis=axes, keepdims=True)
+    l1_kept = jnp.sum(jnp.abs(dropped), axis=axes, keepdims=True)
+    return dropped * jnp.where(l1_kept > 0, l1_all / jnp.where(l1_kept > 0, l1_kept, 1.0), 0.0), keep
+
+
+def _dare_l1_is_per_tensor(spec) -> bool:
+    return spec.dare_rescale == "l1" and spec.density < 1.0
+
+
+TOPK = Sparsify(topk, ranks=_topk_ranks)
+DARE = Sparsify(dare, whole_tensor=_dare_l1_is_per_tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    sparsify: Sparsify | None  # None: every entry of every task vector counts
+    consensus: bool  # TIES sign election
+    normalise: bool  # default of MergeSpec.normalize: divide by the weights that contributed
+
+
+METHODS: dict[str, Method] = {
+    "linear": Method(None, consensus=False, normalise=True),
+    "task_arithmetic": Method(None, consensus=False, normalise=False),
+    "ties": Method(TOPK, consensus=True, normalise=True),
+    "dare_linear": Method(DARE, consensus=False, normalise=False),
+    "dare_ties": Method(DARE, consensus=True, normalise=True),
+}
+
+
+def kth_largest_magnitudes(base: Any, thetas: Sequence[Any], ranks: Sequence[int]) -> np.ndarray:
+    """Per model and rank k, the magnitude of the k-th largest task-vector entry: float32 [n, len(ranks)].
+
+    Computed on the host with numpy's linear-time selection (a full sort of a
+    150k x 3584 embedding is the slow part of TIES otherwise). Rank 0 gives
+    +inf, a rank past the tensor's size -inf.
+    """
+    base32 = np.asarray(base, np.float32)
+    out = np.empty((len(thetas), len(ranks)), np.float32)
+    for i, t in enumerate(thetas):
+        mag = np.abs(np.asarray(t, np.float32) - base32).reshape(-1)
+        kth = sorted({mag.size - k for k in ranks if 1 <= k <= mag.size})
+        part = np.partition(mag, kth) if kth else mag
+        for j, k in enumerate(ranks):
+            out[i, j] = np.inf if k < 1 else -np.inf if k > mag.size else part[mag.size - k]
+    return out
