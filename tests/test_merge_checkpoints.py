@@ -55,7 +55,8 @@ def _tensors(d):
     MergeSpec(method="dare_ties", weights=(0.7, 0.3), density=0.5, seed=2),
     MergeSpec(method="task_arithmetic", weights=(0.7, 0.3), exclude=(r"/mlp/",),
               group_weights=((r"/self_attn/", (0.5, 0.5)),)),
-], ids=["task_arithmetic", "ties", "dare_ties", "groups"])
+    MergeSpec(method="breadcrumbs", weights=(0.7, 0.3), drop_largest=0.05, drop_smallest=0.3),
+], ids=["task_arithmetic", "ties", "dare_ties", "groups", "breadcrumbs"])
 def test_streamed_equals_in_memory_and_vision_is_copied(tiny, tmp_path, spec):
     out = str(tmp_path / "merged")
     report = merge_checkpoints(tiny["base"], [tiny["vlm"], tiny["coder"]], out, spec, max_shard_bytes=500_000)

@@ -143,6 +143,46 @@ def test_row_chunked_merge_equals_whole_tensor(monkeypatch, method, density):
     np.testing.assert_allclose(s1["kept_fraction"], s2["kept_fraction"])
 
 
+def _breadcrumbs_ref(base, thetas, w, lam, drop_largest, drop_smallest):
+    """float64, by rank: sort each task vector's magnitudes and zero its largest and smallest entries."""
+    base = base.astype(np.float64)
+    total, kept = np.zeros_like(base), []
+    for wi, t in zip(w, thetas):
+        x = t.astype(np.float64) - base
+        order = np.argsort(-np.abs(x).ravel(), kind="stable")
+        n_top, n_bottom = (int(np.floor(f * x.size + 0.5)) for f in (drop_largest, drop_smallest))
+        keep = np.zeros(x.size, bool)
+        keep[order[n_top:x.size - n_bottom]] = True
+        total += wi * np.where(keep.reshape(x.shape), x, 0.0)
+        kept.append(keep.mean())
+    return base + lam * total, kept
+
+
+@pytest.mark.parametrize("n,lam,drop_largest,drop_smallest", [
+    (2, 1.0, 0.1, 0.2), (3, 0.8, 0.05, 0.5), (2, 1.0, 0.0, 0.3), (2, 1.0, 0.2, 0.0)])
+def test_breadcrumbs_matches_float64_reference(monkeypatch, n, lam, drop_largest, drop_smallest):
+    from viscodex_jax.merge import tensor as merge_mod
+
+    base, thetas = _rand(40 + n, n=n)
+    w = list(np.linspace(0.9, 0.3, n))
+    spec = MergeSpec(method="breadcrumbs", weights=tuple(w), lam=lam, drop_largest=drop_largest,
+                     drop_smallest=drop_smallest, out_dtype="float32")
+    out, stats = merge_tensor("t", base, thetas, spec)
+    ref, kept = _breadcrumbs_ref(base, thetas, w, lam, drop_largest, drop_smallest)
+    assert np.abs(np.asarray(out, np.float64) - ref).max() <= 1e-6
+    np.testing.assert_array_equal(stats["kept_fraction"], kept)
+    monkeypatch.setattr(merge_mod, "CHUNK_ELEMENTS", 17 * 5)  # row chunks see the whole tensor's cut-offs
+    chunked, _ = merge_tensor("t", base, thetas, spec)
+    np.testing.assert_array_equal(np.asarray(out), chunked)
+
+
+def test_breadcrumbs_settings_are_checked():
+    with pytest.raises(MergeError, match="each must be in \\[0, 1\\) and their sum below 1"):
+        MergeSpec(method="breadcrumbs", drop_largest=0.6, drop_smallest=0.4)
+    with pytest.raises(MergeError, match="breadcrumbs settings; ties does not use them"):
+        MergeSpec(method="ties", drop_largest=0.1)
+
+
 def test_bfloat16_inputs_merge_like_their_float32_values():
     """Released checkpoints are bf16: they must merge (computed in float32)."""
     import ml_dtypes

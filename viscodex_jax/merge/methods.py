@@ -14,6 +14,7 @@ For every tensor, with task vectors ``d_i = theta_i - base`` (float32), ``tensor
 | ties              | top-k    | yes            | yes (disjoint mean) |
 | dare_linear       | DARE     | -              | no        |
 | dare_ties         | DARE     | yes            | yes (disjoint mean) |
+| breadcrumbs       | band     | -              | no        |
 
 VisCodex is ``task_arithmetic`` with ``weights=[lam, 1 - lam]`` for (VLM, coder):
 ``base + lam * tau_vlm + (1 - lam) * tau_code``.
@@ -103,6 +104,23 @@ def _dare_l1_is_per_tensor(spec) -> bool:
     return spec.dare_rescale == "l1" and spec.density < 1.0
 
 
+def _band_ranks(spec, numel: int) -> tuple[int, ...]:
+    top, bottom = (int(np.floor(f * numel + 0.5)) for f in (spec.drop_largest, spec.drop_smallest))
+    return (top, numel - bottom)
+
+
+def breadcrumbs(d, thresholds, key, spec):
+    """Model Breadcrumbs: drop each task vector's ``drop_largest`` fraction of largest magnitudes (outliers)
+    and ``drop_smallest`` fraction of smallest (noise), counted per tensor and rounded to whole entries
+    (ties at a cut are kept). The survivors are not rescaled, as in the paper."""
+    del key
+    if spec.drop_largest == 0.0 and spec.drop_smallest == 0.0:
+        return None
+    mag = jnp.abs(d)
+    keep = (mag < _per_model(thresholds[:, 0], d)) & (mag >= _per_model(thresholds[:, 1], d))
+    return jnp.where(keep, d, 0.0), keep
+
+
 TOPK = Sparsify(topk, ranks=_topk_ranks)
 DARE = Sparsify(dare, whole_tensor=_dare_l1_is_per_tensor)
 
@@ -120,6 +138,7 @@ METHODS: dict[str, Method] = {
     "ties": Method(TOPK, consensus=True, normalise=True),
     "dare_linear": Method(DARE, consensus=False, normalise=False),
     "dare_ties": Method(DARE, consensus=True, normalise=True),
+    "breadcrumbs": Method(Sparsify(breadcrumbs, ranks=_band_ranks), consensus=False, normalise=False),
 }
 
 

@@ -29,6 +29,8 @@ def merge_config() -> ml_collections.ConfigDict:
     c.lam = 0.7  # weight of the VLM's task vector, in [0, 1]; the coder gets 1 - lam
     c.scale = 1.0  # final lambda of the generalized pipeline, in (0, 2]
     c.density = 1.0  # ties/dare only
+    c.drop_largest = 0.0  # breadcrumbs only: fractions of each task vector's magnitudes dropped
+    c.drop_smallest = 0.0
     c.seed = 0
     c.dare_rescale = "inverse_p"
     # The paper does not say whether embeddings/lm_head were merged; by default they are.
@@ -72,11 +74,12 @@ def spec_from_config(c) -> MergeSpec:
         groups = ((r"/self_attn/", (attn_lam, 1.0 - attn_lam)),)
     try:
         return MergeSpec(method=c.method, weights=(lam, 1.0 - lam), lam=c.scale, density=c.density, seed=c.seed,
+                         drop_largest=c.drop_largest, drop_smallest=c.drop_smallest,
                          dare_rescale=c.dare_rescale, exclude=exclude, group_weights=groups, out_dtype=c.out_dtype,
                          allow_unusual_weights=unusual)
     except MergeError as e:  # name the flag; MergeSpec's "lam" is the config's "scale"
         flags = (("lam (the final scale)", "scale"), ("out_dtype", "out_dtype"), ("density", "density"),
-                 ("dare_rescale", "dare_rescale"), ("unknown merge method", "method"))
+                 ("drop_largest", "drop_largest"), ("dare_rescale", "dare_rescale"), ("unknown merge method", "method"))
         flag = next((f for prefix, f in flags if str(e).startswith(prefix)), None)
         if flag is None:
             raise

@@ -27,7 +27,8 @@ class MergeReport:
     def __init__(self, spec: MergeSpec, names: Sequence[str]):
         self.data: dict[str, Any] = {
             "method": spec.method, "weights": list(spec.weights), "lam": spec.lam, "density": spec.density,
-            "seed": spec.seed, "dare_rescale": spec.dare_rescale, "normalize": spec.do_normalize,
+            "seed": spec.seed, "drop_largest": spec.drop_largest, "drop_smallest": spec.drop_smallest,
+            "dare_rescale": spec.dare_rescale, "normalize": spec.do_normalize,
             "group_weights": [[p, list(w)] for p, w in spec.group_weights],
             "include": list(spec.include), "exclude": list(spec.exclude), "out_dtype": spec.out_dtype,
             "allow_unusual_weights": spec.allow_unusual_weights,

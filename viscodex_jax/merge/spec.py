@@ -79,6 +79,8 @@ class MergeSpec:
     lam: float = 1.0  # the final scale
     density: float = 1.0  # ties: fraction kept by magnitude; dare: keep probability p
     seed: int = 0
+    drop_largest: float = 0.0  # breadcrumbs: fraction of each task vector's largest magnitudes dropped
+    drop_smallest: float = 0.0  # breadcrumbs: fraction of its smallest magnitudes dropped
     dare_rescale: str = "inverse_p"  # "inverse_p" | "l1"
     normalize: bool | None = None  # None: the method's default (see methods.METHODS)
     # Which params are merged: regexes on '/'-joined param paths (our tree, e.g. model/layers/mlp/up_proj/kernel).
@@ -94,6 +96,12 @@ class MergeSpec:
             raise MergeError(f"unknown merge method {self.method!r}; choose from {', '.join(METHODS)}")
         if not 0.0 < self.density <= 1.0:
             raise MergeError(f"density must be in (0, 1], got {self.density}")
+        drops = [finite_number(getattr(self, f), f) for f in ("drop_largest", "drop_smallest")]
+        if any(not 0.0 <= x < 1.0 for x in drops) or sum(drops) >= 1.0:
+            raise MergeError(f"drop_largest={drops[0]:g}, drop_smallest={drops[1]:g}: each must be in [0, 1) "
+                             "and their sum below 1")
+        if any(drops) and self.method != "breadcrumbs":
+            raise MergeError(f"drop_largest/drop_smallest are breadcrumbs settings; {self.method} does not use them")
         if self.dare_rescale not in ("inverse_p", "l1"):
             raise MergeError(f"dare_rescale must be 'inverse_p' or 'l1', got {self.dare_rescale!r}")
         if self.out_dtype not in OUT_DTYPES:
