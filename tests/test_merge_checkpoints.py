@@ -110,6 +110,21 @@ def test_merged_checkpoint_loads_in_transformers_with_our_logits(tiny, tmp_path)
     assert np.abs(ours - ref).max() <= 1e-4
 
 
+def test_merge_models_is_merge_params_on_loaded_models(tiny):
+    import viscodex_jax as vx
+    from viscodex_jax.merge import merge_models
+
+    base, vlm, coder = (vx.load(tiny[k]) for k in ("base", "vlm", "coder"))
+    spec = MergeSpec(method="ties", weights=(0.6, 0.5), density=0.4)
+    merged = merge_models(base, [vlm, coder], method="ties", weights=(0.6, 0.5), density=0.4)
+    want, _ = merge_params(base.params, [vlm.params, coder.params], spec, vlm.config)
+    got, fw = flatten(merged.params), flatten(want)
+    assert got.keys() == fw.keys() and all(np.asarray(got[k]).tobytes() == fw[k].tobytes() for k in fw)
+    assert merged.config == vlm.config and merged.processor is vlm.processor and merged.raw_config["dtype"] == "bfloat16"
+    with pytest.raises(MergeError, match="not both"):
+        merge_models(base, [vlm, coder], spec, lam=0.5)
+
+
 def test_vocab_mismatch_merges_shared_rows_and_keeps_vlm_extra_rows(tiny):
     cfg, base = checkpoint.load_hf_params(tiny["base"])
     vcfg, vlm = checkpoint.load_hf_params(tiny["vlm"])

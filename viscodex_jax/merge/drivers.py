@@ -217,6 +217,25 @@ def merge_params(
     return unflatten(out), report.data
 
 
+def merge_models(base: Any, models: Sequence[Any], spec: MergeSpec | None = None, **fields) -> Any:
+    """``vx.Model``s in, the merged ``vx.Model`` out: ``models[0]`` (the VLM) gives its config, processor and
+    untouched tensors. ``spec``, or MergeSpec ``fields`` such as ``weights=(0.7, 0.3), method="ties"``."""
+    import jax
+    import jax.numpy as jnp
+
+    from viscodex_jax.api import Model
+
+    if spec is not None and fields:
+        raise MergeError(f"give a MergeSpec or its fields, not both (got spec and {sorted(fields)})")
+    spec = spec or MergeSpec(**fields)
+    primary = models[0]
+    names = [os.path.basename(os.path.normpath(m.path)) if m.path else f"model{i + 1}" for i, m in enumerate(models)]
+    params, _ = merge_params(base.params, [m.params for m in models], spec, primary.config, names)
+    raw = {k: v for k, v in primary.raw_config.items() if k != "torch_dtype"}
+    raw["dtype"] = spec.out_dtype
+    return Model(primary.config, jax.tree_util.tree_map(jnp.asarray, params), raw, primary.path, primary.processor)
+
+
 def merge_checkpoints(
     base_dir: str,
     model_dirs: Sequence[str],
