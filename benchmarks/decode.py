@@ -192,7 +192,7 @@ def task_ours(ckpt: str, repeats: int, prefill_repeats: int, seed: int) -> dict[
 
     from viscodex_jax.sampling import loop as sampling
     from viscodex_jax.checkpoint import load_hf_params
-    from viscodex_jax.model.families.qwen2_5_vl import text_positions
+    from viscodex_jax.model.families.qwen2 import text_positions
 
     jax.devices()
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ import pytest
 
 import viscodex_jax as vx
 from viscodex_jax.data import mcd
-from viscodex_jax.data import packing
+from viscodex_jax.data import encode as packing
 from viscodex_jax.data.image_processor import ImageProcessorConfig
 from viscodex_jax.data.mcd_sample import make_mcd_sample
 from viscodex_jax.data.pipeline import MCDEncode, MCDJsonSource, PipelineConfig, make_dataset

@@ -15,11 +15,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from viscodex_jax.data.chat import expand_image_tokens, num_image_tokens
 from viscodex_jax.data.image_processor import (
     ImageProcessorConfig,
     ProcessedImages,
-    expand_image_tokens,
-    num_image_tokens,
     process_images,
     smart_resize,
 )

@@ -1,4 +1,4 @@
-"""MCD data: reader/validation, chat-template encoding, truncation, packing, grain pipeline, TFDS."""
+"""MCD data: reader/validation, encoding (truncation, drops), packing, grain pipeline, TFDS (the chat template: test_chat_template)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 import grain
 
 from viscodex_jax.data import mcd
-from viscodex_jax.data.image_processor import ImageProcessorConfig, expand_image_tokens, num_image_tokens
+from viscodex_jax.data.chat import IGNORE_INDEX, num_image_tokens
+from viscodex_jax.data.encode import encode_record
+from viscodex_jax.data.image_processor import ImageProcessorConfig
 from viscodex_jax.data.mcd_sample import CATEGORIES, make_mcd_sample
-from viscodex_jax.data.packing import (
-    IGNORE_INDEX, Packer, encode_record, pack_records, render_chat, to_hf_messages,
-)
+from viscodex_jax.data.packing import Packer, pack_records
 from viscodex_jax.data.pipeline import MCDEncode, MCDJsonSource, PipelineConfig, host_shard, make_dataset
 from viscodex_jax.data.tokenizer import build_qwen2_tokenizer, special_token_ids
 from viscodex_jax.model.config import ModelConfig, TextConfig, VisionConfig
@@ -28,11 +28,6 @@ IMAGE_CFG = ImageProcessorConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64
 
 
 # ------------------------------------------------------------------ fixtures
-
-@pytest.fixture(scope="module")
-def full_tok():
-    return build_qwen2_tokenizer()
-
 
 @pytest.fixture(scope="module")
 def tok():
@@ -69,86 +64,6 @@ def _png_bytes(img: PIL.Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _hf_ids(tokenizer, messages, grids):
-    """transformers' apply_chat_template ids, each single image pad expanded to the image's token count."""
-    out = tokenizer.apply_chat_template(to_hf_messages(messages), tokenize=True)
-    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-    pad = special_token_ids(tokenizer)["image_pad"]
-    expanded, k = [], 0
-    for i in ids:
-        if i == pad:
-            expanded += [pad] * num_image_tokens(grids[k])
-            k += 1
-        else:
-            expanded.append(i)
-    assert k == len(grids)
-    return expanded
-
-
-# ------------------------------------------------------------------ chat template + labels
-
-CONVERSATIONS = [
-    # no system
-    ([{"role": "user", "content": "Write hello world in Python."},
-      {"role": "assistant", "content": "print('hello world')"}], 0),
-    # with system
-    ([{"role": "system", "content": "You are a careful coder."},
-      {"role": "user", "content": "Sum 1..10?"},
-      {"role": "assistant", "content": "```python\nprint(sum(range(1, 11)))\n```"}], 0),
-    # multi-turn, whitespace and unicode
-    ([{"role": "user", "content": "  Hi there\n\n"},
-      {"role": "assistant", "content": "Hello — ça va? 你好"},
-      {"role": "user", "content": "Now a loop:\n\tplease"},
-      {"role": "assistant", "content": "for i in range(3):\n    print(i)\n"}], 0),
-    # an image (MCD-style) and, in a later turn, a second one mid-text
-    ([{"role": "user", "content": "<image>\nReproduce this chart with matplotlib."},
-      {"role": "assistant", "content": "import matplotlib.pyplot as plt\nplt.bar([1, 2], [3, 4])\nplt.show()"},
-      {"role": "user", "content": "And this one: <image> in HTML"},
-      {"role": "assistant", "content": "<html><body><image href='x.png'/></body></html>"}], 2),
-]
-
-
-@pytest.mark.parametrize("case", range(len(CONVERSATIONS)))
-def test_chat_template_ids_equal_transformers(full_tok, case):
-    messages, n_images = CONVERSATIONS[case]
-    vl, _ = _cfgs(full_tok)
-    images = [_img(56 + 28 * k, 84, seed=k) for k in range(n_images)]
-    rec = encode_record({"messages": messages, "images": [f"{k}.png" for k in range(n_images)]}, images,
-                        full_tok, IMAGE_CFG, vl, max_len=4096)
-    grids = rec.grid_thw.tolist()
-    assert len(grids) == n_images
-    assert rec.input_ids.tolist() == _hf_ids(full_tok, messages, grids)
-    # the rendered string too (what Qwen2_5_VLProcessor tokenizes)
-    hf_text = full_tok.apply_chat_template(to_hf_messages(messages), tokenize=False)
-    assert render_chat(messages, [num_image_tokens(g) for g in grids])[0] == expand_image_tokens(hf_text, grids)
-
-    # labels: exactly the assistant contents, each followed by its <|im_end|>
-    im_end = special_token_ids(full_tok)["im_end"]
-    assert np.all((rec.labels == IGNORE_INDEX) | (rec.labels == rec.input_ids))
-    labeled = np.flatnonzero(rec.labels != IGNORE_INDEX)
-    runs = np.split(labeled, np.flatnonzero(np.diff(labeled) != 1) + 1)
-    answers = [m["content"] for m in messages if m["role"] == "assistant"]
-    assert len(runs) == len(answers)
-    for run, answer in zip(runs, answers):
-        assert rec.input_ids[run[-1]] == im_end
-        assert rec.input_ids[run].tolist() == full_tok.encode(answer + "<|im_end|>", add_special_tokens=False)
-        assert rec.input_ids[run[0] - 1] == full_tok.encode("\n")[0]  # header "assistant\n" is not labeled
-    # M-RoPE positions: text advances by one, 3 axes equal on text
-    assert rec.positions.shape == (3, rec.length)
-    assert rec.positions[:, 0].tolist() == [0, 0, 0]
-
-
-def test_labels_when_bpe_merges_header_newline(full_tok):
-    # "assistant\n" + "\n\nx" tokenizes as "assistant", "\n\n\n", "x": the straddling token is labeled.
-    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\nx = 1"}]
-    _, text_cfg = _cfgs(full_tok)
-    rec = encode_record({"messages": messages}, [], full_tok, IMAGE_CFG, text_cfg, 512)
-    assert rec.input_ids.tolist() == _hf_ids(full_tok, messages, [])
-    labeled = rec.input_ids[rec.labels != IGNORE_INDEX]
-    assert full_tok.decode(labeled) == "\n\n\nx = 1<|im_end|>"
-    assert rec.positions.tolist() == list(range(rec.length))  # text-only: 1-D positions
 
 
 # ------------------------------------------------------------------ truncation / drops

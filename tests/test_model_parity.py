@@ -12,7 +12,8 @@ import torch
 from conftest import IMG, TEXT_CONFIGS, VL_CONFIGS, vl_prompt
 
 from viscodex_jax.model.causal_lm import CausalLM
-from viscodex_jax.model.families.qwen2_5_vl import get_rope_index, text_positions
+from viscodex_jax.model.families.qwen2 import text_positions
+from viscodex_jax.model.families.qwen2_5_vl import get_rope_index
 from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 
 # Grids in patches (t, h, w): several sizes, incl. ones that do not fill a window.

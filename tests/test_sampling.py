@@ -13,7 +13,8 @@ from conftest import IMG, left_padded_prompts
 
 from viscodex_jax.checkpoint import load_hf_params
 from viscodex_jax.model.causal_lm import CausalLM
-from viscodex_jax.model.families.qwen2_5_vl import get_rope_index, text_positions
+from viscodex_jax.model.families.qwen2 import text_positions
+from viscodex_jax.model.families.qwen2_5_vl import get_rope_index
 from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 from viscodex_jax.sampling.loop import DecodeSettings, generate_ids
 from viscodex_jax.sampling.methods import Greedy, Temperature, TopK, TopP

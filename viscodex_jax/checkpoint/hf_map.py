@@ -5,6 +5,12 @@ in-memory form ``model.language_model.*`` / ``model.visual.*`` is accepted as
 an alias) map onto our tree by dropping the layer index (layers are stacked on
 axis 0) and renaming the leaf. Linear weights are stored [out, in] by PyTorch
 and [in, out] (with heads kept as their own axes) by us.
+
+What differs by model family (aliases, stacked module lists, numbered
+nn.Sequential children, non-matrix kernels) comes from each family's
+``HFNames`` in ``model.families``. Names are matched against the union of all
+families' rules: a name only ever maps onto a parameter the model has, so one
+family's alias cannot misplace another's tensor.
 """
 
 from __future__ import annotations
@@ -16,15 +22,13 @@ from typing import Any
 import numpy as np
 
 from viscodex_jax.model.config import ModelConfig
+from viscodex_jax.model.families import REGISTRY
 
+_NAMES = [f.hf_names for f in REGISTRY.values()]
 # (regex, replacement) applied in order to turn any accepted name into the canonical on-disk form.
-_ALIASES = (
-    (re.compile(r"^model\.language_model\."), "model."),
-    (re.compile(r"^model\.visual\."), "visual."),
-    (re.compile(r"^language_model\.model\."), "model."),
-    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
-)
-_STACKED = {"layers", "blocks"}  # module lists stored stacked [L, ...]
+_ALIASES = tuple(dict.fromkeys((re.compile(p), r) for n in _NAMES for p, r in n.aliases))
+_STACKED = {s for n in _NAMES for s in n.stacked}  # module lists stored stacked [L, ...]
+_SEQUENTIAL = {s for n in _NAMES for s in n.sequential}  # parents of numbered nn.Sequential children
 _LEAF_TO_FLAX = {"embed_tokens": "embedding"}
 
 
@@ -72,8 +76,8 @@ def hf_to_path(hf_name: str, expected: dict[tuple[str, ...], Any]) -> tuple[tupl
 def path_to_hf(path: tuple[str, ...], layer: int | None) -> str:
     out: list[str] = []
     for p in path[:-1]:
-        m = re.fullmatch(r"(mlp)_(\d+)", p)
-        if m and out and out[-1] == "merger":
+        m = re.fullmatch(r"(.+)_(\d+)", p)
+        if m and out and out[-1] in _SEQUENTIAL:
             out += [m.group(1), m.group(2)]
         else:
             out.append(p)
@@ -88,9 +92,10 @@ def hf_shape(path: tuple[str, ...], flax_shape: tuple[int, ...], cfg: ModelConfi
     """The HF tensor shape that corresponds to one (unstacked) flax param."""
     leaf = path[-1]
     if leaf == "kernel":
-        if path[-3:-1] == ("patch_embed", "proj"):
-            v = cfg.vision
-            return (flax_shape[-1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+        special = cfg.family.hf_names.kernel_shape
+        shape = special(path, flax_shape, cfg) if special is not None else None
+        if shape is not None:
+            return shape
         n_in = 2 if path[-2] == "o_proj" else 1
         return (math.prod(flax_shape[n_in:]), math.prod(flax_shape[:n_in]))
     if leaf == "bias":

@@ -40,8 +40,6 @@ __all__ = [
     "OPENAI_CLIP_STD",
     "ImageProcessorConfig",
     "ProcessedImages",
-    "expand_image_tokens",
-    "num_image_tokens",
     "process_images",
     "smart_resize",
 ]
@@ -320,41 +318,3 @@ def process_images(
         pixel_values=np.concatenate(all_patches, axis=0),
         grid_thw=np.asarray(grids, dtype=np.int64),
     )
-
-
-def num_image_tokens(grid_thw_row: Sequence[int] | np.ndarray, merge_size: int = 2) -> int:
-    """Number of ``<|image_pad|>`` tokens one image occupies in the text.
-
-    Each merge_size x merge_size block of patches becomes one LLM token.
-    """
-    t, h, w = (int(v) for v in grid_thw_row)
-    return t * h * w // merge_size**2
-
-
-def expand_image_tokens(
-    text: str,
-    grid_thw: np.ndarray | Sequence[Sequence[int]],
-    merge_size: int = 2,
-    image_token: str = "<|image_pad|>",
-) -> str:
-    """Repeat the i-th ``image_token`` in ``text`` once per token of image i.
-
-    Mirrors what ``Qwen2_5_VLProcessor`` does before tokenisation, so the
-    number of placeholder ids matches the number of vision embeddings.
-
-    Raises:
-        ValueError: if the number of placeholders differs from the number of
-            images.
-    """
-    parts = text.split(image_token)
-    n_placeholders = len(parts) - 1
-    rows = list(grid_thw)
-    if n_placeholders != len(rows):
-        raise ValueError(
-            f"text has {n_placeholders} {image_token} placeholder(s) but {len(rows)} image(s) were given"
-        )
-    out = [parts[0]]
-    for row, part in zip(rows, parts[1:]):
-        out.append(image_token * num_image_tokens(row, merge_size))
-        out.append(part)
-    return "".join(out)

@@ -38,7 +38,8 @@ import grain
 
 from viscodex_jax.data import mcd
 from viscodex_jax.data.image_processor import ImageProcessorConfig
-from viscodex_jax.data.packing import EncodedRecord, Packer, encode_record
+from viscodex_jax.data.encode import EncodedRecord, encode_record
+from viscodex_jax.data.packing import Packer
 from viscodex_jax.model.config import ConfigError, ModelConfig
 
 __all__ = [

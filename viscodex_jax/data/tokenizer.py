@@ -46,6 +46,8 @@ from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
+from viscodex_jax.data.chat import DEFAULT_SYSTEM_PROMPT
+
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "MODEL_MAX_LENGTH",
@@ -97,8 +99,6 @@ SPECIAL_TOKENS: tuple[tuple[str, str, bool], ...] = (
     ("repo_name", "<|repo_name|>", False),
     ("file_sep", "<|file_sep|>", False),
 )
-
-DEFAULT_SYSTEM_PROMPT: str = "You are a helpful assistant."
 
 # Verbatim Qwen2-VL / Qwen2.5-VL-Instruct template (kept byte-identical so that
 # prompts, and hence token ids, match what the released model was tuned on).

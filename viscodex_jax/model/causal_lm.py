@@ -1,4 +1,4 @@
-"""The causal LM: Qwen2 (text only) or Qwen2.5-VL (text decoder + vision tower).
+"""The causal LM: a text decoder plus, for multimodal families, the family's vision tower.
 
 Parameter tree (mirrors the HF on-disk names, layers stacked on axis 0):
     model/embed_tokens/embedding, model/layers/<...>, model/norm/scale,
@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from viscodex_jax.model.config import ModelConfig
 from viscodex_jax.model.layers import Dense, text_rope
 from viscodex_jax.model.text import Decoder
-from viscodex_jax.model.families.qwen2_5_vl import VisionTower
 
 Array = jax.Array
 
@@ -50,6 +49,13 @@ def scatter_image_features(embeds: Array, input_ids: Array, features: Array, ima
     return jnp.where(is_img[..., None], rows.astype(embeds.dtype), embeds)
 
 
+def _tower(cfg: ModelConfig):
+    tower = cfg.family.tower
+    if tower is None:
+        raise ValueError(f"model_type {cfg.model_type!r} has a vision config but its family has no tower")
+    return tower
+
+
 class CausalLM(nn.Module):
     cfg: ModelConfig
 
@@ -58,7 +64,7 @@ class CausalLM(nn.Module):
         dtype = jnp.dtype(c.dtype)
         self.model = Decoder(c.text, dtype=dtype, impl=c.attention_impl, remat_policy=c.remat_policy)
         if c.vision is not None:
-            self.visual = VisionTower(c.vision, dtype=dtype, impl=c.attention_impl)
+            self.visual = _tower(c).module(c.vision, dtype=dtype, impl=c.attention_impl)
         if not c.text.tie_word_embeddings:
             self.lm_head = Dense(c.text.vocab_size, use_bias=False, dtype=dtype, kernel_axes=("embed", "vocab"))
 
@@ -127,10 +133,8 @@ def init_boxed(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict[str, 
     pos = jnp.zeros((1, seq_len), jnp.int32)
     kwargs = {}
     if cfg.vision is not None:
-        from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
-
         m = cfg.vision.spatial_merge_size
-        meta = metadata_arrays(vision_metadata([(1, 2 * m, 2 * m)], cfg.vision))
+        meta = _tower(cfg).metadata([(1, 2 * m, 2 * m)], cfg.vision, None)
         kwargs = dict(pixel_values=jnp.zeros((4 * m * m, cfg.vision.patch_dim)), vision_meta=meta)
     return model.init(rng, ids, pos, mask, **kwargs)["params"]
 

@@ -5,6 +5,10 @@ model under ``text_config`` (with ``rope_parameters``); 4.x checkpoints (every
 Qwen release on the hub) keep it flat at the top level with ``rope_theta`` and
 ``rope_scaling``. Both are read into the same frozen dataclasses so nothing
 downstream cares which one it was.
+
+What varies by model type (which sections a config has, what they must hold)
+is the family's ``parse_config`` (``model.families``); the field readers here
+are shared by all families.
 """
 
 from __future__ import annotations
@@ -14,9 +18,6 @@ import json
 import math
 import os
 from typing import Any, Mapping
-
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_5_vl")
-
 
 class ConfigError(ValueError):
     """A config.json that we cannot turn into a model config."""
@@ -90,6 +91,14 @@ class ModelConfig:
     def is_multimodal(self) -> bool:
         return self.vision is not None
 
+    @property
+    def family(self):
+        """The ``model.families.Family`` of this model type (its tower, rope index, chat template, HF names)."""
+        # Imported here: the family modules import this one for the config classes.
+        from viscodex_jax.model.families import get_family
+
+        return get_family(self.model_type)
+
 
 def _object(d: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(d, Mapping):
@@ -107,7 +116,7 @@ def _lookup(d: Mapping[str, Any], where: str, keys: tuple[str, ...], default: An
     return keys[0], default
 
 
-def _int(d: Mapping[str, Any], where: str, *keys: str, default: Any = dataclasses.MISSING, lo: int = 1) -> int:
+def read_int(d: Mapping[str, Any], where: str, *keys: str, default: Any = dataclasses.MISSING, lo: int = 1) -> int:
     k, v = _lookup(d, where, keys, default)
     if isinstance(v, float) and v.is_integer():  # 64.0 from a JSON writer that only knows floats
         v = int(v)
@@ -151,13 +160,13 @@ def _rope(d: Mapping[str, Any], where: str) -> tuple[float, tuple[int, ...] | No
     return theta, (_int_list(section, where, f"{key}.mrope_section") if section else None)
 
 
-def _text_config(d: Mapping[str, Any], top: Mapping[str, Any], where: str, top_where: str) -> TextConfig:
+def parse_text_config(d: Mapping[str, Any], top: Mapping[str, Any], where: str, top_where: str) -> TextConfig:
     if d.get("use_sliding_window"):
         raise ConfigError(f"{where}: use_sliding_window=true is not supported")
     theta, section = _rope(d, where)
-    heads = _int(d, where, "num_attention_heads")
-    kv_heads = _int(d, where, "num_key_value_heads", default=heads)
-    hidden = _int(d, where, "hidden_size")
+    heads = read_int(d, where, "num_attention_heads")
+    kv_heads = read_int(d, where, "num_key_value_heads", default=heads)
+    hidden = read_int(d, where, "hidden_size")
     if heads % kv_heads:
         raise ConfigError(f"{where}: num_key_value_heads={kv_heads} must divide num_attention_heads={heads}")
     if hidden % heads or (hidden // heads) % 2:
@@ -174,48 +183,56 @@ def _text_config(d: Mapping[str, Any], top: Mapping[str, Any], where: str, top_w
     tie = any(_bool(src["tie_word_embeddings"], w, "tie_word_embeddings")
               for src, w in ((top, top_where), (d, where)) if src.get("tie_word_embeddings") is not None)
     return TextConfig(
-        vocab_size=_int(d, where, "vocab_size"),
+        vocab_size=read_int(d, where, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=_int(d, where, "intermediate_size"),
-        num_layers=_int(d, where, "num_hidden_layers"),
+        intermediate_size=read_int(d, where, "intermediate_size"),
+        num_layers=read_int(d, where, "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=kv_heads,
         rms_norm_eps=_positive_float(d, where, "rms_norm_eps", default=1e-6),
         rope_theta=theta,
         mrope_section=section,
         tie_word_embeddings=tie,
-        max_position_embeddings=_int(d, where, "max_position_embeddings", default=32768),
+        max_position_embeddings=read_int(d, where, "max_position_embeddings", default=32768),
     )
 
 
-def _vision_config(d: Mapping[str, Any], where: str) -> VisionConfig:
+def parse_vision_config(d: Mapping[str, Any], where: str) -> VisionConfig:
     d = _object(d, where)
     theta = _positive_float(_object(d.get("rope_parameters") or {}, f"{where}: rope_parameters"), where, "rope_theta",
                             default=10000.0)
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{where}: vision hidden_act {act!r} is not supported (Qwen2.5-VL uses silu)")
-    depth = _int(d, where, "depth", "num_hidden_layers")
-    hidden = _int(d, where, "hidden_size", "embed_dim")
-    heads = _int(d, where, "num_heads", "num_attention_heads")
+    depth = read_int(d, where, "depth", "num_hidden_layers")
+    hidden = read_int(d, where, "hidden_size", "embed_dim")
+    heads = read_int(d, where, "num_heads", "num_attention_heads")
     if hidden % heads:
         raise ConfigError(f"{where}: num_heads={heads} must divide hidden_size={hidden}")
     k, full = _lookup(d, where, ("fullatt_block_indexes",), dataclasses.MISSING)
     return VisionConfig(
         depth=depth,
         hidden_size=hidden,
-        intermediate_size=_int(d, where, "intermediate_size"),
+        intermediate_size=read_int(d, where, "intermediate_size"),
         num_heads=heads,
-        out_hidden_size=_int(d, where, "out_hidden_size"),
+        out_hidden_size=read_int(d, where, "out_hidden_size"),
         fullatt_block_indexes=_int_list(full, where, k, lo=0, hi=depth),
-        window_size=_int(d, where, "window_size", default=112),
-        patch_size=_int(d, where, "patch_size", "spatial_patch_size", default=14),
-        temporal_patch_size=_int(d, where, "temporal_patch_size", default=2),
-        spatial_merge_size=_int(d, where, "spatial_merge_size", default=2),
-        in_channels=_int(d, where, "in_channels", "in_chans", default=3),
-        tokens_per_second=_int(d, where, "tokens_per_second", default=2),
+        window_size=read_int(d, where, "window_size", default=112),
+        patch_size=read_int(d, where, "patch_size", "spatial_patch_size", default=14),
+        temporal_patch_size=read_int(d, where, "temporal_patch_size", default=2),
+        spatial_merge_size=read_int(d, where, "spatial_merge_size", default=2),
+        in_channels=read_int(d, where, "in_channels", "in_chans", default=3),
+        tokens_per_second=read_int(d, where, "tokens_per_second", default=2),
         rope_theta=theta,
     )
+
+
+def text_section(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any], str]:
+    """The language model's keys and their place for errors: transformers 5.x nests them under
+    ``text_config``; 4.x (flat) keeps them at the top level."""
+    if d.get("text_config") not in (None, {}):
+        return _object(d["text_config"], f"{where}: text_config"), f"{where}:text_config"
+    return d, where
 
 
 def config_from_dict(d: Mapping[str, Any], where: str = "config.json", **runtime) -> ModelConfig:
@@ -224,42 +241,21 @@ def config_from_dict(d: Mapping[str, Any], where: str = "config.json", **runtime
     Every field is type- and range-checked: a bad value is a ConfigError that
     names the file and the field, never a TypeError from deep in the model.
     """
+    from viscodex_jax.model.families import REGISTRY  # the families import this module
+
     d = _object(d, where)
     model_type = d.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    family = REGISTRY.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
         arch = d.get("architectures")
         raise ConfigError(
             f"{where}: unsupported architecture model_type={model_type!r} architectures={arch}; "
-            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"supported model types: {', '.join(REGISTRY)}"
         )
-    nested = d.get("text_config") not in (None, {})
-    text_d = _object(d["text_config"], f"{where}: text_config") if nested else d
-    text_where = f"{where}:text_config" if nested else where
+    text_d, _ = text_section(d, where)
     if d.get("hidden_act", text_d.get("hidden_act", "silu")) != "silu":
         raise ConfigError(f"{where}: only hidden_act='silu' is supported")
-    if model_type == "qwen2":
-        return ModelConfig(model_type=model_type, text=_text_config(d, d, where, where), **runtime)
-    # transformers 4.x (flat) keeps text keys at the top level; 5.x nests them under text_config.
-    if "vision_config" not in d:
-        raise ConfigError(f"{where}: model_type qwen2_5_vl needs a vision_config")
-    text = _text_config(text_d, d, text_where, where)
-    if text.mrope_section is None:
-        raise ConfigError(f"{where}: qwen2_5_vl needs rope mrope_section")
-    vision = _vision_config(d["vision_config"], where + ":vision_config")
-    if vision.out_hidden_size != text.hidden_size:
-        raise ConfigError(
-            f"{where}: vision out_hidden_size {vision.out_hidden_size} != text hidden_size {text.hidden_size}"
-        )
-    return ModelConfig(
-        model_type=model_type,
-        text=text,
-        vision=vision,
-        image_token_id=_int(d, where, "image_token_id", default=151655, lo=0),
-        video_token_id=_int(d, where, "video_token_id", default=151656, lo=0),
-        vision_start_token_id=_int(d, where, "vision_start_token_id", default=151652, lo=0),
-        vision_end_token_id=_int(d, where, "vision_end_token_id", default=151653, lo=0),
-        **runtime,
-    )
+    return family.parse_config(d, where, runtime)
 
 
 def read_config_json(ckpt_dir: str) -> dict[str, Any]:

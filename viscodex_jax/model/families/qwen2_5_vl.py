@@ -1,5 +1,5 @@
-"""Qwen2.5-VL: the vision tower (patch embed, 2-D RoPE, window/full attention, patch merger) and the
-M-RoPE position index of its prompts.
+"""Qwen2.5-VL: the vision tower (patch embed, 2-D RoPE, window/full attention, patch merger), the
+M-RoPE position index of its prompts, and the family entry that names them (``FAMILY``, at the end).
 
 Everything that depends on the image sizes (the window reordering, the segment
 ids that make window and per-image attention block-diagonal, the rotary
@@ -12,14 +12,17 @@ get segment id -1 and never attend or get attended.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viscodex_jax.model.config import VisionConfig
+from viscodex_jax.data.chat import QWEN_CHATML
+from viscodex_jax.model.config import (ConfigError, ModelConfig, VisionConfig, read_int, parse_text_config,
+                                       parse_vision_config, text_section)
+from viscodex_jax.model.families.base import Family, HFNames, Tower
 from viscodex_jax.model.layers import Dense, RMSNorm, apply_rope
 from viscodex_jax.model.text import MLP, attend
 from viscodex_jax.sharding import constrain
@@ -276,7 +279,60 @@ def get_rope_index(
     return positions.astype(np.int32), deltas.astype(np.int32)
 
 
-def text_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """1-D positions [B, T] that skip padding (left or right), 0 on padding."""
-    m = np.asarray(attention_mask).astype(np.int64)
-    return (np.maximum(np.cumsum(m, axis=-1) - 1, 0) * m).astype(np.int32)
+# ---------------------------------------------------------------- the family entry
+
+def parse_config(d: Mapping[str, Any], where: str, runtime: dict[str, Any]) -> ModelConfig:
+    if "vision_config" not in d:
+        raise ConfigError(f"{where}: model_type qwen2_5_vl needs a vision_config")
+    text_d, text_where = text_section(d, where)
+    text = parse_text_config(text_d, d, text_where, where)
+    if text.mrope_section is None:
+        raise ConfigError(f"{where}: qwen2_5_vl needs rope mrope_section")
+    vision = parse_vision_config(d["vision_config"], where + ":vision_config")
+    if vision.out_hidden_size != text.hidden_size:
+        raise ConfigError(
+            f"{where}: vision out_hidden_size {vision.out_hidden_size} != text hidden_size {text.hidden_size}"
+        )
+    return ModelConfig(
+        model_type="qwen2_5_vl",
+        text=text,
+        vision=vision,
+        image_token_id=read_int(d, where, "image_token_id", default=151655, lo=0),
+        video_token_id=read_int(d, where, "video_token_id", default=151656, lo=0),
+        vision_start_token_id=read_int(d, where, "vision_start_token_id", default=151652, lo=0),
+        vision_end_token_id=read_int(d, where, "vision_end_token_id", default=151653, lo=0),
+        **runtime,
+    )
+
+
+def rope_index(input_ids, grids, attention_mask, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    return get_rope_index(input_ids, grids, cfg.image_token_id, cfg.vision.spatial_merge_size, attention_mask)
+
+
+def tower_metadata(grids, cfg: VisionConfig, pad_to: int | None = None) -> dict[str, np.ndarray]:
+    return metadata_arrays(vision_metadata(grids, cfg, pad_to))
+
+
+def _hf_kernel_shape(path: tuple[str, ...], flax_shape: tuple[int, ...], cfg: ModelConfig):
+    """The patch embedding is a Conv3d in HF ([out, C, T, p, p]); ours is the equivalent matmul."""
+    if path[-3:-1] == ("patch_embed", "proj"):
+        v = cfg.vision
+        return (flax_shape[-1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return None
+
+
+FAMILY = Family(
+    model_type="qwen2_5_vl",
+    parse_config=parse_config,
+    rope_index=rope_index,
+    chat_template=QWEN_CHATML,
+    hf_names=HFNames(
+        # transformers' in-memory names (and older releases') for the on-disk ones
+        aliases=((r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual."),
+                 (r"^language_model\.model\.", "model."), (r"^language_model\.lm_head\.", "lm_head.")),
+        stacked=("layers", "blocks"),
+        sequential=("merger",),
+        kernel_shape=_hf_kernel_shape,
+    ),
+    tower=Tower(module=VisionTower, metadata=tower_metadata),
+)
