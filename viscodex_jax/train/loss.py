@@ -28,29 +28,36 @@ def token_nll(hidden: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 
     h = constrain(hidden.reshape(-1, d), ("batch", "act_embed"))
     t = targets.reshape(-1)
     chunk = min(chunk, v)
-    n_chunks = -(-v // chunk)
-    w_pad = jnp.pad(w, ((0, 0), (0, n_chunks * chunk - v)))
-    w_chunks = w_pad.reshape(d, n_chunks, chunk).transpose(1, 0, 2)
+    n_full, tail = divmod(v, chunk)
+    # Chunks are blocks of rows of the [V, D] matrix. With tied embeddings the caller passes
+    # embedding.T, so w.T is the embedding itself (XLA folds the two transposes) and each block
+    # is contiguous: no padded or transposed copy of the whole [V, D] matrix in the step, in the
+    # forward pass or in its gradient (on CPU those copies cost more than the chunk matmuls saved).
+    rows = w.T
 
     @jax.checkpoint
-    def body(carry, xs):
+    def add_chunk(carry, wc, start):
+        """Folds the logits of vocab rows [start, start + len(wc)) into (max, sum-exp, picked)."""
         m, s, picked = carry
-        wc, i = xs
-        logits = jnp.einsum("nd,dc->nc", h, wc.astype(h.dtype), preferred_element_type=jnp.float32)
+        size = wc.shape[0]
+        logits = jnp.einsum("nd,cd->nc", h, wc.astype(h.dtype), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "act_vocab"))
-        cols = i * chunk + jnp.arange(chunk)
-        logits = jnp.where(cols[None, :] < v, logits, -jnp.inf)
         m_new = jnp.maximum(m, logits.max(-1))
         s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(-1)
-        local = t - i * chunk
-        here = (local >= 0) & (local < chunk)
-        val = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=-1)[:, 0]
-        picked = jnp.where(here, val, picked)
-        return (m_new, s, picked), None
+        local = t - start
+        here = (local >= 0) & (local < size)
+        val = jnp.take_along_axis(logits, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
+        return m_new, s, jnp.where(here, val, picked)
 
     n = h.shape[0]
-    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
-    (m, s, picked), _ = jax.lax.scan(body, init, (w_chunks, jnp.arange(n_chunks)))
+    carry = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    if n_full:
+        blocks = rows[: n_full * chunk].reshape(n_full, chunk, d)
+        carry, _ = jax.lax.scan(lambda c, xs: (add_chunk(c, xs[0], xs[1] * chunk), None), carry,
+                                (blocks, jnp.arange(n_full)))
+    if tail:  # the last, shorter chunk: its own (smaller) matmul rather than padding the matrix
+        carry = add_chunk(carry, rows[n_full * chunk:], n_full * chunk)
+    m, s, picked = carry
     nll = m + jnp.log(s) - picked
     return jnp.where(t != IGNORE, nll, 0.0).reshape(lead)
 
