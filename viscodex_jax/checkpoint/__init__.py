@@ -11,6 +11,7 @@ from viscodex_jax.checkpoint.hf import check_tensor_finite, load_hf_params, save
 from viscodex_jax.utils import flatten
 from viscodex_jax.checkpoint.orbax_io import PARAMS_SUBDIR, is_orbax_dir, load_orbax_params, save_orbax
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError
+from viscodex_jax.checkpoint.stream import convert_hf_to_orbax_streamed, is_safetensors_dir
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 
 __all__ = [
@@ -48,7 +49,14 @@ def load_params(path: str, param_dtype: Any = None, check_finite: bool = False,
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Any = None, overwrite: bool = False,
                         check_finite: bool = True) -> ModelConfig:
-    """HF dir -> our orbax dir. NaN/Inf weights are refused unless ``check_finite=False``."""
+    """HF dir -> our orbax dir. NaN/Inf weights are refused unless ``check_finite=False``.
+
+    Safetensors checkpoints stream tensor by tensor (see ``checkpoint/stream.py``: host memory stays
+    near the largest tensor, not the model); legacy ``.bin`` checkpoints are read whole first.
+    """
+    if is_safetensors_dir(hf_dir):
+        return convert_hf_to_orbax_streamed(hf_dir, out_dir, dtype=dtype, overwrite=overwrite,
+                                            check_finite=check_finite)
     raw = read_config_json(hf_dir)
     cfg, params = load_hf_params(hf_dir, dtype=dtype, check_finite=check_finite)
     save_orbax(params, raw, out_dir, side_files_from=hf_dir, overwrite=overwrite)

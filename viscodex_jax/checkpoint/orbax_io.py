@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -31,6 +31,21 @@ def is_orbax_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, PARAMS_SUBDIR)) and os.path.isfile(os.path.join(path, "config.json"))
 
 
+def write_checkpoint_dir(
+    out_dir: str,
+    config_json: dict[str, Any],
+    write_params: Callable[[str], None],
+    side_files_from: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Our checkpoint dir, with ``write_params(params_dir)`` writing the orbax part; it appears only when complete."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_params(os.path.join(tmp, PARAMS_SUBDIR))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2)
+        copy_side_files(side_files_from, tmp)
+
+
 def save_orbax(
     params: dict[str, Any],
     config_json: dict[str, Any],
@@ -39,13 +54,13 @@ def save_orbax(
     overwrite: bool = False,
 ) -> None:
     """Writes params + config + side files; the directory appears only when complete."""
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+
+    def write_params(path: str) -> None:
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, PARAMS_SUBDIR), params)
+        ckptr.save(path, params)
         ckptr.wait_until_finished()
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config_json, f, indent=2)
-        copy_side_files(side_files_from, tmp)
+
+    write_checkpoint_dir(out_dir, config_json, write_params, side_files_from, overwrite)
 
 
 def load_orbax_params(ckpt_dir: str, as_numpy: bool = False) -> dict[str, Any]:
