@@ -83,3 +83,10 @@ def test_vision_metadata_padding_is_isolated():
     assert (meta.window_segments[16:] == -1).all() and (meta.image_segments[16:] == -1).all()
     with pytest.raises(ValueError, match="pad_to"):
         vision_metadata([(1, 4, 4)], cfg.vision, pad_to=8)
+    # no images at all (a packed row of text records): only padding, in the identity order
+    empty = vision_metadata([], cfg.vision, pad_to=8)
+    assert empty.num_valid_tokens == 0
+    np.testing.assert_array_equal(empty.window_perm, np.arange(8))
+    np.testing.assert_array_equal(empty.merged_inverse, np.arange(2))
+    assert (empty.window_segments == -1).all() and (empty.image_segments == -1).all()
+    np.testing.assert_array_equal(empty.rotary_pos, np.zeros((8, 2)))

@@ -10,7 +10,7 @@ a new row) and returns numpy batches with static shapes. Batch format::
     positions     [3, B, T]     int32   each record's own M-RoPE positions (restart per record)
                   [B, T]                text-only models (model_cfg.vision is None)
     pixel_values  [B, P, D]     float32 row's patches in image order, zero padded (VL only)
-    vision_meta   {name: [B, ...]}      vision_metadata(row grids, pad_to=P) per row (VL only)
+    vision_meta   {name: [B, ...]}      the tower's metadata(row grids, pad_to=P) per row (VL only)
     num_image_tokens [B]        int32   image-pad tokens (= real merged vision tokens) per row
 
 where T = max_len, P = patches_per_row, D = 3 * temporal_patch * patch**2 (1176).
@@ -23,25 +23,12 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from viscodex_jax.data import mcd
-from viscodex_jax.data.chat import IGNORE_INDEX
+from viscodex_jax.data.chat import IGNORE_INDEX, num_image_tokens
 from viscodex_jax.data.encode import EncodedRecord
 from viscodex_jax.model.config import VisionConfig
-from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
+from viscodex_jax.model.families import REGISTRY, Tower
 
 __all__ = ["Packer", "pack_records"]
-
-VISION_META_KEYS = ("window_perm", "merged_inverse", "window_segments", "image_segments", "rotary_pos")
-
-
-def _empty_vision_meta(pad_to: int, merge_size: int) -> dict[str, np.ndarray]:
-    """The padding-only metadata of a row without images (same layout as vision_metadata's padding)."""
-    return {
-        "window_perm": np.arange(pad_to, dtype=np.int32),
-        "merged_inverse": np.arange(pad_to // merge_size**2, dtype=np.int32),
-        "window_segments": -np.ones(pad_to, np.int32),
-        "image_segments": -np.ones(pad_to, np.int32),
-        "rotary_pos": np.zeros((pad_to, 2), np.int32),
-    }
 
 
 class Packer:
@@ -55,13 +42,17 @@ class Packer:
         vision_cfg: VisionConfig | None = None,
         patches_per_row: int | None = None,
         stats: mcd.SkipStats | None = None,
+        tower: Tower | None = None,
     ):
+        """``tower``: the model family's (``cfg.family.tower``), whose metadata the rows carry; without one
+        a ``vision_cfg`` means Qwen2.5-VL's, the only tower there was before families."""
         if batch_size <= 0 or max_len <= 0:
             raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
         self.batch_size = batch_size
         self.max_len = max_len
         self.pad_id = int(pad_id)
         self.vision = vision_cfg
+        self.tower = tower if tower is not None or vision_cfg is None else REGISTRY["qwen2_5_vl"].tower
         self.stats = stats if stats is not None else mcd.SkipStats()
         if vision_cfg is not None:
             unit = vision_cfg.spatial_merge_size**2
@@ -124,12 +115,8 @@ class Packer:
                 off += n
                 poff += rec.num_patches
             if vl:
-                if grids:
-                    meta = vision_metadata(grids, self.vision, pad_to=p)
-                    n_img_tokens[i] = meta.num_valid_tokens
-                    metas.append(metadata_arrays(meta))
-                else:
-                    metas.append(_empty_vision_meta(p, self.vision.spatial_merge_size))
+                metas.append(self.tower.metadata(grids, self.vision, p))
+                n_img_tokens[i] = sum(num_image_tokens(g, self.vision.spatial_merge_size) for g in grids)
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "labels": labels,
@@ -138,7 +125,7 @@ class Packer:
         }
         if vl:
             batch["pixel_values"] = pixel_values
-            batch["vision_meta"] = {k: np.stack([m[k] for m in metas]) for k in VISION_META_KEYS}
+            batch["vision_meta"] = {k: np.stack([m[k] for m in metas]) for k in metas[0]}
         batch["num_image_tokens"] = n_img_tokens
         return batch
 

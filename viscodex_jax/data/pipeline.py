@@ -337,7 +337,8 @@ def make_dataset(
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=config.read_buffer_size))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    packer = Packer(config.batch_size, config.max_len, pad_id, model_cfg.vision, config.patches_per_row, stats)
+    packer = Packer(config.batch_size, config.max_len, pad_id, model_cfg.vision, config.patches_per_row, stats,
+                    tower=model_cfg.family.tower)
     it = PackIterDataset(it, packer, config.drop_remainder)
     if config.worker_count > 0:
         from absl import flags

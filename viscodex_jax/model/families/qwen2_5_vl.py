@@ -81,16 +81,17 @@ def vision_metadata(grid_thw: Sequence[Sequence[int]], cfg: VisionConfig, pad_to
         rot.append(np.tile(hw, (t, 1)))
         unit_offset += t * gh * gw
         win_offset += len(lengths)
-    unit_perm = np.concatenate(unit_perm)
+    # No images (a packed row of text records): all padding.
+    unit_perm = np.concatenate(unit_perm) if unit_perm else np.zeros(0, np.int64)
     n_units = len(unit_perm)
     n_patches = n_units * unit
     total = n_patches if pad_to is None else pad_to
     if total < n_patches or total % unit:
         raise ValueError(f"pad_to={pad_to} must be >= {n_patches} patches and a multiple of {unit}")
     patch_perm = (unit_perm[:, None] * unit + np.arange(unit)).reshape(-1)
-    img_seg = np.concatenate(img_ids)[patch_perm]
-    rot_pos = np.concatenate(rot)[patch_perm]
-    win_seg = np.concatenate(win_ids)
+    img_seg = np.concatenate(img_ids or [np.zeros(0, np.int64)])[patch_perm]
+    rot_pos = np.concatenate(rot or [np.zeros((0, 2), np.int64)])[patch_perm]
+    win_seg = np.concatenate(win_ids or [np.zeros(0, np.int64)])
     pad = total - n_patches
     patch_perm = np.concatenate([patch_perm, np.arange(n_patches, total)])
     merged_inverse = np.concatenate([np.argsort(unit_perm), np.arange(n_units, total // unit)])
