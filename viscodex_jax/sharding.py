@@ -46,7 +46,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # the sampler's KV cache [layers, batch, cache_length, kv_heads, head_dim]: rows like the batch,
+    # kv-heads like the attention activations; the slots of one row stay on one chip
+    ("cache_length", None),
 )
+
+CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
@@ -123,6 +128,11 @@ def batch_sharding(mesh: Mesh, rules, ndim: int, batch_axis: int = 0) -> NamedSh
     spec = [None] * ndim
     spec[batch_axis] = dict(rules).get("batch")
     return NamedSharding(mesh, P(*spec))
+
+
+def named_sharding(mesh: Mesh, rules, logical: Sequence[str | None], shape: Sequence[int], name: str = "") -> NamedSharding:
+    """The NamedSharding ``rules`` give an array of ``shape`` whose dims carry the ``logical`` names."""
+    return NamedSharding(mesh, logical_to_mesh_spec(P(*logical), shape, mesh, rules, name))
 
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Any] | None] = contextvars.ContextVar("activation_sharding", default=None)
