@@ -25,8 +25,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from viscodex_jax.eval.infibench import InfiBenchV, reduce_scores  # noqa: E402
-from viscodex_jax.eval.infibench_spec import Case  # noqa: E402
+from viscodex_jax.eval.infibench.benchmark import InfiBenchV, reduce_scores  # noqa: E402
+from viscodex_jax.eval.infibench.spec import Case  # noqa: E402
 
 DEFAULT_ROOT = os.path.join(os.path.dirname(REPO), "shared", "benchmarks", "infibench")
 

@@ -18,13 +18,15 @@ import sys
 
 from absl import app, flags
 
-from viscodex_jax.eval.runner import BENCHMARKS, EvalSettings, build_benchmarks, lazy_generate_fn, run_eval
+from viscodex_jax.eval import registry
+from viscodex_jax.eval.check import check_folder, format_report
+from viscodex_jax.eval.runner import EvalSettings, evaluate
 from viscodex_jax.utils import quiet_third_party
 
 CKPT = flags.DEFINE_string("checkpoint", None, "HF dir or our orbax dir (required unless --check_against).")
-BENCH = flags.DEFINE_list("benchmarks", list(BENCHMARKS), "Which benchmarks.")
-ROOTS = {name: flags.DEFINE_string(f"{name}_root", None, f"Data root of {name} (its published layout).")
-         for name in BENCHMARKS}
+BENCH = flags.DEFINE_list("benchmarks", list(registry.names()), "Which benchmarks.")
+ROOTS = {name: flags.DEFINE_string(f.name, f.default, f.help) for name, f in registry.root_flags().items()}
+OPTIONS = {f.name: getattr(flags, f"DEFINE_{f.kind}")(f.name, f.default, f.help) for f in registry.option_flags()}
 OUT = flags.DEFINE_string("out_dir", "runs/eval", "Output directory.")
 MAX_NEW = flags.DEFINE_integer("max_new_tokens", 1024, "Generation length.")
 BATCH = flags.DEFINE_integer("batch_size", 4, "Prompts per generation batch.")
@@ -35,9 +37,6 @@ TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
 SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per item (MMCode pass@k).")
 SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-JUDGE = flags.DEFINE_string("judge_endpoint", None, "OpenAI-compatible endpoint for LLM judges (off by default).")
-JUDGE_MODEL = flags.DEFINE_string("judge_model", "gpt-4o", "Judge model name.")
-CLIP = flags.DEFINE_string("clip_path", None, "Local CLIP checkpoint for Design2Code's high-level score.")
 NAME = flags.DEFINE_string("model_name", None, "Name in the reports (default: the checkpoint dir name).")
 ON_BAD = flags.DEFINE_enum("on_bad_item", "raise", ["raise", "skip"],
                            "An item the loader cannot read: stop with an error naming it, or count it as failed.")
@@ -51,37 +50,24 @@ WORKERS = flags.DEFINE_integer("check_workers", None, "Triples scored at once (d
 def main(argv):
     del argv
     quiet_third_party()
+    options = {name: flag.value for name, flag in OPTIONS.items()}
     if CHECK.value:
-        from viscodex_jax.eval.check import benchmark_for_folder, format_report, run_check
-
         try:
-            name = CHECK_BENCH.value or benchmark_for_folder(CHECK.value)
-        except ValueError as e:
-            raise app.UsageError(str(e)) from e
-        bench = build_benchmarks([name], judge_endpoint=JUDGE.value, judge_model=JUDGE_MODEL.value,
-                                 clip_path=CLIP.value, on_error=ON_BAD.value)[name]
-        try:
-            report = run_check(bench, CHECK.value, max_workers=WORKERS.value)
-        except NotImplementedError as e:  # the benchmark has no check adapter yet
+            report = check_folder(CHECK.value, CHECK_BENCH.value, options, ON_BAD.value, WORKERS.value)
+        except (registry.UsageError, NotImplementedError) as e:  # NotImplementedError: no check adapter yet
             raise app.UsageError(str(e)) from e
         print(format_report(report))
         sys.exit(0 if report.ok else 1)
     if not CKPT.value:
         raise app.UsageError("--checkpoint is required (or --check_against)")
-    roots = {}
-    for name in BENCH.value:
-        if name not in ROOTS:
-            raise app.UsageError(f"--benchmarks: unknown {name!r}")
-        if not ROOTS[name].value:
-            raise app.UsageError(f"--{name}_root is required when --benchmarks includes {name}")
-        roots[name] = ROOTS[name].value
-    benches = build_benchmarks(list(roots), judge_endpoint=JUDGE.value, judge_model=JUDGE_MODEL.value,
-                               clip_path=CLIP.value, on_error=ON_BAD.value)
     settings = EvalSettings(max_new_tokens=MAX_NEW.value, batch_size=BATCH.value, temperature=TEMP.value,
                             top_p=TOP_P.value, top_k=TOP_K.value, seed=SEED.value, num_samples=SAMPLES.value,
                             limit=LIMIT.value)
-    run_eval(CKPT.value, roots, OUT.value, settings, benchmarks=benches, model_name=NAME.value,
-             generate_fn=lazy_generate_fn(CKPT.value, settings, DTYPE.value))
+    try:
+        evaluate(CKPT.value, BENCH.value, {name: flag.value for name, flag in ROOTS.items()}, OUT.value, settings,
+                 options, ON_BAD.value, DTYPE.value, NAME.value)
+    except registry.UsageError as e:
+        raise app.UsageError(str(e)) from e
     with open(os.path.join(OUT.value, "summary.md")) as f:
         print(f.read())
 

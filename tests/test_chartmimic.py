@@ -8,6 +8,8 @@ is saved), and ``sys.exit`` in the program fails it.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,9 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("scipy")
 
 from viscodex_jax.eval.base import Item  # noqa: E402
-from viscodex_jax.eval.chartmimic import ChartMimic, ColorlessReference, color_f1, f1  # noqa: E402
+from viscodex_jax.eval.chartmimic.benchmark import ChartMimic  # noqa: E402
+from viscodex_jax.eval.chartmimic.metrics import ColorlessReference, color_f1, f1  # noqa: E402
+from viscodex_jax.eval.chartmimic.programs import SCORING_PYTHON_ENV, scoring_python  # noqa: E402
 from viscodex_jax.eval.colors import ciede2000, color_similarity, hex_or_rgb_to_lab, similarity_matrix  # noqa: E402
 
 # Sharma, Wu & Dalal (2005), "The CIEDE2000 color-difference formula", Table 1: pairs 1, 4, 9, 13, 17, 25, 34.
@@ -194,3 +198,14 @@ def test_aggregate_means():
             {"exec_ok": 0.0, "text_f1": 0.0, "layout_f1": 0.0, "type_f1": 0.0, "color_f1": 0.0, "score": 0.0}]
     agg = ChartMimic().aggregate(rows)
     assert agg["score"] == 37.5 and agg["text_f1"] == 40.0 and agg["exec_rate"] == 50.0
+
+
+def test_scoring_python_defaults_to_the_checkouts_scoring_venv(monkeypatch):
+    """Without $VISCODEX_SCORING_PYTHON the chart programs run with <checkout>/.venv-score (found from the
+    package's own location, which the eval/chartmimic/ layout must keep right), else the current interpreter."""
+    monkeypatch.delenv(SCORING_PYTHON_ENV, raising=False)
+    venv = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-score", "bin", "python")
+    assert scoring_python() == (venv if os.access(venv, os.X_OK) else None)
+    monkeypatch.setenv(SCORING_PYTHON_ENV, "/nonexistent/python")
+    with pytest.raises(FileNotFoundError, match="VISCODEX_SCORING_PYTHON=/nonexistent/python"):
+        scoring_python()

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from viscodex_jax.eval.base import Item
-from viscodex_jax.eval.chartmimic import INSTRUCTION, ChartMimic, scoring_python
-from viscodex_jax.eval.chartmimic_check import MEAN_TOLERANCE, TOLERANCE
+from viscodex_jax.eval.base import Item, UnreadableItem
+from viscodex_jax.eval.chartmimic.benchmark import INSTRUCTION, ChartMimic
+from viscodex_jax.eval.chartmimic.check import MEAN_TOLERANCE, TOLERANCE
+from viscodex_jax.eval.chartmimic.programs import scoring_python
 from viscodex_jax.eval.check import run_check
-from viscodex_jax.eval.runner import UnreadableItem
 
 METRICS = (("text_f1", "text"), ("layout_f1", "layout"), ("type_f1", "type"), ("color_f1", "color"),
            ("score", "score"))

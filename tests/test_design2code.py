@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from viscodex_jax.eval.base import Item
-from viscodex_jax.eval import design2code_official as official
-from viscodex_jax.eval.design2code import METRICS, PROMPT, Design2Code, clip_image, extract_html
-from viscodex_jax.eval.render import BrowserUnavailable, Renderer, RenderTimeout, get_renderer
+from viscodex_jax.eval.design2code import official
+from viscodex_jax.eval.design2code.benchmark import METRICS, PROMPT, Design2Code, clip_image, extract_html
+from viscodex_jax.eval.design2code.render import BrowserUnavailable, Renderer, RenderTimeout, get_renderer
 
 PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><style>

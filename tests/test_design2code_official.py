@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from viscodex_jax.eval import design2code_official as official
 from viscodex_jax.eval.check import format_report, run_check
-from viscodex_jax.eval.design2code import METRICS, Design2Code
-from viscodex_jax.eval.render import BrowserUnavailable, get_renderer
+from viscodex_jax.eval.design2code import official
+from viscodex_jax.eval.design2code.benchmark import METRICS, Design2Code
+from viscodex_jax.eval.design2code.render import BrowserUnavailable, get_renderer
 
 BAND = 0.005  # 0.5 points on the [0, 1] scale the official code reports
 MEAN_BAND = 0.003

@@ -9,9 +9,9 @@ import threading
 import pytest
 
 from viscodex_jax.eval.base import extract_code
-from viscodex_jax.eval.infibench import InfiBenchV
-from viscodex_jax.eval.judge import Judge
-from viscodex_jax.eval.mmcode import MMCode, pass_at_k
+from viscodex_jax.eval.infibench.benchmark import InfiBenchV
+from viscodex_jax.eval.infibench.judge import Judge
+from viscodex_jax.eval.mmcode.benchmark import MMCode, pass_at_k
 
 
 @pytest.fixture(scope="module")

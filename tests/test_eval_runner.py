@@ -10,8 +10,8 @@ import pytest
 
 from viscodex_jax.eval.base import Benchmark, Item
 from viscodex_jax.eval.check import CheckAdapter, Metric, adapter_for, format_report, run_check
-from viscodex_jax.eval.infibench import InfiBenchV
-from viscodex_jax.eval.mmcode import MMCode
+from viscodex_jax.eval.infibench.benchmark import InfiBenchV
+from viscodex_jax.eval.mmcode.benchmark import MMCode
 from viscodex_jax.eval.runner import EvalSettings, run_eval
 
 ANSWERS = {

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from viscodex_jax.eval.base import UnreadableItem
 from viscodex_jax.eval.check import format_report, run_check
-from viscodex_jax.eval.infibench import QA_SYSTEM_PROMPT, SYSTEM_PROMPT, InfiBenchV, reduce_scores
-from viscodex_jax.eval.infibench_spec import Case, CaseError, load_case
-from viscodex_jax.eval.runner import UnreadableItem, score_guarded
+from viscodex_jax.eval.infibench.benchmark import QA_SYSTEM_PROMPT, SYSTEM_PROMPT, InfiBenchV, reduce_scores
+from viscodex_jax.eval.infibench.spec import Case, CaseError, load_case
+from viscodex_jax.eval.runner import score_guarded
 
 DATA = Path(__file__).parents[2] / "shared" / "benchmarks" / "infibench"
 EVALUATOR_COMMIT = "96cb098c143e42464acdab4ba22da00193039da6"

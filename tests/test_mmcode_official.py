@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from viscodex_jax.eval.base import UnreadableItem
 from viscodex_jax.eval.check import format_report, run_check
-from viscodex_jax.eval.mmcode import MMCode, extract_code_official, prompt_text
-from viscodex_jax.eval.runner import UnreadableItem
+from viscodex_jax.eval.mmcode.benchmark import MMCode, extract_code_official, prompt_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,8 +27,8 @@ import time
 
 import pytest
 
-from viscodex_jax.eval import sandbox_bwrap
 from viscodex_jax.eval.sandbox import Limits, SandboxUnavailable, run_python
+from viscodex_jax.eval.sandbox import bwrap as sandbox_bwrap
 
 QUICK = Limits(wall_seconds=20, cpu_seconds=5, memory_bytes=1 << 30)
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,7 +199,7 @@ def test_thread_count_is_limited(host):
 
 
 def test_run_gets_its_own_cgroup_with_limits_where_the_host_allows(host):
-    from viscodex_jax.eval import sandbox_cgroup
+    from viscodex_jax.eval.sandbox import cgroup as sandbox_cgroup
 
     probe = sandbox_cgroup.create("viscodex-sandbox-probe", 1, 1 << 20)
     if probe is None:
@@ -704,7 +704,7 @@ def test_without_bubblewrap_untrusted_code_is_refused(host, no_bwrap, monkeypatc
 
 
 def test_without_libseccomp_binding_untrusted_code_is_refused(host, monkeypatch):
-    from viscodex_jax.eval import sandbox_seccomp
+    from viscodex_jax.eval.sandbox import seccomp as sandbox_seccomp
 
     sandbox_seccomp.filter_bpf.cache_clear()
     try:

@@ -19,8 +19,9 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+from viscodex_jax.eval import registry
 from viscodex_jax.eval.base import Benchmark, Item
 
 
@@ -151,18 +152,15 @@ class CheckAdapter:
         return []
 
 
-_FOLDER_ALIASES = {"infibench": "infibench_v"}
-
-
 def benchmark_for_folder(folder: str) -> str:
-    """The benchmark a reference folder holds, from its name (``.../mmcode`` -> ``mmcode``)."""
-    from viscodex_jax.eval.runner import BENCHMARKS
-
+    """The benchmark a reference folder holds, from its name (``.../mmcode`` -> ``mmcode``) or one of a
+    benchmark's ``folder_aliases``."""
     base = os.path.basename(os.path.normpath(folder)).lower()
-    name = _FOLDER_ALIASES.get(base, base)
-    if name not in BENCHMARKS:
-        raise ValueError(f"{folder}: cannot tell the benchmark from the folder name {base!r}; name it with "
-                         f"--check_benchmark (one of {', '.join(BENCHMARKS)})")
+    aliases = {a: n for n in registry.names() for a in registry.benchmark_class(n).folder_aliases}
+    name = aliases.get(base, base)
+    if name not in registry.names():
+        raise registry.UsageError(f"{folder}: cannot tell the benchmark from the folder name {base!r}; name it "
+                                  f"with --check_benchmark (one of {', '.join(registry.names())})")
     return name
 
 
@@ -203,6 +201,15 @@ def run_check(bench: Benchmark, folder: str, adapter: CheckAdapter | None = None
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         results = list(pool.map(one, triples))
     return CheckReport(bench.name, folder, adapter.metrics, results, adapter.aggregates(results))
+
+
+def check_folder(folder: str, benchmark: str | None = None, options: Mapping[str, Any] | None = None,
+                 on_error: str = "raise", max_workers: int | None = None) -> CheckReport:
+    """``launch/eval.py --check_against``: the folder's benchmark (``benchmark``, else from the folder name),
+    built from the launch flag values ``options``, checked against the folder's official scores."""
+    name = benchmark or benchmark_for_folder(folder)
+    bench = registry.build_benchmarks([name], options, on_error)[name]
+    return run_check(bench, folder, max_workers=max_workers)
 
 
 def _short(v: Any, width: int = 60) -> str:

@@ -1,9 +1,10 @@
 """The VisCodex paper's reported results (Jiang et al., ICLR 2026, main table), for reports.
 
-Columns: Design2Code low/high, ChartMimic low/high, MMCode pass@1, InfiBench-V, average.
+Columns: Design2Code low/high, ChartMimic low/high, MMCode pass@1, InfiBench-V, average. The keys are the
+benchmarks' ``Column.key``s; which columns a report shows, and their labels, come from ``eval.registry``.
 """
 
-COLUMNS = ("design2code", "design2code_high", "chartmimic", "chartmimic_high", "mmcode", "infibench_v", "avg")
+PAPER_COLUMNS = ("design2code", "design2code_high", "chartmimic", "chartmimic_high", "mmcode", "infibench_v", "avg")
 
 RESULTS = {
     "Qwen2.5-VL-7B-Instruct": (83.4, 87.6, 39.5, 38.3, 5.3, 54.0, 51.4),

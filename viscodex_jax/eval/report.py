@@ -9,31 +9,28 @@ import json
 import os
 from typing import Any
 
+from viscodex_jax.eval import registry
 from viscodex_jax.eval.base import Item
-from viscodex_jax.eval.paper import COLUMNS, RESULTS
-
-_LABELS = {"design2code": "D2C low", "design2code_high": "D2C high (CLIP)", "chartmimic": "ChartMimic low",
-           "chartmimic_high": "ChartMimic high", "mmcode": "MMCode", "infibench_v": "InfiBench-V", "avg": "avg"}
+from viscodex_jax.eval.paper import PAPER_COLUMNS, RESULTS
 
 
-def markdown_table(rows: dict[str, dict[str, float | None]], columns=COLUMNS) -> str:
+def markdown_table(rows: dict[str, dict[str, float | None]], columns=None) -> str:
+    """``columns`` default: every registered benchmark's columns and the paper's average."""
+    columns = registry.table_columns() if columns is None else columns
+    labels = registry.labels()
     cols = [c for c in columns if any(r.get(c) is not None for r in rows.values())]
-    out = ["| model | " + " | ".join(_LABELS.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    out = ["| model | " + " | ".join(labels.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
         out.append(f"| {name} | " + " | ".join("-" if r.get(c) is None else f"{r[c]:.1f}" for c in cols) + " |")
     return "\n".join(out)
 
 
 def paper_rows() -> dict[str, dict[str, float | None]]:
-    return {f"{m} (paper)": dict(zip(COLUMNS, v)) for m, v in RESULTS.items()}
+    return {f"{m} (paper)": dict(zip(PAPER_COLUMNS, v)) for m, v in RESULTS.items()}
 
 
 def our_row(summary: dict[str, Any]) -> dict[str, float | None]:
-    b = summary["benchmarks"]
-    row = {c: b[c]["score"] for c in COLUMNS if c in b}
-    if "design2code" in b and "clip" in b["design2code"]:
-        row["design2code_high"] = 100.0 * b["design2code"]["clip"]
-    return row
+    return registry.table_row(summary["benchmarks"])
 
 
 def _thumb(img, max_side: int = 320) -> str:

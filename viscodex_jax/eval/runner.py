@@ -15,74 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import tqdm
 
-from viscodex_jax.eval.base import Benchmark, Item
+from viscodex_jax.eval.base import Benchmark, Item, UnreadableItem
+from viscodex_jax.eval.registry import build_benchmarks, make_benchmark, select_roots
 
 log = logging.getLogger(__name__)
-
-BENCHMARKS = ("chartmimic", "design2code", "mmcode", "infibench_v")
-
-
-@dataclasses.dataclass(frozen=True)
-class UnreadableItem:
-    """``Item.reference`` of an item its loader could not read (``on_error="skip"``): never generated,
-    scored 0 with ``reason`` (which names the file and record)."""
-
-    reason: str
-
-
-def benchmark_class(name: str) -> type[Benchmark]:
-    """Benchmark classes by name; imported lazily (Design2Code needs a browser, ChartMimic matplotlib)."""
-    if name == "mmcode":
-        from viscodex_jax.eval.mmcode import MMCode
-        return MMCode
-    if name == "infibench_v":
-        from viscodex_jax.eval.infibench import InfiBenchV
-        return InfiBenchV
-    if name == "chartmimic":
-        from viscodex_jax.eval.chartmimic import ChartMimic
-        return ChartMimic
-    if name == "design2code":
-        from viscodex_jax.eval.design2code import Design2Code
-        return Design2Code
-    raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
-
-
-def make_benchmark(name: str, **kw) -> Benchmark:
-    return benchmark_class(name)(**kw)
-
-
-def build_benchmarks(names: Sequence[str], judge_endpoint: str | None = None, judge_model: str = "gpt-4o",
-                     clip_path: str | None = None, on_error: str = "raise") -> dict[str, Benchmark]:
-    """The benchmarks ``launch/eval.py`` asks for, with their options.
-
-    ``on_error="skip"`` goes to every benchmark whose constructor takes ``on_error`` (unreadable items then
-    count as failed); for the others it is an error rather than silently ignored.
-    """
-    kw: dict[str, dict[str, Any]] = {n: {} for n in names}
-    if judge_endpoint and "infibench_v" in kw:
-        from viscodex_jax.eval.judge import Judge
-
-        kw["infibench_v"]["judge"] = Judge(judge_endpoint, judge_model)
-    if clip_path and "design2code" in kw:
-        kw["design2code"]["clip_path"] = clip_path
-    benches = {}
-    for n in names:
-        if on_error != "raise":
-            if "on_error" not in inspect.signature(benchmark_class(n).__init__).parameters:
-                raise ValueError(f"benchmark {n!r} does not support on_error={on_error!r}; its unreadable items "
-                                 "always stop the run")
-            kw[n]["on_error"] = on_error
-        benches[n] = make_benchmark(n, **kw[n])
-    return benches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +166,14 @@ def run_eval(
     generate_fn: GenerateFn | None = None,
     benchmarks: dict[str, Benchmark] | None = None,
     model_name: str | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
-    """Generates (or reuses cached generations), scores, and writes per-item JSONL and the summary."""
+    """Generates (or reuses cached generations), scores, and writes per-item JSONL and the summary.
+
+    ``roots``: benchmark name -> data root. ``benchmarks``: ready-made instances by name (default: each
+    registered benchmark with its defaults). ``generate_fn`` default: our JAX sampler on ``checkpoint`` in
+    ``dtype``, loaded only when something is not cached yet.
+    """
     os.makedirs(out_dir, exist_ok=True)
     fp = fingerprint(checkpoint, os.path.join(out_dir, ".fingerprints.json"))
     cache = GenerationCache(os.path.join(out_dir, "generations.jsonl"))
@@ -240,7 +190,7 @@ def run_eval(
                 and GenerationCache.key(fp, name, it.id, s, skey) not in cache.entries]
         if todo:
             if generate_fn is None:
-                generate_fn = model_generate_fn(checkpoint, settings)
+                generate_fn = lazy_generate_fn(checkpoint, settings, dtype)
             bar = tqdm.tqdm(total=len(todo), desc=f"generate {name}", unit="item")
             for i in range(0, len(todo), settings.batch_size):
                 chunk = todo[i:i + settings.batch_size]
@@ -261,8 +211,7 @@ def run_eval(
                 rows.append({"id": it.id, "sample": s, **score_guarded(bench, it, gen)})
         _fill_failed(rows)
         clean = [{k: v for k, v in r.items() if k != "score_error"} for r in rows]
-        agg = bench.aggregate(clean) if settings.num_samples == 1 or name != "mmcode" else bench.aggregate(
-            clean, ks=tuple(k for k in (1, 5, 10) if k <= settings.num_samples))
+        agg = bench.aggregate(clean, num_samples=settings.num_samples)
         n_failed = sum("score_error" in r for r in rows)
         summary["benchmarks"][name] = {"n_items": len(items), "n_score_errors": n_failed,
                                        "score_seconds": time.time() - t0, **agg}
@@ -275,3 +224,14 @@ def run_eval(
 
     write_reports(summary, out_dir, all_items)
     return summary
+
+
+def evaluate(checkpoint: str, benchmarks: Sequence[str], roots: Mapping[str, str | None], out_dir: str,
+             settings: EvalSettings = EvalSettings(), options: Mapping[str, Any] | None = None,
+             on_error: str = "raise", dtype: str = "float32", model_name: str | None = None) -> dict[str, Any]:
+    """``launch/eval.py``: the named benchmarks (data roots and launch flag values by name, as
+    ``registry.root_flags``/``option_flags`` name them) on a checkpoint; see ``run_eval``. A name, root or
+    option that does not fit is a ``registry.UsageError``."""
+    chosen = select_roots(benchmarks, roots)
+    benches = build_benchmarks(list(chosen), options, on_error)
+    return run_eval(checkpoint, chosen, out_dir, settings, benchmarks=benches, model_name=model_name, dtype=dtype)

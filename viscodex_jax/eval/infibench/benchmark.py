@@ -3,12 +3,12 @@
 Layouts read by ``InfiBenchV.load(root)``:
 * the official one (infi-coder/infibench-evaluator): a suite YAML, or a folder
   holding one, listing ``cases_*/eval_<id>.yaml`` with prompt files
-  (``infibench_spec``); a folder of ``eval_*.yaml`` without a suite also works;
-* the project's earlier ``questions.jsonl`` (``infibench_flat``).
+  (``spec``); a folder of ``eval_*.yaml`` without a suite also works;
+* the project's earlier ``questions.jsonl`` (``flat``).
 
 Scoring follows ``grader_main.grade_response`` at commit 96cb098: the metric
-scores (``infibench_match``: keywords, blank filling, ROUGE similarity;
-``infibench_exec``: unit tests; the case's own handler for ``customized`` and
+scores (``match``: keywords, blank filling, ROUGE similarity;
+``unit_tests``: unit tests; the case's own handler for ``customized`` and
 ``post_handler``) are summed into ``ans`` and their totals into ``tot``;
 ``max_score`` replaces ``tot`` and caps ``ans``, ``min_score`` floors ``ans``;
 the response scores ``ans / tot * full_score`` (``official_score``), reported
@@ -29,16 +29,15 @@ import json
 import logging
 import math
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from viscodex_jax.eval.base import Benchmark, Item
+from viscodex_jax.eval.base import Benchmark, Column, Flag, Item, UnreadableItem
 from viscodex_jax.eval.check import CheckAdapter
-from viscodex_jax.eval.infibench_exec import RUNNABLE, grade_unit_tests
-from viscodex_jax.eval.infibench_flat import load_flat, score_flat
-from viscodex_jax.eval.infibench_match import grade_blank_filling, grade_keywords, grade_similarity
-from viscodex_jax.eval.infibench_spec import Case, CaseError, load_case, load_suite
-from viscodex_jax.eval.judge import Judge
-from viscodex_jax.eval.runner import UnreadableItem
+from viscodex_jax.eval.infibench.flat import load_flat, score_flat
+from viscodex_jax.eval.infibench.judge import Judge
+from viscodex_jax.eval.infibench.match import grade_blank_filling, grade_keywords, grade_similarity
+from viscodex_jax.eval.infibench.spec import Case, CaseError, load_case, load_suite
+from viscodex_jax.eval.infibench.unit_tests import RUNNABLE, grade_unit_tests
 from viscodex_jax.eval.sandbox import Limits
 
 log = logging.getLogger(__name__)
@@ -71,6 +70,10 @@ def reduce_scores(scores: Sequence[float], mode: str) -> float:
 
 class InfiBenchV(Benchmark):
     name = "infibench_v"
+    flags = (Flag("judge_endpoint", None, "OpenAI-compatible endpoint for LLM judges (off by default)."),
+             Flag("judge_model", "gpt-4o", "Judge model name."))
+    columns = (Column("infibench_v", "InfiBench-V"),)
+    folder_aliases = ("infibench",)
 
     def __init__(self, judge: Judge | None = None, limits: Limits = Limits(wall_seconds=10, cpu_seconds=6),
                  support_dirs: Sequence[str] | None = None, on_error: str = "raise", use_official_prompt: bool = True,
@@ -179,7 +182,12 @@ class InfiBenchV(Benchmark):
                 "raw": float(ans), "total": float(tot), "not_run": 0.0 if ran else 1.0, **row,
                 "detail": json.dumps(detail, default=str)[:4000]}
 
-    def aggregate(self, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    @classmethod
+    def options(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        endpoint = values.get("judge_endpoint")
+        return {"judge": Judge(endpoint, values.get("judge_model", "gpt-4o"))} if endpoint else {}
+
+    def aggregate(self, rows: Sequence[dict[str, Any]], num_samples: int = 1) -> dict[str, float]:
         """Means over graded responses (not-run ones excluded, and counted);
         with several samples per item, also the suite score under the official attempt reduction."""
         graded = [r for r in rows if isinstance(r.get("score"), (int, float)) and not math.isnan(r["score"])]
@@ -196,13 +204,13 @@ class InfiBenchV(Benchmark):
 
     # ---- official-score check ------------------------------------------------------------------------------
     def check_pairs(self, root: str, models: Sequence[str] | None = None) -> Iterator[tuple[Item, str, dict[str, float]]]:
-        """(item, response, expected metrics) for every line of ``root/expected.jsonl`` (layout: ``infibench_check``).
+        """(item, response, expected metrics) for every line of ``root/expected.jsonl`` (layout: ``check``).
 
         Expected keys match ``score()``'s: ``score`` (percent of the case's full score), ``official_score``,
         ``raw``, ``total`` and one per metric. Our NaN ``score`` means "not run"; an ``UnreadableItem`` (with
         ``on_error="skip"``) means the case could not be read: neither is an agreement.
         """
-        from viscodex_jax.eval.infibench_check import expected_records
+        from viscodex_jax.eval.infibench.check import expected_records
 
         items = {it.id: it for it in self.load(root)}
         for where, rec, response in expected_records(root):
@@ -217,13 +225,13 @@ class InfiBenchV(Benchmark):
             yield item, response, exp
 
     def check_adapter(self) -> CheckAdapter:
-        from viscodex_jax.eval.infibench_check import InfiBenchCheck
+        from viscodex_jax.eval.infibench.check import InfiBenchCheck
 
         return InfiBenchCheck(self)
 
     @staticmethod
     def make_sample(out_dir: str) -> str:
-        """The flat layout (see ``infibench_flat``); ``tests/test_infibench_official.py`` writes case YAMLs."""
+        """The flat layout (see ``flat``); ``tests/test_infibench_official.py`` writes case YAMLs."""
         from PIL import Image, ImageDraw
 
         os.makedirs(os.path.join(out_dir, "imgs"), exist_ok=True)

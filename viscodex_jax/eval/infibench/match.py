@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from viscodex_jax.eval.infibench_spec import parse_cond
+from viscodex_jax.eval.infibench.spec import parse_cond
 
 
 def _cond_ok(cond: str, context: list[str]) -> bool:

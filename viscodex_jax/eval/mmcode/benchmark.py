@@ -20,7 +20,7 @@ meta-prompt and system message (``models.py: GPT4V.generate``); figures interlea
 ``![image](...)`` markers and images shorter than 480 px scaled up to 480 px high, as
 ``models.py: resize(image, base_height=480)`` does.
 
-Judging: ``score`` runs the candidate once in ``sandbox.run_python`` under ``mmcode_harness.py``, which
+Judging: ``score`` runs the candidate once in ``sandbox.run_python`` under ``harness.py`` (this folder), which
 judges all its tests in that one process (per-test alarms inside), following APPS ``run_test`` as
 MMCode's ``eval.py`` calls it. A problem passes when every verdict is > 0 (``compute_metrics``);
 ``tests_passed`` is the fraction of tests whose verdict is true. Official behaviours matched on purpose:
@@ -82,9 +82,8 @@ from typing import Any, Iterator, Sequence
 
 from PIL import Image
 
-from viscodex_jax.eval.base import Benchmark, Item
+from viscodex_jax.eval.base import Benchmark, Column, Item, UnreadableItem
 from viscodex_jax.eval.check import Aggregate, CheckAdapter, Metric, TripleResult
-from viscodex_jax.eval.runner import UnreadableItem
 from viscodex_jax.eval.sandbox import Limits, run_python
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ IMAGE_HEIGHT = 480
 PER_TEST_SECONDS = 20
 GLOBAL_SECONDS = 21
 
-_HARNESS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmcode_harness.py")
+_HARNESS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness.py")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -172,6 +171,8 @@ def _is_gzip(path: str) -> bool:
 
 class MMCode(Benchmark):
     name = "mmcode"
+    columns = (Column("mmcode", "MMCode"),)
+    pass_at = (1, 5, 10)  # the pass@k reported, each k up to the samples drawn per item
 
     def __init__(self, limits: Limits | None = None, data_split: Sequence[str] = ("test",), on_error: str = "raise",
                  image_height: int | None = IMAGE_HEIGHT, per_test_seconds: int = PER_TEST_SECONDS,
@@ -341,8 +342,12 @@ class MMCode(Benchmark):
         return {"score": 100.0 * ok, "passed": float(ok),
                 "tests_passed": sum(v is True for v in verdicts) / item.reference.n_tests}
 
-    def aggregate(self, rows: Sequence[dict[str, float]], ks: Sequence[int] = (1,)) -> dict[str, float]:
-        """pass@k over items; rows of one item (several samples) share an ``id`` key when given."""
+    def aggregate(self, rows: Sequence[dict[str, float]], num_samples: int = 1,
+                  ks: Sequence[int] | None = None) -> dict[str, float]:
+        """pass@k over items; rows of one item (several samples) share an ``id`` key when given.
+        ``ks`` default: each of ``pass_at`` up to ``num_samples``."""
+        if ks is None:
+            ks = tuple(k for k in self.pass_at if k <= num_samples) or (1,)
         by_item: dict[Any, list[float]] = {}
         for i, r in enumerate(rows):
             by_item.setdefault(r.get("id", i), []).append(r.get("passed", 0.0))

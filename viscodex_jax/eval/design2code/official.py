@@ -343,7 +343,7 @@ _POOL = concurrent.futures.ThreadPoolExecutor(6, thread_name_prefix="d2c-render"
 
 
 def _render_or_blank(render: Callable[[str], np.ndarray], html: str) -> np.ndarray:
-    from viscodex_jax.eval.render import BrowserUnavailable, RenderError
+    from viscodex_jax.eval.design2code.render import BrowserUnavailable, RenderError
 
     try:
         return render(html)

@@ -1,6 +1,6 @@
 """Runs untrusted Python (model-written code) under bubblewrap; the harness never trusts its files.
 
-Containment (see ``sandbox_bwrap`` and ``sandbox_seccomp``):
+Containment (see ``bwrap`` and ``seccomp`` in this package):
 * bubblewrap: new user, PID, IPC, UTS, network, mount and cgroup namespaces;
   uid/gid 65534 inside, no capabilities, no further user namespaces;
   ``--die-with-parent``, ``--new-session``; a read-only root holding only
@@ -38,10 +38,10 @@ import tempfile
 import time
 from typing import Mapping
 
-from viscodex_jax.eval import sandbox_bwrap, sandbox_cgroup
-from viscodex_jax.eval.sandbox_bwrap import SANDBOX_DIR, SandboxUnavailable
-from viscodex_jax.eval.sandbox_io import Run, read_program_file
-from viscodex_jax.eval.sandbox_seccomp import SeccompUnavailable, filter_fd
+from viscodex_jax.eval.sandbox import bwrap, cgroup
+from viscodex_jax.eval.sandbox.bwrap import SANDBOX_DIR, SandboxUnavailable
+from viscodex_jax.eval.sandbox.pipes import Run, read_program_file
+from viscodex_jax.eval.sandbox.seccomp import SeccompUnavailable, filter_fd
 
 __all__ = ["Limits", "SandboxResult", "SandboxUnavailable", "run_python", "WEAK_ENV"]
 
@@ -174,11 +174,11 @@ def _write_inputs(workdir: str, code: str, files: Mapping[str, bytes | str] | No
 def _run_parent(mode: str) -> str:
     """Where run dirs go: the temp dir, which bwrap running as the sandbox uid must be able to reach."""
     tmp = tempfile.gettempdir()
-    if mode != "bwrap" or os.geteuid() != 0 or sandbox_bwrap.reachable(os.path.realpath(tmp), search_only=True):
+    if mode != "bwrap" or os.geteuid() != 0 or bwrap.reachable(os.path.realpath(tmp), search_only=True):
         return tmp
-    if sandbox_bwrap.reachable("/tmp", search_only=True):
+    if bwrap.reachable("/tmp", search_only=True):
         return "/tmp"
-    raise SandboxUnavailable(f"neither the temp dir {tmp} nor /tmp can be reached by uid {sandbox_bwrap.SANDBOX_UID}, "
+    raise SandboxUnavailable(f"neither the temp dir {tmp} nor /tmp can be reached by uid {bwrap.SANDBOX_UID}, "
                              "which the sandbox runs as")
 
 
@@ -204,7 +204,7 @@ def _stale(name: str) -> bool:
 def _sweep_stale_runs(parent: str) -> None:
     """Removes run dirs and cgroups left by harness processes that no longer exist (killed with
     SIGKILL, say)."""
-    sandbox_cgroup.sweep(_RUN_PREFIX, _stale)
+    cgroup.sweep(_RUN_PREFIX, _stale)
     try:
         names = os.listdir(parent)
     except OSError:
@@ -231,7 +231,7 @@ def _chown_tree(top: str, uid: int) -> None:
 def _mode(allow_weak: bool | None) -> str:
     """"bwrap", or "weak" when bubblewrap cannot run and the weak mode was accepted."""
     try:
-        sandbox_bwrap.check_bwrap()
+        bwrap.check_bwrap()
         return "bwrap"
     except SandboxUnavailable as e:
         if _weak_allowed(allow_weak):
@@ -269,7 +269,7 @@ def run_python(
     except SeccompUnavailable as e:
         raise SandboxUnavailable(str(e)) from None
     if mode == "bwrap":
-        sandbox_bwrap.read_only_paths(python)  # bad interpreter: ValueError before any work
+        bwrap.read_only_paths(python)  # bad interpreter: ValueError before any work
     parent = _run_parent(mode)
     _sweep_stale_runs(parent)
     run_dir = tempfile.mkdtemp(prefix=f"{_RUN_PREFIX}{_owner_tag(os.getpid())}-", dir=parent)
@@ -280,7 +280,7 @@ def run_python(
         _write_inputs(workdir, code, files)
         if mode == "bwrap" and os.geteuid() == 0:  # the program runs as the sandbox uid: its dir is its own
             os.chmod(run_dir, 0o711)
-            _chown_tree(workdir, sandbox_bwrap.SANDBOX_UID)
+            _chown_tree(workdir, bwrap.SANDBOX_UID)
         with tempfile.TemporaryFile() as f:  # the program gets a read-only descriptor of its own
             f.write(stdin.encode() if isinstance(stdin, str) else stdin)
             f.flush()
@@ -293,9 +293,9 @@ def run_python(
         if mode == "bwrap":
             status_r, status_w = os.pipe()
             env = _env(SANDBOX_DIR, SANDBOX_DIR + "/.tmp", limits.allow_network)
-            cgroups = sandbox_cgroup.create(os.path.basename(run_dir), limits.max_processes + _BWRAP_TASKS,
+            cgroups = cgroup.create(os.path.basename(run_dir), limits.max_processes + _BWRAP_TASKS,
                                             limits.memory_bytes + _CGROUP_MEMORY_MARGIN)
-            cmd = sandbox_bwrap.launch_argv(python=python, run_dir=run_dir, workdir=workdir, env=env, argv=argv,
+            cmd = bwrap.launch_argv(python=python, run_dir=run_dir, workdir=workdir, env=env, argv=argv,
                                             seccomp_fd=seccomp, status_fd=status_w,
                                             allow_network=limits.allow_network,
                                             cgroup_procs=cgroups.procs_files if cgroups else ())

@@ -13,7 +13,7 @@ Each keyword (or regex) found adds its weight (a ``neg`` keyword subtracts it);
 the unit-test part adds its weight times the fraction of tests that pass; the
 optional judge adds its weight when an LLM rating reaches ``threshold``. The
 item score is ``(raw - null_score) / (full_score - null_score)``, clipped to
-[0, 1], reported x100. The official case-YAML layout is ``infibench_spec``.
+[0, 1], reported x100. The official case-YAML layout is ``spec``.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from typing import Any, Iterator, Sequence
 
 from viscodex_jax.eval.base import Item
 from viscodex_jax.eval.check import Aggregate, CheckAdapter, Metric, Triple, TripleResult
-from viscodex_jax.eval.infibench_exec import RUNNABLE
-from viscodex_jax.eval.infibench_spec import Case
+from viscodex_jax.eval.infibench.spec import Case
+from viscodex_jax.eval.infibench.unit_tests import RUNNABLE
 
 
 def expected_records(root: str) -> Iterator[tuple[str, dict[str, Any], str]]:
@@ -96,7 +96,7 @@ class InfiBenchCheck(CheckAdapter):
             ours = r.observed.get("official_score", 0.0)
             per.setdefault((rec["model"], rec["case_id"]), {})[int(rec["response_index"])] = (
                 0.0 if ours is None or math.isnan(ours) else ours, rec["score"])
-        from viscodex_jax.eval.infibench import reduce_scores
+        from viscodex_jax.eval.infibench.benchmark import reduce_scores
 
         for model in sorted({m for m, _ in per}):
             cases = [v for (m, _), v in per.items() if m == model]

@@ -19,7 +19,7 @@ Prompt: the official direct prompt (``PROMPT``), text then the screenshot, as ``
 sends it.
 
 Scoring follows the official ``metrics/visual_score.py`` (``visual_eval_v3_multi``) step by step;
-the details, including the official oddities we keep on purpose, are in ``design2code_official``.
+the details, including the official oddities we keep on purpose, are in ``official``.
 In short:
 
 * the response goes through the official ``cleanup_response`` (so a fenced answer with prose
@@ -40,7 +40,7 @@ In short:
   checkpoint's image pre-processing and the cosine of the image embeddings; with it, ``overall``
   is the official 0.2 x (block_match + text + position + color + clip). Needs ``opencv-python-headless``.
 
-Rendering: headless Chromium (``eval.render``, network blocked, the page's own folder serving
+Rendering: headless Chromium (``render``, network blocked, the page's own folder serving
 its images); the reference's screenshots are rendered once per (page, assets) and cached.
 """
 
@@ -58,10 +58,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from viscodex_jax.eval import design2code_official as official
-from viscodex_jax.eval.base import Benchmark, Item
+from viscodex_jax.eval.base import Benchmark, Column, Flag, Item, UnreadableItem
 from viscodex_jax.eval.check import CheckAdapter, Metric
-from viscodex_jax.eval.render import BrowserUnavailable, RenderError, Renderer, get_renderer
+from viscodex_jax.eval.design2code import official
+from viscodex_jax.eval.design2code.render import BrowserUnavailable, Renderer, RenderError, get_renderer
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,8 @@ class Design2Code(Benchmark):
     """
 
     name = "design2code"
+    flags = (Flag("clip_path", None, "Local CLIP checkpoint for Design2Code's high-level score."),)
+    columns = (Column("design2code", "D2C low"), Column("design2code_high", "D2C high (CLIP)", "clip", 100.0))
 
     def __init__(self, clip_path: str | None = None, renderer: Renderer | None = None, on_error: str = "raise",
                  assets_dir: str | None = None, cache_size: int = 256):
@@ -220,8 +222,6 @@ class Design2Code(Benchmark):
     def _unreadable(self, stem: str, reason: str, cause: Exception) -> Item:
         if self.on_error == "raise":
             raise ValueError(reason) from cause
-        from viscodex_jax.eval.runner import UnreadableItem
-
         log.warning("skipping (counted as failed): %s", reason)
         self.skipped.append(reason)
         return Item(stem, [], [], UnreadableItem(reason))
@@ -355,8 +355,6 @@ class Design2Code(Benchmark):
     def score_details(self, item: Item, generation: str) -> dict[str, Any]:
         """``score`` plus what the official pre-processing did: ``prediction_cut_at`` (None: not cut)
         and ``no_blocks_detected_in_prediction``."""
-        from viscodex_jax.eval.runner import UnreadableItem
-
         if isinstance(item.reference, UnreadableItem):
             raise ValueError(item.reference.reason)
         assets = self._assets.get(item.id)

@@ -28,7 +28,7 @@ What we do differently, and why:
 
 from __future__ import annotations
 
-from viscodex_jax.eval.infibench_spec import UnitTest
+from viscodex_jax.eval.infibench.spec import UnitTest
 from viscodex_jax.eval.sandbox import Limits, run_python
 
 # execution_utils.LANGUAGE_TO_TIMEOUT (official seconds per test)

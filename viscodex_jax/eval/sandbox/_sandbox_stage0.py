@@ -25,7 +25,7 @@ MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 
 def main() -> None:
     s = json.loads(sys.argv[1])
-    for procs in s.get("cgroup_procs", []):  # the run's cgroups (sandbox_cgroup): bwrap and all below
+    for procs in s.get("cgroup_procs", []):  # the run's cgroups (cgroup.py): bwrap and all below
         with open(procs, "w") as f:
             f.write(str(os.getpid()))
     if s["binds"]:

@@ -1,6 +1,6 @@
 """Runs one chart program inside the sandbox and logs what ChartMimic's official evaluators log.
 
-This file is shipped into the sandbox as ``main.py`` (``chartmimic.run_chart``); it is not imported
+This file is shipped into the sandbox as ``main.py`` (``programs.run_chart``); it is not imported
 by the host. It reimplements, in one process, the tracing that the official evaluators
 (github ChartMimic/ChartMimic, ``chart2code/utils/evaluator/*``) do in four separate processes:
 

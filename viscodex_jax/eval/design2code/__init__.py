@@ -1,0 +1,2 @@
+"""Design2Code: ``benchmark`` (loader, prompt, scoring), ``official`` (the official visual metrics),
+``render`` (headless Chromium screenshots)."""
