@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from viscodex_jax.data.mcd_sample import make_mcd_sample
-from viscodex_jax.eval.chartmimic import direct_mimic_prompt
-from viscodex_jax.eval.mmcode import SYSTEM_PROMPT as MMCODE_SYSTEM_PROMPT
-from viscodex_jax.eval.mmcode import prompt_text as mmcode_prompt_text
+from viscodex_jax.eval.chartmimic.benchmark import direct_mimic_prompt
+from viscodex_jax.eval.mmcode.benchmark import SYSTEM_PROMPT as MMCODE_SYSTEM_PROMPT
+from viscodex_jax.eval.mmcode.benchmark import prompt_text as mmcode_prompt_text
 
 # (statement, solution, function computing the expected output from the input text)
 _FAMILIES = [

@@ -49,7 +49,7 @@ def _b64(path: str) -> str:
 
 def _examples(workdir: str, files: str, n: int = 3) -> list[dict[str, Any]]:
     from viscodex_jax.eval.base import extract_code
-    from viscodex_jax.eval.chartmimic import run_chart
+    from viscodex_jax.eval.chartmimic.programs import run_chart
 
     path = os.path.join(workdir, "eval", "merged_sft", "chartmimic_items.jsonl")
     cm_root = os.path.join(workdir, "data", "heldout_chartmimic", "direct_demo")
