@@ -13,7 +13,7 @@ if [ ! -x /usr/bin/chromium ] && [ -z "${VISCODEX_CHROMIUM:-}" ]; then
     echo "setup_env: /usr/bin/chromium missing; install Debian's chromium (or set VISCODEX_CHROMIUM)" >&2
   fi
 fi
-# bubblewrap and libseccomp: the eval sandbox (viscodex_jax/eval/sandbox.py) refuses model-written code without them.
+# bubblewrap and libseccomp: the eval sandbox (viscodex_jax/eval/sandbox/) refuses model-written code without them.
 if ! command -v bwrap >/dev/null 2>&1 || ! ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2'; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q >/dev/null
