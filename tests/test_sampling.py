@@ -157,6 +157,12 @@ def test_generate_api_streams_the_same_text(tmp_path):
                         max_new_tokens=12)
     assert len(one) == 1 and "".join(pieces) == one[0] and one[0]
     assert batch[0] == one[0]  # batching and padding do not change row 0
+    # continuous batching through the same call: one slot, the two prompts one after the other
+    from viscodex_jax.sampling.slots import SlotSettings
+
+    slots = vx.generate(model, [msgs, [{"role": "user", "content": "hi"}]], images=[[demo_chart()], []],
+                        max_new_tokens=12, settings=SlotSettings(slots=1, cache_len=2048, max_new_tokens=12))
+    assert slots == batch
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -81,3 +81,31 @@ def test_slots_must_split_over_the_batch_shards(setup):
     with pytest.raises(ConfigError, match=r"slots=3: must be a multiple of the mesh's 4 batch shards"):
         SlotSampler(cfg, params, [319], settings=SlotSettings(slots=3, cache_len=48, max_new_tokens=NEW,
                                                               prompt_bucket=16), mesh=make_mesh((2, 2, 2)))
+
+
+def _check_placed(params, ref, cfg, mesh):
+    logical = jax.tree_util.tree_leaves(logical_axes(cfg.replace(attention_impl="xla")),
+                                        is_leaf=lambda x: x is None or isinstance(x, P))
+    leaves, ref_leaves = jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref)
+    assert len(leaves) == len(ref_leaves) == len(logical)
+    for leaf, want, axes in zip(leaves, ref_leaves, logical):
+        assert _is(leaf.sharding, mesh, logical_to_mesh_spec(axes, leaf.shape, mesh, DEFAULT_RULES), leaf.ndim)
+        for shard in leaf.addressable_shards:  # each device holds its own slice only, with the checkpoint's values
+            assert shard.data.shape == leaf.sharding.shard_shape(leaf.shape)
+            np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(want)[shard.index])
+
+
+def test_load_on_a_mesh_reads_each_tensor_into_its_shards(hf_checkpoint, tmp_path):
+    import viscodex_jax as vx
+    from viscodex_jax.checkpoint import convert_hf_to_orbax
+
+    path = hf_checkpoint("vl_a")
+    cfg, ref = load_hf_params(path)
+    mesh = make_mesh((1, 4, 2))
+    model = vx.load(path, mesh=mesh)
+    assert model.mesh is mesh
+    _check_placed(model.params, ref, cfg, mesh)
+    q = model.params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.shard_shape(q.shape) == (q.shape[0], q.shape[1] // 4, q.shape[2] // 2, q.shape[3])
+    convert_hf_to_orbax(path, str(tmp_path / "orbax"))
+    _check_placed(vx.load(str(tmp_path / "orbax"), mesh=mesh).params, ref, cfg, mesh)

@@ -1,4 +1,4 @@
-"""The public surface: ``vx.load``, ``Model.logits``, ``vx.save_hf``."""
+"""The public surface: ``vx.load``, ``Model.logits``, ``vx.save_hf``, ``vx.generate``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
 from viscodex_jax import checkpoint
 from viscodex_jax.data.processor import Processor
@@ -25,6 +27,8 @@ class Model:
     raw_config: dict[str, Any]
     path: str | None = None
     processor: Processor | None = None
+    mesh: Mesh | None = None  # where the params live (``vx.load(mesh=...)``); generate runs there
+    rules: Any = None
 
     @functools.cached_property
     def module(self) -> CausalLM:
@@ -41,19 +45,96 @@ class Model:
         return self._logits_fn(self.params, args)
 
 
-def load(path: str, param_dtype: Any = None, **runtime) -> Model:
+def load(path: str, param_dtype: Any = None, mesh: Mesh | None = None, rules: Any = None, **runtime) -> Model:
     """HF dir (safetensors or .bin) or our orbax dir -> Model.
 
     ``param_dtype`` casts the params (None keeps the checkpoint's); ``runtime``
     sets ModelConfig run-time fields such as ``dtype="bfloat16"`` (compute) or
     ``attention_impl="cudnn"``.
+
+    ``mesh`` (with ``rules``, default ``sharding.DEFAULT_RULES``, the training
+    rules) places every param by its logical axes while reading it: safetensors
+    are read tensor by tensor into each local device's shard (a host holds one
+    tensor plus its own shards, never a replica it does not serve), orbax
+    restores straight into the shardings. ``.bin`` checkpoints are read whole,
+    then placed.
     """
-    cfg, params, raw = checkpoint.load_params(path, param_dtype=param_dtype, **runtime)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    from viscodex_jax.model.config import config_from_dict, read_config_json
+    from viscodex_jax.sampling import mesh as on_mesh
+
+    if mesh is None:
+        cfg, params, raw = checkpoint.load_params(path, param_dtype=param_dtype, **runtime)
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+    else:
+        rules = on_mesh.resolve_rules(mesh, rules)
+        raw = read_config_json(path)
+        cfg = config_from_dict(raw, os.path.join(path, "config.json"), **runtime)
+        params = _read_sharded(path, cfg, mesh, rules, param_dtype)
     processor = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")) or os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         processor = Processor.from_pretrained(path, cfg)
-    return Model(cfg, params, raw, path, processor)
+    return Model(cfg, params, raw, path, processor, mesh, rules)
+
+
+def _read_sharded(path: str, cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any) -> dict[str, Any]:
+    from viscodex_jax.checkpoint.orbax_io import PARAMS_SUBDIR, is_orbax_dir
+    from viscodex_jax.checkpoint.stream import is_safetensors_dir, plan_hf_params
+    from viscodex_jax.sampling import mesh as on_mesh
+
+    if is_orbax_dir(path):
+        import orbax.checkpoint as ocp
+
+        where = os.path.abspath(os.path.join(path, PARAMS_SUBDIR))
+        ckptr = ocp.StandardCheckpointer()
+        stored = ckptr.metadata(where).item_metadata
+        stored = getattr(stored, "tree", stored)
+        shardings = on_mesh.param_shardings(cfg, stored, mesh, rules)
+        target = jax.tree_util.tree_map(
+            lambda m, sh: jax.ShapeDtypeStruct(m.shape, np.dtype(param_dtype or m.dtype), sharding=sh), stored, shardings)
+        return ckptr.restore(where, target)
+    if not is_safetensors_dir(path):
+        _, params, _ = checkpoint.load_params(path, param_dtype=param_dtype)
+        return on_mesh.place_params(cfg, params, mesh, rules)
+    plan = plan_hf_params(path, cfg, param_dtype)
+    shardings = on_mesh.param_shardings(cfg, plan, mesh, rules)
+    return jax.tree_util.tree_map(_read_leaf, plan, shardings)
+
+
+def _read_leaf(src, sharding) -> jax.Array:
+    """One param (a ``checkpoint.stream.ParamSource``) into its local shards: each HF tensor is read once
+    and copied into every distinct local shard that covers it."""
+    from viscodex_jax.checkpoint import hf_map
+
+    shards: dict[tuple, tuple[tuple, list, np.ndarray]] = {}
+    for device, index in sharding.addressable_devices_indices_map(src.shape).items():
+        bounds = tuple(sl.indices(n)[:2] for sl, n in zip(index, src.shape))
+        if bounds not in shards:
+            shards[bounds] = (index, [], np.empty([b - a for a, b in bounds], src.dtype))
+        shards[bounds][1].append(device)
+
+    def read(part):
+        value = hf_map.to_flax(src.key, part.file.read(part.name), src.slot_shape).astype(src.dtype)
+        if src.tied_lm_head is not None:
+            tied = src.tied_lm_head
+            if not np.array_equal(tied.file.read(tied.name).astype(src.dtype), value):
+                raise checkpoint.CheckpointError(
+                    f"{tied.file.path}: tensor {tied.name!r} differs from model.embed_tokens.weight but "
+                    "config.json sets tie_word_embeddings")
+        return value
+
+    for part in src.parts:
+        covering = [(b, idx, buf) for b, (idx, _, buf) in shards.items()
+                    if part.layer is None or b[0][0] <= part.layer < b[0][1]]
+        if not covering:
+            continue
+        value = read(part)
+        for b, idx, buf in covering:
+            if part.layer is None:
+                buf[...] = value[idx]
+            else:
+                buf[part.layer - b[0][0]] = value[idx[1:]]
+    arrays = [jax.device_put(buf, d) for _, devices, buf in shards.values() for d in devices]
+    return jax.make_array_from_single_device_arrays(src.shape, sharding, arrays)
 
 
 def save_hf(model: Model, out_dir: str, dtype: Any = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False):
@@ -98,11 +179,17 @@ def generate(
     seed: int = 0,
     stream: Callable[[str], None] | None = None,
     settings: Any = None,
+    mesh: Mesh | None = None,
+    rules: Any = None,
 ) -> list[str]:
     """Chat prompts (message lists or rendered strings) + images -> generated texts.
 
     ``stream`` receives the text of row 0 piece by piece as it is generated.
-    A single message list is accepted for one prompt.
+    A single message list is accepted for one prompt. ``settings``: a
+    ``DecodeSettings`` (all prompts as one lockstep batch) or a ``SlotSettings``
+    (continuous batching: a fixed number of slots refilled as rows end; the
+    better choice for many prompts of mixed lengths). ``mesh``/``rules``
+    default to where ``vx.load`` put the params.
 
     Raises:
         ConfigError: ``max_new_tokens`` not a positive integer, or the prompt
@@ -111,8 +198,12 @@ def generate(
     """
     from viscodex_jax.sampling.loop import DecodeSettings, generate_ids
     from viscodex_jax.sampling.methods import Greedy
+    from viscodex_jax.sampling.slots import SlotSampler, SlotSettings, requests_from_batch
 
     settings = settings or DecodeSettings(max_new_tokens=max_new_tokens)
+    mesh, rules = (mesh, rules) if mesh is not None else (model.mesh, model.rules)
+    if isinstance(settings, SlotSettings) and stream is not None:
+        raise ValueError("stream= needs DecodeSettings (one lockstep batch); SlotSettings generate without streaming")
     if model.processor is None:
         raise ValueError(f"{model.path}: checkpoint has no tokenizer files; cannot generate text")
     if prompts and isinstance(prompts[0], dict):  # one conversation given without the batch list
@@ -122,8 +213,13 @@ def generate(
     eos = sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     callback = _text_streamer(tok, eos, stream) if stream is not None else None
-    out = generate_ids(model.config, model.params, batch, eos, pad, sampler or Greedy(),
-                       jax.random.PRNGKey(seed), settings, callback)
+    if isinstance(settings, SlotSettings):
+        engine = SlotSampler(model.config, model.params, eos, pad, sampler or Greedy(), settings,
+                             jax.random.PRNGKey(seed), mesh, rules)
+        out = engine.run(requests_from_batch(model.config, batch, min(max_new_tokens, settings.max_new_tokens)))
+    else:
+        out = generate_ids(model.config, model.params, batch, eos, pad, sampler or Greedy(),
+                           jax.random.PRNGKey(seed), settings, callback, mesh, rules)
     texts = []
     for row in out:
         row = list(row)
