@@ -12,8 +12,9 @@ and the ratios the issue asks for (streamed peak RSS / checkpoint bytes, streame
 
     .venv/bin/python benchmarks/convert_stream.py --ckpt /tmp/qwen0.5b          # an existing HF safetensors dir
     .venv/bin/python benchmarks/convert_stream.py --ckpt /tmp/qwen0.5b --make   # build it first (Qwen2.5-0.5B shapes)
+    .venv/bin/python benchmarks/convert_stream.py --ckpt /tmp/vl0.5b --make --model qwen2.5-vl-0.5b
 
-``--make`` uses benchmarks/convert.py's seeded random Qwen2.5-0.5B-shaped bf16 checkpoint (2 shards).
+``--make`` builds benchmarks/_checkpoints.py's seeded random bf16 checkpoint (500 MB shards).
 """
 
 from __future__ import annotations
@@ -90,13 +91,14 @@ def spawn(task: str, ckpt: str, out: str) -> dict:
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True, help="HF safetensors checkpoint dir")
-    ap.add_argument("--make", action="store_true", help="create a Qwen2.5-0.5B-shaped bf16 checkpoint at --ckpt first")
+    ap.add_argument("--make", action="store_true", help="build --model's random bf16 checkpoint at --ckpt first")
+    ap.add_argument("--model", default="qwen2.5-0.5b", help="a name in benchmarks/_checkpoints.py (with --make)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json_out", default=None)
     a = ap.parse_args(argv)
     if a.make:
-        subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "convert.py"), "_child", "--task", "make",
-                        "--ckpt", a.ckpt, "--make", "qwen2.5-0.5b"], check=True, cwd=REPO)
+        subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "_checkpoints.py"), a.model, a.ckpt],
+                       check=True, cwd=REPO)
     nbytes = sum(os.path.getsize(p) for p in glob.glob(os.path.join(a.ckpt, "*.safetensors")))
     out = tempfile.mkdtemp(prefix="convert_stream_out-")
     load0 = open("/proc/loadavg").read().strip()

@@ -91,7 +91,7 @@ def test_a_bad_tensor_late_in_the_stream_leaves_nothing(hf_checkpoint, tmp_path,
     monkeypatch.setattr(stream, "DEFAULT_BUDGET_BYTES", 1)
     reads = []
     real_read = stream.SafetensorsFile.read
-    monkeypatch.setattr(stream.SafetensorsFile, "read", lambda self, n: reads.append(n) or real_read(self, n))
+    monkeypatch.setattr(stream.SafetensorsFile, "read", lambda self, n, *a: reads.append(n) or real_read(self, n, *a))
     with pytest.raises(CheckpointError) as e:
         checkpoint.convert_hf_to_orbax(src, str(tmp_path / "out"))
     assert f"{path}: tensor {name!r}: 1 of" in str(e.value) and "NaN/Inf" in str(e.value)
@@ -107,11 +107,11 @@ _KILLED = textwrap.dedent("""
     stream.MIN_CHUNK_BYTES = stream.DEFAULT_BUDGET_BYTES = 1  # one layer slice at a time
     real_read, count = stream.SafetensorsFile.read, [0]
 
-    def read(self, name):  # kill -9 in the middle of the stream, with some layers already written
+    def read(self, name, *args):  # kill -9 in the middle of the stream, with some layers already written
         count[0] += 1
         if count[0] == 12:
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_read(self, name)
+        return real_read(self, name, *args)
 
     stream.SafetensorsFile.read = read
     checkpoint.convert_hf_to_orbax(sys.argv[1], sys.argv[2])
@@ -189,3 +189,14 @@ def test_peak_host_memory_is_bounded_by_the_tensors_in_flight_not_the_model(hf_c
     # copy): layer slices stream through it. About 70 MB of the rest is tensorstore's and malloc's, whatever the size.
     small = _peak_rss(big, str(tmp_path / "out_small"), 16 * 2**20) - baseline
     assert small < 0.5 * nbytes, f"{small / 1e6:.0f} MB over the baseline for a {nbytes / 1e6:.0f} MB checkpoint"
+
+
+def test_buffer_pool_keeps_a_buffer_only_for_reads_still_to_come():
+    pool = stream.Buffers([8, 8, 16])
+    a = pool.take(8)
+    pool.give(a)
+    assert pool.take(8) is a  # reused: no fresh pages to fault in
+    pool.give(a)  # no 8-byte read is left: dropped, not kept
+    b = pool.take(16)
+    pool.give(b)
+    assert pool.take(16) is not b and pool.take(4).nbytes == 4  # a size the plan did not count still works

@@ -133,12 +133,19 @@ class SafetensorsFile:
         _, _, b, e = self._entries[name]
         return e - b
 
-    def read(self, name: str) -> np.ndarray:
-        """Reads one tensor into a fresh array (a single copy from the file)."""
+    def read(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
+        """Reads one tensor (a single copy from the file) into a fresh array, or into ``buffer``: a
+        C-contiguous uint8 array of exactly the tensor's byte size, which the result is a view of."""
         if name not in self._entries:
             raise CheckpointError(f"{self.path}: no tensor {name!r}")
         dt, shape, begin, end = self._entries[name]
-        out = np.empty(shape, dt)
+        if buffer is None:
+            out = np.empty(shape, dt)
+        elif buffer.dtype != np.uint8 or buffer.nbytes != end - begin or not buffer.flags.c_contiguous:
+            raise ValueError(f"{self.path}: tensor {name!r} needs a contiguous uint8 buffer of {end - begin} bytes, "
+                             f"got {buffer.dtype} x {buffer.nbytes}")
+        else:
+            out = buffer.reshape(-1).view(dt).reshape(shape)
         with open(self.path, "rb") as f:
             f.seek(self._data_start + begin)
             got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))

@@ -27,6 +27,7 @@ data streams, and any error removes the partial output (``atomic_dir``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import math
 import os
@@ -112,29 +113,76 @@ class ParamSource:
             return [(p.layer, [p], self.slot_bytes) for p in self.parts]
         return [(None, self.parts, self.size * self.dtype.itemsize)]
 
-    def assemble(self, parts: list[Part]) -> np.ndarray:
-        """The array one write unit covers: a part's slice, or the whole param gathered from its parts."""
+    def needs_copy(self, part: Part) -> bool:
+        """Whether the tensor, read, is not yet our layout and dtype (a kernel's transpose, or a cast)."""
+        return self.key[-1] == "kernel" or part.file.dtype(part.name) != self.dtype
+
+    def buffer_sizes(self) -> list[int]:
+        """The byte sizes :meth:`assemble` takes from a :class:`Buffers` pool, in no particular order."""
+        sizes = [p.file.nbytes(p.name) for p in self.parts]
+        return sizes + [math.prod(self.slot_shape) * self.dtype.itemsize for p in self.parts if self.needs_copy(p)]
+
+    def assemble(self, parts: list[Part], buffers: Buffers) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The array one write unit covers (a part's slice, or the whole param gathered from its parts), and the
+        pool buffers it lives in, to be given back once tensorstore is done with it."""
         if self.chunked or not self.stacked:
-            return self.read(parts[0])
+            return self.read(parts[0], buffers)
         out = np.empty(self.shape, self.dtype)
         for p in parts:
-            out[p.layer] = self.read(p)
-        return out
+            value, held = self.read(p, buffers)
+            out[p.layer] = value
+            buffers.give(*held)
+        return out, []
 
-    def read(self, part: Part) -> np.ndarray:
-        """The part's tensor in our layout and dtype, C-contiguous (so the writer can use it without a copy)."""
-        raw = part.file.read(part.name)
-        value = np.ascontiguousarray(hf_map.to_flax(self.key, raw, self.slot_shape), dtype=self.dtype)
-        if self.check_finite:
-            check_tensor_finite(value, part.where, raw)
-        if self.tied_lm_head is not None:
-            tied = self.tied_lm_head
-            if not np.array_equal(tied.file.read(tied.name).astype(value.dtype), value):
-                raise CheckpointError(
-                    f"{tied.file.path}: tensor {tied.name!r} differs from model.embed_tokens.weight "
-                    "but config.json sets tie_word_embeddings"
-                )
-        return value
+    def read(self, part: Part, buffers: Buffers) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The part's tensor in our layout and dtype, C-contiguous (so the writer can use it without a copy),
+        and the pool buffer it lives in."""
+        raw_buffer = buffers.take(part.file.nbytes(part.name))
+        raw = part.file.read(part.name, raw_buffer)
+        value = hf_map.to_flax(self.key, raw, self.slot_shape)
+        held = raw_buffer
+        if value.dtype != self.dtype or not value.flags.c_contiguous:
+            held = buffers.take(math.prod(self.slot_shape) * self.dtype.itemsize)
+            out = held.view(self.dtype).reshape(self.slot_shape)
+            np.copyto(out, value, casting="unsafe")
+            value = out
+        try:
+            if self.check_finite:
+                check_tensor_finite(value, part.where, raw)
+            if self.tied_lm_head is not None:
+                tied = self.tied_lm_head
+                if not np.array_equal(tied.file.read(tied.name).astype(value.dtype), value):
+                    raise CheckpointError(
+                        f"{tied.file.path}: tensor {tied.name!r} differs from model.embed_tokens.weight "
+                        "but config.json sets tie_word_embeddings"
+                    )
+        finally:
+            if held is not raw_buffer:
+                buffers.give(raw_buffer)
+        return value, [held]
+
+
+class Buffers:
+    """Flat byte buffers reused across reads.
+
+    A fresh large array pays a page fault per 4 KiB page on first touch, which on a VM costs as much
+    system time as the read itself. A buffer given back is kept only while the plan still has a request
+    of its size to come, so the pool never holds more than the reads ahead will use.
+    """
+
+    def __init__(self, sizes: list[int]):
+        self._left = collections.Counter(sizes)
+        self._free: dict[int, list[np.ndarray]] = collections.defaultdict(list)
+
+    def take(self, nbytes: int) -> np.ndarray:
+        self._left[nbytes] -= 1
+        free = self._free[nbytes]
+        return free.pop() if free else np.empty(nbytes, np.uint8)
+
+    def give(self, *buffers: np.ndarray) -> None:
+        for b in buffers:
+            if len(self._free[b.nbytes]) < self._left[b.nbytes]:
+                self._free[b.nbytes].append(b)
 
 
 def _safetensors_files(ckpt_dir: str) -> list[tuple[SafetensorsFile, list[str]]]:
@@ -237,8 +285,9 @@ class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
     the final write differs: a part is read, written into its slot and dropped once tensorstore commits it.
     """
 
-    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES):
+    def __init__(self, buffers: Buffers, budget_bytes: int = DEFAULT_BUDGET_BYTES):
         super().__init__(deepcopy_host_arrays=False)
+        self._buffers = buffers
         self._budget_bytes = budget_bytes
         self._budget: _Budget | None = None
         self._one_leaf: asyncio.Lock | None = None
@@ -250,10 +299,12 @@ class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
         try:
             if self._failed is not None:
                 return
-            array = value.assemble(parts)
+            array, held = value.assemble(parts, self._buffers)
             target = store[layer] if layer is not None else store
-            # The array is ours alone and C-contiguous: tensorstore may encode straight from it.
+            # The array is ours alone and C-contiguous: tensorstore may encode straight from it, so its buffer
+            # goes back to the pool only once the write is committed.
             await target.write(array, can_reference_source_data_indefinitely=True)
+            self._buffers.give(*held)
         except BaseException as e:
             self._failed = self._failed or e
             raise
@@ -299,9 +350,11 @@ def write_params_streamed(tree: dict[str, Any], params_dir: str, budget_bytes: i
     """
     import jax
 
+    leaves = flatten(tree).values()
+    buffers = Buffers([n for leaf in leaves for n in leaf.buffer_sizes()])
     # jax.Array's stock handler too, only so that orbax does not warn that array metadata is off.
     registry = ocp.type_handlers.create_type_handler_registry(
-        (ParamSource, StreamingNumpyHandler(budget_bytes)), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+        (ParamSource, StreamingNumpyHandler(buffers, budget_bytes)), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save(os.path.abspath(params_dir), args=ocp.args.PyTreeSave(tree, save_args=save_args_for(tree)))
