@@ -31,7 +31,7 @@ from viscodex_jax.model.config import ModelConfig
 from viscodex_jax.sampling.loop import DecodeSettings
 from viscodex_jax.sharding import make_mesh
 
-PROGRAMS = ("train", "prefill", "decode")
+PROGRAMS = ("train", "prefill", "decode", "slots")
 HEADROOM = 0.10  # "fits with headroom": peak within 90% of HBM (fragmentation, runtime buffers)
 _ARCH_FIELDS = ("model_type", "text", "vision", "image_token_id", "video_token_id", "vision_start_token_id",
                 "vision_end_token_id")
@@ -187,6 +187,12 @@ def compile_check(c, model_spec: str, topology: str, s: Settings = Settings()) -
             r = compile_program(name, jitted, args, sl)
             r.update(rows=decode_rows, rows_per_chip=decode_rows / sl.chips, seq_len=s.prompt_len,
                      tokens=decode_rows * s.prompt_len, cache_len=s.cache_len, patches=patches)
+        elif name == "slots":
+            jitted, args, _ = programs.slots_program(sampler_cfg, mesh, rules, c.model.param_dtype, decode_rows,
+                                                     s.cache_len, s.cache_dtype)
+            r = compile_program(name, jitted, args, sl)
+            r.update(rows=decode_rows, rows_per_chip=decode_rows / sl.chips, seq_len=1, tokens=decode_rows,
+                     cache_len=s.cache_len)
         else:
             jitted, args, _ = programs.decode_program(sampler_cfg, mesh, rules, c.model.param_dtype, decode_rows,
                                                       s.cache_len, s.cache_dtype)

@@ -12,6 +12,9 @@ sampler would run there, without allocating a byte.
 * ``prefill`` / ``decode``: the sampler's own jitted ``_prefill`` and ``_step``
   (``viscodex_jax.sampling``), lowered with sharded inputs; XLA picks their
   output shardings, as it does when the sampler runs.
+* ``slots``: continuous batching's decode call (``sampling.slots._decode``:
+  the while loop of steps over every slot, the state donated) on the state
+  ``SlotSampler`` places on the mesh (cache over slots and kv-heads).
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from viscodex_jax.sampling import loop as sampling
+from viscodex_jax.sampling import slots
 from viscodex_jax.sampling.methods import Greedy
 from viscodex_jax.data.packing import Packer
 from viscodex_jax.model.config import ModelConfig
 from viscodex_jax.model.causal_lm import logical_axes, param_shapes
 from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
-from viscodex_jax.sharding import batch_sharding, logical_to_mesh_spec, tree_shardings
+from viscodex_jax.sharding import CACHE_AXES, batch_sharding, logical_to_mesh_spec, tree_shardings
 from viscodex_jax.train.step import (OptimConfig, batch_shardings, init_state, make_optimizer, make_train_step,
                                      state_shardings, trainable_keys)
 
@@ -147,8 +151,8 @@ def prefill_args(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: in
 def prefill_program(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int, prompt_len: int,
                     cache_len: int, patches: int, cache_dtype: Any):
     args = prefill_args(cfg, mesh, rules, param_dtype, rows, prompt_len, patches)
-    fn = functools.partial(sampling._prefill_fn, cfg=cfg, cache_len=cache_len, cache_dtype=jnp.dtype(cache_dtype))
-    return _Bound(sampling._prefill, dict(cfg=cfg, cache_len=cache_len, cache_dtype=jnp.dtype(cache_dtype))), args, fn
+    static = dict(cfg=cfg, cache_len=cache_len, cache_dtype=jnp.dtype(cache_dtype), mesh=mesh, rules=tuple(rules))
+    return _Bound(sampling._prefill, static), args, functools.partial(sampling._prefill_fn, **static)
 
 
 def decode_args(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int, cache_len: int,
@@ -157,7 +161,7 @@ def decode_args(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int
     t = cfg.text
     params = _param_args(cfg, mesh, rules, param_dtype)
     cshape = (t.num_layers, rows, cache_len, t.num_kv_heads, t.head_dim)
-    csh = _named(mesh, rules, ("layers", "batch", None, "kv_heads", "head_dim"), cshape)
+    csh = _named(mesh, rules, CACHE_AXES, cshape)
     cache = {k: jax.ShapeDtypeStruct(cshape, jnp.dtype(cache_dtype), sharding=csh) for k in ("k", "v")}
     row = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, rules, len(shape)))
     rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
@@ -175,7 +179,7 @@ def decode_args(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int
 def decode_program(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int, cache_len: int,
                    cache_dtype: Any):
     args = decode_args(cfg, mesh, rules, param_dtype, rows, cache_len, cache_dtype)
-    static = dict(cfg=cfg, sampler=Greedy(), mrope=cfg.text.mrope_section is not None)
+    static = dict(cfg=cfg, sampler=Greedy(), mrope=cfg.text.mrope_section is not None, mesh=mesh, rules=tuple(rules))
     return _Bound(sampling._step, static), args, functools.partial(sampling._step_fn, **static)
 
 
@@ -187,3 +191,23 @@ class _Bound:
 
     def lower(self, *args):
         return self.jitted.lower(*args, **self.static)
+
+
+def slots_args(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int, cache_len: int,
+               cache_dtype: Any, max_new_tokens: int = 1024) -> tuple:
+    """Abstract (params, state, key, eos, stop_on_free) of ``slots._decode`` for ``rows`` slots of ``cache_len``."""
+    settings = slots.SlotSettings(slots=rows, cache_len=cache_len, max_new_tokens=min(max_new_tokens, cache_len // 2),
+                                  prompt_bucket=min(64, cache_len // 2), cache_dtype=jnp.dtype(cache_dtype).name)
+    state = jax.eval_shape(lambda: slots._empty_state(cfg, settings, 0))
+    state = _with(state, slots.state_shardings(cfg, settings, mesh, rules))
+    rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
+    return (_param_args(cfg, mesh, rules, param_dtype), state, rep((2,), jnp.uint32), rep((N_EOS,), jnp.int32),
+            rep((), jnp.bool_))
+
+
+def slots_program(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int, cache_len: int,
+                  cache_dtype: Any, steps: int = 16):
+    args = slots_args(cfg, mesh, rules, param_dtype, rows, cache_len, cache_dtype)
+    static = dict(cfg=cfg, sampler=Greedy(), steps=steps, mrope=cfg.text.mrope_section is not None, mesh=mesh,
+                  rules=tuple(rules))
+    return _Bound(slots._decode, static), args, functools.partial(slots._decode.__wrapped__, **static)
