@@ -26,7 +26,8 @@ from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile
 from viscodex_jax.merge import MergeError, MergeSpec, merge_checkpoints, merge_params
 from viscodex_jax.merge.report import UNRELATED_BASE_COSINE
 from viscodex_jax.merge.tensor import merge_tensor
-from viscodex_jax.merge.recipe import lambda_sweep, parse_sweep_lams, run_merge, spec_from_config
+from viscodex_jax.merge.recipe import run_merge, spec_from_config
+from viscodex_jax.merge.sweep import lambda_sweep, parse_sweep_lams
 from viscodex_jax.model.config import ConfigError, config_from_dict, read_config_json
 from viscodex_jax.testing.tiny import make_tiny_checkpoints
 

@@ -212,7 +212,8 @@ def test_error_disk_full_leaves_nothing(tiny, tmp_path, monkeypatch):
 def test_config_recipe_and_lambda_sweep(tiny, tmp_path):
     import importlib.util
 
-    from viscodex_jax.merge.recipe import lambda_sweep, run_merge, spec_from_config
+    from viscodex_jax.merge.recipe import run_merge, spec_from_config
+    from viscodex_jax.merge.sweep import lambda_sweep
 
     spec = importlib.util.spec_from_file_location("cfg", os.path.join(os.path.dirname(__file__), "..", "configs",
                                                                      "merge_viscodex_33b.py"))
@@ -231,15 +232,17 @@ def test_config_recipe_and_lambda_sweep(tiny, tmp_path):
     os.makedirs(c.out_dir)
     scores = {}
 
-    def score(d):  # distance of the merged norm from the VLM's: grows as lam moves away from 1
-        got = checkpoint.load_hf_params(d)[1]["model"]["norm"]["scale"].astype(np.float32)
+    def score(model):  # distance of the merged norm from the VLM's: grows as lam moves away from 1
+        got = np.asarray(model.params["model"]["norm"]["scale"]).astype(np.float32)
         ref = checkpoint.load_hf_params(tiny["vlm"])[1]["model"]["norm"]["scale"]
-        scores[d] = float(np.abs(got - ref).sum())
-        return scores[d]
+        scores[len(scores)] = float(np.abs(got - ref).sum())
+        return scores[len(scores) - 1]
 
     result = lambda_sweep(c, [0.7, 0.9], score=score)
     assert [r["lam"] for r in result["rows"]] == [0.7, 0.9] and result["best_lam"] == 0.9
     assert json.load(open(os.path.join(c.out_dir, "sweep.json")))["best_lam"] == 0.9
+    assert [r["score"] for r in result["rows"]] == [scores[0], scores[1]] and scores[0] > scores[1]
+    assert sorted(d for d in os.listdir(c.out_dir) if d.startswith("lam_")) == ["lam_0.9"]  # the best one only
     with pytest.raises(MergeError, match="--config.base_dir"):
         c.base_dir = ""
         run_merge(c)

@@ -1,12 +1,10 @@
-"""Config -> merge: the merge config schema, the VisCodex recipe, its output formats, and the lambda sweep."""
+"""Config -> merge: the merge config schema, the VisCodex recipe and its output formats (the lam sweep: ``sweep``)."""
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import shutil
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -14,7 +12,6 @@ from viscodex_jax.merge.drivers import merge_checkpoints
 from viscodex_jax.merge.spec import MergeError, MergeSpec, finite_number
 from viscodex_jax.model.config import load_config
 
-log = logging.getLogger(__name__)
 
 
 def merge_config() -> ml_collections.ConfigDict:
@@ -42,9 +39,16 @@ def merge_config() -> ml_collections.ConfigDict:
     c.out_dtype = "bfloat16"  # bfloat16 | float16 | float32
     c.max_shard_mb = 5000
     c.overwrite = False
-    # lambda sweep: comma-separated lams; each is merged to <out_dir>/lam_<lam> and scored.
+    # The lam sweep (launch/sweep.py): comma-separated lams, each merged in memory and scored; the best
+    # one's checkpoint is written to <out_dir>/lam_<lam> (every one's with write_all).
     c.sweep_lams = ""
+    c.score = "heldout"  # heldout: mean NLL, lower is better | mmcode: MMCode pass@1, higher is better
     c.heldout_jsonl = ""  # {"text": ...} per line for the held-out loss score; built-in snippets if empty
+    c.mmcode_root = ""  # MMCode data dir (mmcode_test.jsonl.gz) for score=mmcode
+    c.eval_max_new_tokens = 1024  # score=mmcode: generation settings (greedy)
+    c.eval_batch_size = 4
+    c.eval_limit = 0  # score=mmcode: first N problems only; 0: all
+    c.write_all = False
     return c
 
 
@@ -86,7 +90,7 @@ def spec_from_config(c) -> MergeSpec:
         raise MergeError(f"--config.{flag}={c[flag]!r}: {e}") from None
 
 
-def _require(c, *names):
+def require_dirs(c, *names):
     for n in names:
         if not getattr(c, n):
             raise MergeError(f"--config.{n} is required (a local checkpoint directory)")
@@ -94,7 +98,7 @@ def _require(c, *names):
             raise MergeError(f"--config.{n}={getattr(c, n)!r} is not a directory")
 
 
-def _check_vlm(c) -> None:
+def check_vlm(c) -> None:
     """The recipe copies the vision tower from vlm_dir: it must be a VLM (not the coder, not the base)."""
     cfg = load_config(c.vlm_dir)
     if not cfg.is_multimodal:
@@ -104,7 +108,7 @@ def _check_vlm(c) -> None:
         )
 
 
-def _check_outputs(c, out_dir: str) -> None:
+def check_outputs(c, out_dir: str) -> None:
     """Every output is checked before the first byte is written, so a refusal leaves nothing behind."""
     outs = [("out_dir", out_dir)] + ([("orbax_dir", c.orbax_dir)] if c.orbax_dir else [])
     if len(outs) == 2 and os.path.abspath(outs[0][1]) == os.path.abspath(outs[1][1]):
@@ -120,13 +124,13 @@ def run_merge(c, out_dir: str | None = None, spec: MergeSpec | None = None) -> d
     Inputs, numbers and all outputs are validated before any work; if the orbax
     conversion fails, the HF output this run wrote is removed too.
     """
-    _require(c, "base_dir", "vlm_dir", "coder_dir", "out_dir")
+    require_dirs(c, "base_dir", "vlm_dir", "coder_dir", "out_dir")
     out_dir = out_dir or c.out_dir
     spec = spec or spec_from_config(c)
     if not finite_number(c.max_shard_mb, "--config.max_shard_mb") > 0:
         raise MergeError(f"--config.max_shard_mb must be > 0, got {c.max_shard_mb}")
-    _check_outputs(c, out_dir)
-    _check_vlm(c)
+    check_outputs(c, out_dir)
+    check_vlm(c)
     report = merge_checkpoints(c.base_dir, [c.vlm_dir, c.coder_dir], out_dir, spec,
                                max_shard_bytes=int(c.max_shard_mb * 10**6), overwrite=c.overwrite,
                                require_vision=True)
@@ -139,69 +143,3 @@ def run_merge(c, out_dir: str | None = None, spec: MergeSpec | None = None) -> d
             shutil.rmtree(out_dir, ignore_errors=True)
             raise
     return report
-
-
-def parse_sweep_lams(text: str) -> list[float]:
-    """``--config.sweep_lams`` ("0.7,0.8") -> floats; a bad entry is named."""
-    lams = []
-    for i, item in enumerate(text.split(",")):
-        try:
-            lams.append(float(item))
-        except ValueError:
-            raise MergeError(f"--config.sweep_lams={text!r}: entry {i + 1} {item.strip()!r} is not a number") from None
-    return lams
-
-
-def _sweep_configs(c, lams: Sequence[float]) -> list[tuple[Any, str]]:
-    """One (config, output dir) per lam, all validated before the first merge starts."""
-    if not len(lams):
-        raise MergeError("--config.sweep_lams is empty: give comma-separated lams, e.g. 0.7,0.8")
-    subs, seen = [], {}
-    for lam in lams:
-        sub = c.copy_and_resolve_references()
-        try:
-            sub.lam = finite_number(lam, "lam")
-            spec_from_config(sub)
-        except MergeError as e:
-            raise MergeError(f"--config.sweep_lams: {lam!r}: {e}") from None
-        sub.orbax_dir = ""
-        name = f"lam_{sub.lam:g}"
-        if name in seen:
-            raise MergeError(f"--config.sweep_lams: {seen[name]!r} and {lam!r} both write {name}")
-        seen[name] = lam
-        subs.append((sub, os.path.join(c.out_dir, name)))
-    for sub, out in subs:
-        _check_outputs(sub, out)
-    _check_vlm(c)
-    return subs
-
-
-def lambda_sweep(c, lams: Sequence[float], score: Callable[[str], float] | None = None,
-                 higher_is_better: bool = False) -> dict[str, Any]:
-    """Merges once per lam into ``<out_dir>/lam_<lam>`` and scores each; returns the table and the best lam.
-
-    The paper picked lam = 0.7 from {0.7, 0.8, 0.85, 0.9} by MMCode pass@1. Until
-    evaluation is plugged in, the default score is the held-out loss.
-    """
-    _require(c, "base_dir", "vlm_dir", "coder_dir", "out_dir")
-    subs = _sweep_configs(c, lams)
-    if score is None:
-        import numpy as np
-
-        import viscodex_jax as vx
-        from viscodex_jax.merge.heldout import DEFAULT_HELDOUT, heldout_loss, read_heldout_jsonl
-
-        texts = read_heldout_jsonl(c.heldout_jsonl) if c.heldout_jsonl else DEFAULT_HELDOUT
-        score = lambda d: heldout_loss(vx.load(d, param_dtype=np.float32), texts)  # noqa: E731
-    os.makedirs(c.out_dir, exist_ok=True)
-    rows = []
-    for lam, (sub, out) in zip(lams, subs):
-        run_merge(sub, out_dir=out)
-        s = float(score(out))
-        log.info("lam=%g score=%.5f", lam, s)
-        rows.append({"lam": float(lam), "score": s, "dir": out})
-    best = (max if higher_is_better else min)(rows, key=lambda r: r["score"])
-    result = {"rows": rows, "best_lam": best["lam"], "higher_is_better": higher_is_better}
-    with open(os.path.join(c.out_dir, "sweep.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    return result

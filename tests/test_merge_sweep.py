@@ -1,0 +1,133 @@
+"""The lam sweep (launch/sweep.py): one command on tiny checkpoints; in-memory merges equal the streamed ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from viscodex_jax import checkpoint
+from viscodex_jax.merge import MergeError
+from viscodex_jax.merge.recipe import merge_config
+from viscodex_jax.merge.sweep import lambda_sweep
+from viscodex_jax.testing.tiny import make_tiny_checkpoints
+from viscodex_jax.utils import flatten
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoints(str(tmp_path_factory.mktemp("sweep") / "t"), seed=11)
+
+
+def _config(tiny, out_dir, **over):
+    c = merge_config()
+    c.base_dir, c.vlm_dir, c.coder_dir, c.out_dir = tiny["base"], tiny["vlm"], tiny["coder"], str(out_dir)
+    for k, v in over.items():
+        setattr(c, k, v)
+    return c
+
+
+def _lam_dirs(d):
+    return sorted(x for x in os.listdir(d) if x.startswith("lam_"))
+
+
+@pytest.mark.parametrize("method,density", [("task_arithmetic", 1.0), ("ties", 0.5)])
+def test_in_memory_params_equal_the_streamed_merge_bit_for_bit(tiny, tmp_path, method, density):
+    """write_all: every lam's checkpoint is written by the streamed merge_checkpoints, so each can be compared."""
+    c = _config(tiny, tmp_path / "sweep", method=method, density=density, write_all=True)
+    seen = []
+
+    def score(model):  # keeps what was scored; 1, 2: lower is better, so the first lam wins
+        seen.append({k: np.asarray(v) for k, v in flatten(model.params).items()})
+        return float(len(seen))
+
+    result = lambda_sweep(c, [0.7, 0.85], score=score)
+    assert [r["lam"] for r in result["rows"]] == [0.7, 0.85] and result["best_lam"] == 0.7
+    assert _lam_dirs(c.out_dir) == ["lam_0.7", "lam_0.85"]
+    for lam, got in zip((0.7, 0.85), seen):
+        report = json.load(open(os.path.join(c.out_dir, f"lam_{lam:g}", "merge_report.json")))
+        assert report["method"] == method and report["weights"] == [lam, 1.0 - lam]
+        want = flatten(checkpoint.load_hf_params(os.path.join(c.out_dir, f"lam_{lam:g}"))[1])
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), "/".join(k)
+    assert not np.array_equal(seen[0][("model", "norm", "scale")], seen[1][("model", "norm", "scale")])
+
+
+def test_sweep_command_writes_table_plot_json_and_only_the_best_checkpoint(tiny, tmp_path):
+    import viscodex_jax as vx
+    from viscodex_jax.merge.heldout import DEFAULT_HELDOUT, heldout_loss
+
+    out = tmp_path / "sweep"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"),
+                        f"--config={os.path.join(ROOT, 'configs', 'merge_viscodex_8b.py')}",
+                        f"--config.base_dir={tiny['base']}", f"--config.vlm_dir={tiny['vlm']}",
+                        f"--config.coder_dir={tiny['coder']}", f"--config.out_dir={out}",
+                        "--config.sweep_lams=0.7,0.9", "--config.score=heldout"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.load(open(out / "sweep.json"))
+    scores = [row["score"] for row in result["rows"]]
+    assert [row["lam"] for row in result["rows"]] == [0.7, 0.9] and all(np.isfinite(scores))
+    assert result["higher_is_better"] is False and result["best_lam"] == [0.7, 0.9][int(np.argmin(scores))]
+    best = f"lam_{result['best_lam']:g}"
+    assert _lam_dirs(out) == [best] and sorted(os.listdir(out)) == sorted([best, "sweep.json", "sweep.md", "sweep.png"])
+    assert open(out / "sweep.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    table = open(out / "sweep.md").read()
+    assert f"| {result['best_lam']:g} (best) | {min(scores):.5g} |" in table and table.count("\n") == 4
+    assert f"best lam: {result['best_lam']:g}" in r.stdout
+    # the memory printed up front: the merged copy from the shapes is the size of the checkpoint written
+    mem = result["memory_bytes"]
+    written = sum(a.nbytes for a in flatten(checkpoint.load_hf_params(str(out / best))[1]).values())
+    assert mem["merged"] == written and mem["host_total"] == mem["base"] + mem["vlm"] + mem["coder"] + written
+    assert f"one merged copy {written / 1e9:.2f} GB" in r.stdout
+    # the in-memory score is the score of the written checkpoint
+    want = heldout_loss(vx.load(str(out / best), param_dtype=np.float32), DEFAULT_HELDOUT)
+    assert min(scores) == pytest.approx(want, rel=1e-6)
+
+
+def test_sweep_scores_mmcode_through_the_eval_runner(tiny, tmp_path):
+    from viscodex_jax.eval.mmcode.benchmark import MMCode
+
+    root = MMCode.make_sample(str(tmp_path / "mmcode"))
+    c = _config(tiny, tmp_path / "sweep", score="mmcode", mmcode_root=root, eval_max_new_tokens=4,
+                sweep_lams="0.7,0.9")
+    result = lambda_sweep(c)
+    assert result["metric"] == "MMCode pass@1 (%)" and result["higher_is_better"] is True
+    for row in result["rows"]:
+        assert 0.0 <= row["score"] <= 100.0
+        items = [json.loads(x) for x in open(tmp_path / "sweep" / "eval" / f"lam_{row['lam']:g}" / "mmcode_items.jsonl")]
+        assert len(items) == 3 and all(isinstance(it["generation"], str) for it in items)
+    assert _lam_dirs(c.out_dir) == [f"lam_{result['best_lam']:g}"]
+
+
+@pytest.mark.parametrize("over,pattern", [
+    (dict(score="bleu"), "--config.score='bleu': choose from heldout, mmcode"),
+    (dict(score="mmcode", mmcode_root=""), "--config.mmcode_root='' is not a directory"),
+    (dict(score="mmcode", eval_max_new_tokens=0), "--config.eval_max_new_tokens must be a positive integer"),
+    (dict(sweep_lams="0.7,x"), "entry 2 'x' is not a number"),
+])
+def test_bad_sweep_settings_are_refused_before_any_work(tiny, tmp_path, over, pattern):
+    c = _config(tiny, tmp_path / "sweep", sweep_lams="0.7", mmcode_root=str(tmp_path))
+    for k, v in over.items():
+        setattr(c, k, v)
+    with pytest.raises(MergeError) as e:
+        lambda_sweep(c)
+    assert pattern in str(e.value), str(e.value)
+    assert not os.path.exists(c.out_dir)
+
+
+def test_merge_command_points_the_sweep_flag_to_launch_sweep(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "merge.py"),
+                        f"--config={os.path.join(ROOT, 'configs', 'merge_viscodex_8b.py')}",
+                        f"--config.out_dir={tmp_path / 'o'}", "--config.sweep_lams=0.7,0.8"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "run launch/sweep.py" in r.stderr and not os.path.exists(tmp_path / "o")

@@ -1,0 +1,289 @@
+"""The lam sweep: load base, VLM and coder once, merge in memory per lam, score, keep the best.
+
+    lambda_sweep(c)  ->  <out_dir>/sweep.json, sweep.md (table), sweep.png (score against lam),
+                         <out_dir>/lam_<best>/ (HF checkpoint; every lam's with --config.write_all)
+
+Each lam's merge is ``merge_params`` on the loaded params (the same per-tensor jitted
+function as the streamed merge, so the params scored are bit for bit the checkpoint
+that would be written). Scores: ``heldout`` (mean next-token NLL on held-out texts,
+lower is better) or ``mmcode`` (MMCode pass@1 through the eval runner with an
+in-memory generate function, higher is better; the paper picked lam = 0.7 from
+{0.7, 0.8, 0.85, 0.9} this way). The checkpoints are written at the end by the
+streamed merge, which reads the inputs again instead of holding a second merged copy.
+
+Memory: the three models as stored plus one merged copy on the host, and the merged
+copy again on the device while it is scored; printed from the checkpoint headers
+before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from viscodex_jax.checkpoint import hf_map
+from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, iter_index
+from viscodex_jax.merge.drivers import merge_params
+from viscodex_jax.merge.recipe import check_outputs, check_vlm, require_dirs, run_merge, spec_from_config
+from viscodex_jax.merge.spec import MergeError, MergeSpec, finite_number
+from viscodex_jax.model.causal_lm import param_shapes
+from viscodex_jax.model.config import load_config
+from viscodex_jax.utils import flatten
+
+log = logging.getLogger(__name__)
+
+SCORES = {  # name -> (what it measures, higher is better)
+    "heldout": ("held-out loss (mean NLL)", False),
+    "mmcode": ("MMCode pass@1 (%)", True),
+}
+
+
+def parse_sweep_lams(text: str) -> list[float]:
+    """``--config.sweep_lams`` ("0.7,0.8") -> floats; a bad entry is named."""
+    lams = []
+    for i, item in enumerate(text.split(",")):
+        try:
+            lams.append(float(item))
+        except ValueError:
+            raise MergeError(f"--config.sweep_lams={text!r}: entry {i + 1} {item.strip()!r} is not a number") from None
+    return lams
+
+
+def sweep_specs(c, lams: Sequence[float]) -> list[tuple[float, Any, MergeSpec, str]]:
+    """(lam, config, MergeSpec, checkpoint dir) per lam, all checked before the first merge."""
+    if not len(lams):
+        raise MergeError("--config.sweep_lams is empty: give comma-separated lams, e.g. 0.7,0.8")
+    out, seen = [], {}
+    for lam in lams:
+        sub = c.copy_and_resolve_references()
+        try:
+            sub.lam = finite_number(lam, "lam")
+            spec = spec_from_config(sub)
+        except MergeError as e:
+            raise MergeError(f"--config.sweep_lams: {lam!r}: {e}") from None
+        sub.orbax_dir, sub.sweep_lams = "", ""
+        name = f"lam_{sub.lam:g}"
+        if name in seen:
+            raise MergeError(f"--config.sweep_lams: {seen[name]!r} and {lam!r} both write {name}")
+        seen[name] = lam
+        out.append((sub.lam, sub, spec, os.path.join(c.out_dir, name)))
+    for _, sub, _, ckpt in out:  # any lam may turn out best, so every lam dir must be free
+        check_outputs(sub, ckpt)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def _stored(ckpt_dir: str) -> list[tuple[str, tuple[int, ...], int]]:
+    """(canonical name, shape, bytes as stored) per tensor, from the file headers alone."""
+    out = []
+    for path, _ in iter_index(ckpt_dir):
+        if not path.endswith(".safetensors"):  # .bin: no header to read; its size is the tensors'
+            out.append(("", (), os.path.getsize(path)))
+            continue
+        f = SafetensorsFile(path)
+        out += [(hf_map.canonical_name(n), f.shape(n), f.nbytes(n)) for n in f.keys()]
+    return out
+
+
+def memory_needed(c, spec: MergeSpec) -> dict[str, int]:
+    """Bytes of the three inputs as stored and of one merged copy (merged tensors in ``spec.out_dtype``)."""
+    cfg = load_config(c.vlm_dir)
+    expected = flatten(param_shapes(cfg))
+    out_size = jnp.dtype(spec.out_dtype).itemsize
+    merged = 0
+    for canon, shape, nbytes in _stored(c.vlm_dir):
+        hit = hf_map.hf_to_path(canon, expected) if canon else None
+        merged += int(np.prod(shape)) * out_size if hit and spec.merges("/".join(hit[0])) else nbytes
+    mem = {k: sum(b for _, _, b in _stored(getattr(c, f"{k}_dir"))) for k in ("base", "vlm", "coder")}
+    mem["merged"] = merged
+    mem["host_total"] = sum(mem.values())
+    mem["device"] = merged
+    return mem
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+# ------------------------------------------------------------------------------------------------ scores
+
+
+def _inputs_stamp(c) -> dict[str, Any]:
+    """What identifies the inputs without reading them: paths, sizes and mtimes (as the eval cache's stamp)."""
+    stamp = {}
+    for k in ("base_dir", "vlm_dir", "coder_dir"):
+        d = getattr(c, k)
+        files = sorted((os.path.relpath(os.path.join(r, n), d), os.path.getsize(os.path.join(r, n)),
+                        os.stat(os.path.join(r, n)).st_mtime_ns) for r, _, ns in os.walk(d) for n in ns)
+        stamp[k] = [os.path.abspath(d), hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]]
+    return stamp
+
+
+def _mmcode_score(c) -> Callable[[Any, float, MergeSpec], float]:
+    """MMCode pass@1 through the eval runner; generations cached per lam under <out_dir>/eval/lam_<lam>.
+
+    The runner keys its cache by a fingerprint of the checkpoint dir; an in-memory merge has none, so
+    each lam gets a small dir holding what defines it (the MergeSpec and the inputs' stamps): a rerun
+    of the same sweep reuses its generations, a changed one does not.
+    """
+    from viscodex_jax.eval.runner import EvalSettings, run_eval
+    from viscodex_jax.sampling.methods import from_settings
+
+    if not c.mmcode_root or not os.path.isdir(c.mmcode_root):
+        raise MergeError(f"--config.mmcode_root={c.mmcode_root!r} is not a directory (--config.score=mmcode "
+                         "needs the MMCode data)")
+    for flag in ("eval_max_new_tokens", "eval_batch_size"):
+        if not isinstance(c[flag], int) or c[flag] < 1:
+            raise MergeError(f"--config.{flag} must be a positive integer, got {c[flag]!r}")
+    if not isinstance(c.eval_limit, int) or c.eval_limit < 0:
+        raise MergeError(f"--config.eval_limit must be 0 (all) or a positive integer, got {c.eval_limit!r}")
+    settings = EvalSettings(max_new_tokens=c.eval_max_new_tokens, batch_size=c.eval_batch_size,
+                            limit=c.eval_limit or None)
+    stamp = _inputs_stamp(c)
+
+    def score(model, lam: float, spec: MergeSpec) -> float:
+        import viscodex_jax as vx
+
+        out = os.path.join(c.out_dir, "eval", f"lam_{lam:g}")
+        ident = os.path.join(out, "merge")
+        os.makedirs(ident, exist_ok=True)
+        with open(os.path.join(ident, "merge_spec.json"), "w") as f:
+            json.dump({"spec": repr(spec), "inputs": stamp}, f, indent=1, sort_keys=True)
+        sampler = from_settings(settings.temperature, settings.top_p, settings.top_k)
+
+        def generate(items, sample):
+            return vx.generate(model, [it.messages for it in items], images=[it.images for it in items],
+                               max_new_tokens=settings.max_new_tokens, sampler=sampler, seed=settings.seed + sample)
+
+        summary = run_eval(ident, {"mmcode": c.mmcode_root}, out, settings, generate_fn=generate,
+                           model_name=f"lam_{lam:g}")
+        return float(summary["benchmarks"]["mmcode"]["score"])
+
+    return score
+
+
+def _heldout_score(c) -> Callable[[Any, float, MergeSpec], float]:
+    from viscodex_jax.merge.heldout import DEFAULT_HELDOUT, heldout_loss, read_heldout_jsonl
+
+    texts = read_heldout_jsonl(c.heldout_jsonl) if c.heldout_jsonl else DEFAULT_HELDOUT
+    return lambda model, lam, spec: heldout_loss(model, texts)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _plot(rows: Sequence[dict[str, Any]], best: float, metric: str) -> bytes:
+    """Score against lam as a PNG (the Agg canvas directly: no global matplotlib backend is set)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lams, scores = [r["lam"] for r in rows], [r["score"] for r in rows]
+    order = np.argsort(lams)
+    ax.plot(np.asarray(lams)[order], np.asarray(scores)[order], "o-", color="tab:blue")
+    b = next(r for r in rows if r["lam"] == best)
+    ax.plot([b["lam"]], [b["score"]], "*", color="tab:red", markersize=14, label=f"best lam = {best:g}")
+    ax.set_xlabel("lam (weight of the VLM's task vector)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _table(rows: Sequence[dict[str, Any]], best: float, metric: str) -> str:
+    lines = [f"| lam | {metric} | merge s | score s | checkpoint |", "|---:|---:|---:|---:|---|"]
+    for r in rows:
+        mark = " (best)" if r["lam"] == best else ""
+        lines.append(f"| {r['lam']:g}{mark} | {r['score']:.5g} | {r['merge_seconds']:.1f} | "
+                     f"{r['score_seconds']:.1f} | {r['dir'] or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+
+
+def lambda_sweep(c, lams: Sequence[float] | None = None,
+                 score: Callable[[Any], float] | None = None, higher_is_better: bool | None = None) -> dict[str, Any]:
+    """Merges in memory and scores once per lam; writes the table, plot, sweep.json and the best checkpoint.
+
+    ``lams`` default: ``--config.sweep_lams``. ``score(model)`` (a ``vx.Model`` holding the merged params)
+    replaces ``--config.score``; ``higher_is_better`` then says which way it points (default: lower).
+    Every setting, lam and output dir is checked before anything is loaded.
+    """
+    import jax
+
+    from viscodex_jax import checkpoint
+    from viscodex_jax.api import Model
+    from viscodex_jax.data.processor import Processor
+
+    require_dirs(c, "base_dir", "vlm_dir", "coder_dir", "out_dir")
+    runs = sweep_specs(c, parse_sweep_lams(c.sweep_lams) if lams is None else lams)
+    check_vlm(c)
+    if score is None:
+        if c.score not in SCORES:
+            raise MergeError(f"--config.score={c.score!r}: choose from {', '.join(SCORES)}")
+        metric, up = SCORES[c.score]
+        scorer = (_mmcode_score if c.score == "mmcode" else _heldout_score)(c)
+    else:
+        metric, up = "score", bool(higher_is_better)
+        scorer = lambda model, lam, spec: score(model)  # noqa: E731
+    mem = memory_needed(c, runs[0][2])
+    log.info("sweep memory: host %s (base %s + VLM %s + coder %s as stored + one merged copy %s), device %s",
+             *map(_gb, (mem["host_total"], mem["base"], mem["vlm"], mem["coder"], mem["merged"], mem["device"])))
+    print(f"sweep memory: host {_gb(mem['host_total'])} = base {_gb(mem['base'])} + VLM {_gb(mem['vlm'])} + coder "
+          f"{_gb(mem['coder'])} + one merged copy {_gb(mem['merged'])}; device {_gb(mem['device'])} (the merged copy)",
+          flush=True)
+
+    cfg, vlm = checkpoint.load_hf_params(c.vlm_dir)
+    _, base = checkpoint.load_hf_params(c.base_dir)
+    _, coder = checkpoint.load_hf_params(c.coder_dir)
+    names = [os.path.basename(os.path.normpath(d)) for d in (c.vlm_dir, c.coder_dir)]
+    model = Model(cfg, {}, {}, c.vlm_dir, Processor.from_pretrained(c.vlm_dir, cfg))  # params set per lam
+    os.makedirs(c.out_dir, exist_ok=True)
+    rows = []
+    for lam, _, spec, _ in runs:
+        t0 = time.time()
+        merged, report = merge_params(base, [vlm, coder], spec, cfg, names)
+        model.params = jax.device_put(merged)
+        del merged
+        t1 = time.time()
+        s = float(scorer(model, lam, spec))
+        model.params = {}
+        rows.append({"lam": lam, "score": s, "merge_seconds": t1 - t0, "score_seconds": time.time() - t1,
+                     "warnings": report["warnings"], "dir": None})
+        log.info("lam=%g %s=%.5g", lam, metric, s)
+    del base, vlm, coder
+    best = (max if up else min)(rows, key=lambda r: r["score"])["lam"]
+    for (lam, sub, _, ckpt), row in zip(runs, rows):
+        if lam == best or c.write_all:
+            run_merge(sub, out_dir=ckpt)
+            row["dir"] = ckpt
+    result = {"rows": rows, "best_lam": best, "higher_is_better": up, "score": c.score if score is None else "custom",
+              "metric": metric, "memory_bytes": mem}
+    _write_atomic(os.path.join(c.out_dir, "sweep.md"), _table(rows, best, metric).encode())
+    _write_atomic(os.path.join(c.out_dir, "sweep.png"), _plot(rows, best, metric))
+    _write_atomic(os.path.join(c.out_dir, "sweep.json"), json.dumps(result, indent=2).encode())
+    return result
