@@ -129,3 +129,24 @@ def test_a_request_past_the_limits_is_refused_before_anything_runs(model):
     with pytest.raises(ConfigError, match=r"request 1: max_new_tokens=17 must be in 1\.\.16"):
         engine.run([ok, reqs[1]])
     assert engine.stats["inserts"] == 0  # checked before the first prompt ran
+
+
+def test_sampled_tokens_do_not_depend_on_slots_or_neighbours(model):
+    import jax
+
+    from viscodex_jax.sampling.methods import Temperature
+
+    cfg, params, _ = model
+    _, reqs = _requests(cfg, [([], [5], 9), ([], [40], 3), ([], [60], 12), ([], [12], 6)], 7)
+
+    def run(n_slots, seed):
+        settings = SlotSettings(slots=n_slots, cache_len=96, max_new_tokens=12, prompt_bucket=64)
+        return SlotSampler(cfg, params, [1000], sampler=Temperature(1.0), settings=settings,
+                           key=jax.random.PRNGKey(seed)).run(reqs)
+
+    one, three = run(1, 0), run(3, 0)
+    for i, (a, b) in enumerate(zip(one, three)):
+        np.testing.assert_array_equal(a, b, err_msg=f"request {i}")
+    assert [len(a) for a in one] == [9, 3, 12, 6]
+    other = run(3, 1)
+    assert any(not np.array_equal(a, b) for a, b in zip(three, other))  # the key matters
