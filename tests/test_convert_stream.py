@@ -200,3 +200,19 @@ def test_buffer_pool_keeps_a_buffer_only_for_reads_still_to_come():
     b = pool.take(16)
     pool.give(b)
     assert pool.take(16) is not b and pool.take(4).nbytes == 4  # a size the plan did not count still works
+
+
+def test_legacy_bin_checkpoint_takes_the_in_memory_path_to_the_same_checkpoint(hf_checkpoint, tmp_path):
+    import torch
+    from conftest import make_hf_model
+
+    src = hf_checkpoint("qwen2_untied")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copy(os.path.join(src, "config.json"), legacy)
+    torch.save(make_hf_model("qwen2_untied").state_dict(), legacy / "pytorch_model.bin")
+    assert not stream.is_safetensors_dir(str(legacy)) and stream.is_safetensors_dir(src)
+    checkpoint.convert_hf_to_orbax(str(legacy), str(tmp_path / "from_bin"))
+    checkpoint.convert_hf_to_orbax(src, str(tmp_path / "from_safetensors"))
+    pa, pb = (flatten(load_orbax_params(str(tmp_path / d), as_numpy=True)) for d in ("from_bin", "from_safetensors"))
+    assert pa.keys() == pb.keys() and all(pa[k].tobytes() == pb[k].tobytes() for k in pa)

@@ -54,10 +54,10 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Any = None, overwrite:
     Safetensors checkpoints stream tensor by tensor (see ``checkpoint/stream.py``: host memory stays
     near the largest tensor, not the model); legacy ``.bin`` checkpoints are read whole first.
     """
+    raw = read_config_json(hf_dir)
     if is_safetensors_dir(hf_dir):
         return convert_hf_to_orbax_streamed(hf_dir, out_dir, dtype=dtype, overwrite=overwrite,
                                             check_finite=check_finite)
-    raw = read_config_json(hf_dir)
     cfg, params = load_hf_params(hf_dir, dtype=dtype, check_finite=check_finite)
     save_orbax(params, raw, out_dir, side_files_from=hf_dir, overwrite=overwrite)
     return cfg
