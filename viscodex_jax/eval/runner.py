@@ -1,9 +1,13 @@
 """Runs benchmarks on a checkpoint: batched JAX generation (cached, resumable) -> sandboxed scoring -> reports.
 
-Generations are cached in ``<out_dir>/generations.jsonl`` under a key of
-(checkpoint fingerprint, benchmark, item, sample index, sampling settings), one
-line appended and flushed per finished batch: re-scoring never re-generates,
-and an interrupted run resumes where it stopped.
+Generations are cached (``eval.cache``) under a key of (checkpoint fingerprint, benchmark, item, sample
+index, sampling settings), appended and flushed as they finish: re-scoring never re-generates, and an
+interrupted run resumes where it stopped.
+
+Generation takes either a ``GenerateFn`` (a batch of one benchmark's items at a time) or a ``QueueFn``
+(every missing generation of every benchmark at once, for a continuous-batching sampler). In a
+multi-process JAX run (``eval.hosts``) each process generates and scores its share of the items with its
+own model, and the first process writes the reports from everyone's rows.
 
 Scoring is guarded per item: a scorer that raises scores that item 0, with the reason in its row
 (``score_error``), and the run goes on, so a resumed run cannot crash again on the same cached item.
@@ -14,16 +18,17 @@ the same way.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import tqdm
 
 from viscodex_jax.eval.base import Benchmark, Item, UnreadableItem
+from viscodex_jax.eval.cache import GenerationCache, fingerprint
+from viscodex_jax.eval.hosts import Hosts
 from viscodex_jax.eval.registry import build_benchmarks, make_benchmark, select_roots
 
 log = logging.getLogger(__name__)
@@ -32,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     max_new_tokens: int = 1024
-    batch_size: int = 4
+    batch_size: int = 4  # GenerateFn batches; a QueueFn's finished generations are flushed this many at a time
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0
@@ -47,67 +52,20 @@ class EvalSettings:
         return d
 
 
-def fingerprint(ckpt_dir: str, cache_path: str | None = None) -> str:
-    """sha256 over the checkpoint's files (weights, config, tokenizer), cached by (path, size, mtime)."""
-    files = []
-    for root, _, names in os.walk(ckpt_dir):
-        for n in sorted(names):
-            p = os.path.join(root, n)
-            st = os.stat(p)
-            files.append((os.path.relpath(p, ckpt_dir), st.st_size, st.st_mtime_ns))
-    files.sort()
-    stamp = hashlib.sha256(json.dumps([os.path.abspath(ckpt_dir), files]).encode()).hexdigest()
-    cache = {}
-    if cache_path and os.path.isfile(cache_path):
-        with open(cache_path) as f:
-            cache = json.load(f)
-        if stamp in cache:
-            return cache[stamp]
-    h = hashlib.sha256()
-    for rel, _, _ in files:
-        h.update(rel.encode())
-        with open(os.path.join(ckpt_dir, rel), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-    digest = h.hexdigest()[:16]
-    if cache_path:
-        cache[stamp] = digest
-        with open(cache_path, "w") as f:
-            json.dump(cache, f)
-    return digest
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation a run needs: sample ``sample`` of ``item`` of ``benchmark``, drawn with ``seed``."""
+
+    benchmark: str
+    item: Item
+    sample: int
+    seed: int
 
 
-class GenerationCache:
-    """Append-only JSONL of finished generations."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.entries: dict[str, str] = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                        key, gen = rec["key"], rec["generation"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # a line cut by an interruption (or not ours); that item is generated again
-                    if isinstance(key, str) and isinstance(gen, str):
-                        self.entries[key] = gen
-
-    @staticmethod
-    def key(fp: str, bench: str, item_id: str, sample: int, settings: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps([fp, bench, item_id, sample, settings], sort_keys=True).encode()).hexdigest()
-
-    def add(self, records: Sequence[dict[str, Any]]) -> None:
-        with open(self.path, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-                self.entries[r["key"]] = r["generation"]
-            f.flush()
-            os.fsync(f.fileno())
-
-
-GenerateFn = Callable[[Sequence[Item], int], list[str]]  # (items, sample index) -> texts
+GenerateFn = Callable[[Sequence[Item], int], list[str]]  # (items, sample index) -> texts, in order
+QueueFn = Callable[[Sequence[Request]], Iterable[tuple[int, str]]]
+"""Every generation a run needs at once, across benchmarks (e.g. a continuous-batching sampler): yields
+(index into the requests, text) as each one finishes, in any order."""
 
 
 def model_generate_fn(checkpoint: str, settings: EvalSettings, dtype: str = "float32") -> GenerateFn:
@@ -158,6 +116,52 @@ def _fill_failed(rows: list[dict[str, Any]]) -> None:
                 r.setdefault(k, 0.0)
 
 
+Record = Callable[[Sequence[tuple[Request, str]]], None]
+
+
+def _generate_batches(fn: GenerateFn, requests: Sequence[Request], batch_size: int, record: Record) -> None:
+    """Per benchmark, ``batch_size`` requests at a time, one call per sample index in the batch."""
+    by_bench: dict[str, list[Request]] = {}
+    for r in requests:
+        by_bench.setdefault(r.benchmark, []).append(r)
+    for name, reqs in by_bench.items():
+        bar = tqdm.tqdm(total=len(reqs), desc=f"generate {name}", unit="item")
+        for i in range(0, len(reqs), batch_size):
+            chunk = reqs[i:i + batch_size]
+            by_sample: dict[int, list[Request]] = {}
+            for r in chunk:
+                by_sample.setdefault(r.sample, []).append(r)
+            for s, rs in by_sample.items():
+                record(list(zip(rs, fn([r.item for r in rs], s))))
+            bar.update(len(chunk))
+        bar.close()
+
+
+def _generate_queue(fn: QueueFn, requests: Sequence[Request], flush_every: int, record: Record) -> None:
+    """All requests in one call; finished generations are recorded ``flush_every`` at a time (and whatever
+    finished when the call stops, even by an exception)."""
+    done: set[int] = set()
+    pending: list[tuple[Request, str]] = []
+    bar = tqdm.tqdm(total=len(requests), desc="generate", unit="item")
+    try:
+        for i, text in fn(requests):
+            if not isinstance(i, int) or not 0 <= i < len(requests) or i in done or not isinstance(text, str):
+                raise ValueError(f"queue_fn yielded ({i!r}, {type(text).__name__}): expected (index, text) with "
+                                 f"each index in 0..{len(requests) - 1} once")
+            done.add(i)
+            pending.append((requests[i], text))
+            bar.update(1)
+            if len(pending) >= flush_every:
+                record(pending)
+                pending = []
+    finally:
+        if pending:
+            record(pending)
+        bar.close()
+    if len(done) != len(requests):
+        raise ValueError(f"queue_fn stopped after {len(done)} of {len(requests)} generations")
+
+
 def run_eval(
     checkpoint: str,
     roots: dict[str, str],
@@ -167,62 +171,90 @@ def run_eval(
     benchmarks: dict[str, Benchmark] | None = None,
     model_name: str | None = None,
     dtype: str = "float32",
+    queue_fn: QueueFn | None = None,
+    model_fingerprint: str | None = None,
+    hosts: Hosts | None = None,
 ) -> dict[str, Any]:
     """Generates (or reuses cached generations), scores, and writes per-item JSONL and the summary.
 
     ``roots``: benchmark name -> data root. ``benchmarks``: ready-made instances by name (default: each
-    registered benchmark with its defaults). ``generate_fn`` default: our JAX sampler on ``checkpoint`` in
-    ``dtype``, loaded only when something is not cached yet.
+    registered benchmark with its defaults). Generation: ``generate_fn`` (batches) or ``queue_fn`` (all at
+    once), default our JAX sampler on ``checkpoint`` in ``dtype``, loaded only when something is not cached
+    yet. ``model_fingerprint``: the weights' identity in the cache key (default: a hash of the checkpoint's
+    files; give one for a model that lives only in memory). ``hosts``: this process's share (default: from
+    ``jax.distributed``); every process gets the same summary, the first writes the files.
     """
+    if generate_fn is not None and queue_fn is not None:
+        raise ValueError("run_eval: pass generate_fn or queue_fn, not both")
+    hosts = hosts or Hosts.from_jax()
     os.makedirs(out_dir, exist_ok=True)
-    fp = fingerprint(checkpoint, os.path.join(out_dir, ".fingerprints.json"))
-    cache = GenerationCache(os.path.join(out_dir, "generations.jsonl"))
+    fp = model_fingerprint or fingerprint(checkpoint, os.path.join(out_dir, ".fingerprints.json"))
+    cache = GenerationCache.in_dir(out_dir, hosts.index, hosts.count)
     skey = settings.sampling_key()
+
+    def key(name: str, item_id: str, sample: int) -> str:
+        return GenerationCache.key(fp, name, item_id, sample, skey)
+
+    benches: dict[str, Benchmark] = {}
+    all_items: dict[str, list[Item]] = {}
+    for name, root in roots.items():
+        benches[name] = (benchmarks or {}).get(name) or make_benchmark(name)
+        all_items[name] = benches[name].load(root, settings.limit)
+    hosts.barrier("eval: cache read")  # every process splits the same list of missing generations
+    todo = [Request(name, it, s, settings.seed + s) for name, items in all_items.items()
+            for s in range(settings.num_samples) for it in items
+            if not isinstance(it.reference, UnreadableItem) and key(name, it.id, s) not in cache.entries]
+    mine = hosts.share(todo)
+
+    def record(done: Sequence[tuple[Request, str]]) -> None:
+        cache.add([{"key": key(r.benchmark, r.item.id, r.sample), "benchmark": r.benchmark, "id": r.item.id,
+                    "sample": r.sample, "generation": t} for r, t in done])
+
+    if mine and queue_fn is not None:
+        _generate_queue(queue_fn, mine, settings.batch_size, record)
+    elif mine:
+        _generate_batches(generate_fn or lazy_generate_fn(checkpoint, settings, dtype), mine, settings.batch_size,
+                          record)
+    hosts.barrier("eval: generated")
+    cache.reload()  # the other processes' generations
+
+    scored, seconds = [], []
+    for name, items in all_items.items():
+        t0 = time.time()
+        work = [(i, s) for i in range(len(items)) for s in range(settings.num_samples)]
+        for i, s in tqdm.tqdm(hosts.share(work), desc=f"score {name}", unit="item"):
+            scored.append([name, i, s, score_guarded(benches[name], items[i], cache.entries.get(
+                key(name, items[i].id, s)))])
+        seconds.append([name, time.time() - t0])
+    scored = hosts.gather(out_dir, "eval-scores", scored)
+    wall = {}
+    for name, t in hosts.gather(out_dir, "eval-seconds", seconds):
+        wall[name] = max(wall.get(name, 0.0), t)
+    by_key = {(name, i, s): row for name, i, s, row in scored}
+
     summary: dict[str, Any] = {"checkpoint": os.path.abspath(checkpoint), "fingerprint": fp,
                                "model": model_name or os.path.basename(os.path.normpath(checkpoint)),
                                "settings": dataclasses.asdict(settings), "benchmarks": {}}
-    all_items: dict[str, list[Item]] = {}
-    for name, root in roots.items():
-        bench = (benchmarks or {}).get(name) or make_benchmark(name)
-        items = all_items[name] = bench.load(root, settings.limit)
-        todo = [(it, s) for s in range(settings.num_samples) for it in items
-                if not isinstance(it.reference, UnreadableItem)
-                and GenerationCache.key(fp, name, it.id, s, skey) not in cache.entries]
-        if todo:
-            if generate_fn is None:
-                generate_fn = lazy_generate_fn(checkpoint, settings, dtype)
-            bar = tqdm.tqdm(total=len(todo), desc=f"generate {name}", unit="item")
-            for i in range(0, len(todo), settings.batch_size):
-                chunk = todo[i:i + settings.batch_size]
-                by_sample: dict[int, list[Item]] = {}
-                for it, s in chunk:
-                    by_sample.setdefault(s, []).append(it)
-                for s, its in by_sample.items():
-                    texts = generate_fn(its, s)
-                    cache.add([{"key": GenerationCache.key(fp, name, it.id, s, skey), "benchmark": name,
-                                "id": it.id, "sample": s, "generation": t} for it, t in zip(its, texts)])
-                bar.update(len(chunk))
-            bar.close()
-        rows = []
-        t0 = time.time()
-        for it in tqdm.tqdm(items, desc=f"score {name}", unit="item"):
-            for s in range(settings.num_samples):
-                gen = cache.entries.get(GenerationCache.key(fp, name, it.id, s, skey))
-                rows.append({"id": it.id, "sample": s, **score_guarded(bench, it, gen)})
+    for name, items in all_items.items():
+        rows = [{"id": it.id, "sample": s, **by_key[(name, i, s)]} for i, it in enumerate(items)
+                for s in range(settings.num_samples)]
         _fill_failed(rows)
         clean = [{k: v for k, v in r.items() if k != "score_error"} for r in rows]
-        agg = bench.aggregate(clean, num_samples=settings.num_samples)
+        agg = benches[name].aggregate(clean, num_samples=settings.num_samples)
         n_failed = sum("score_error" in r for r in rows)
         summary["benchmarks"][name] = {"n_items": len(items), "n_score_errors": n_failed,
-                                       "score_seconds": time.time() - t0, **agg}
-        with open(os.path.join(out_dir, f"{name}_items.jsonl"), "w") as f:
-            for r in rows:
-                gen = cache.entries.get(GenerationCache.key(fp, name, r["id"], r["sample"], skey), "")
-                f.write(json.dumps({**r, "generation": gen}) + "\n")  # "": an unreadable item, never generated
+                                       "score_seconds": wall[name], **agg}
+        if hosts.first:
+            with open(os.path.join(out_dir, f"{name}_items.jsonl"), "w") as f:
+                for r in rows:
+                    gen = cache.entries.get(key(name, r["id"], r["sample"]), "")
+                    f.write(json.dumps({**r, "generation": gen}) + "\n")  # "": an unreadable item, never generated
         log.info("%s: %s", name, {k: round(v, 2) for k, v in agg.items() if isinstance(v, float)})
-    from viscodex_jax.eval.report import write_reports
+    if hosts.first:
+        from viscodex_jax.eval.report import write_reports
 
-    write_reports(summary, out_dir, all_items)
+        write_reports(summary, out_dir, all_items)
+    hosts.barrier("eval: reports written")
     return summary
 
 
