@@ -13,41 +13,24 @@ import torch
 
 from viscodex_jax import checkpoint
 from viscodex_jax.checkpoint import CheckpointError
-from viscodex_jax.checkpoint.hf import iter_hf_tensors
-from viscodex_jax.utils import flatten
-from viscodex_jax.checkpoint.hf_map import canonical_name
-from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from viscodex_jax.model.config import ConfigError
-
-
-def _tensors(ckpt_dir: str) -> dict[str, np.ndarray]:
-    return {canonical_name(name): read() for _, name, _, read in iter_hf_tensors(ckpt_dir)}
-
-
-def _assert_bit_identical(a: dict[str, np.ndarray], b: dict[str, np.ndarray]):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert a[k].tobytes() == b[k].tobytes(), f"{k} differs"
-
-
-def _leftovers(parent: str, name: str) -> list[str]:
-    return [f for f in os.listdir(parent) if f.startswith(f".{name}.tmp-")]
+from viscodex_jax.testing.asserts import assert_bit_identical, atomic_leftovers
+from viscodex_jax.testing.checkpoints import hf_tensors, rewrite_tensors
+from viscodex_jax.testing.models import make_hf_model
+from viscodex_jax.utils import flatten
 
 
 @pytest.mark.parametrize("model_name,dtype", [("vl_a", "float32"), ("vl_b", "bfloat16"), ("qwen2_tied_gqa3", "float32")])
 def test_round_trip_hf_ours_hf_is_bit_identical(hf_checkpoint, tmp_path, model_name, dtype):
     src = hf_checkpoint(model_name)
     if dtype == "bfloat16":  # a bf16 checkpoint, as released models are
-        from conftest import make_hf_model
-
         src = str(tmp_path / "src_bf16")
         make_hf_model(model_name).to(torch.bfloat16).save_pretrained(src)
     orbax_dir, out = str(tmp_path / "orbax"), str(tmp_path / "hf_out")
     checkpoint.convert_hf_to_orbax(src, orbax_dir)
     shards = checkpoint.convert_orbax_to_hf(orbax_dir, out, max_shard_bytes=200_000)
     assert len(shards) > 1 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
-    _assert_bit_identical(_tensors(src), _tensors(out))
+    assert_bit_identical(hf_tensors(src, canonical=True), hf_tensors(out, canonical=True))
 
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -60,8 +43,6 @@ def test_round_trip_hf_ours_hf_is_bit_identical(hf_checkpoint, tmp_path, model_n
 
 
 def test_sharded_bin_and_in_memory_names_load_the_same(hf_checkpoint, tmp_path):
-    from conftest import make_hf_model
-
     src = hf_checkpoint("vl_a")
     _, ref = checkpoint.load_hf_params(src)
     model = make_hf_model("vl_a")
@@ -100,15 +81,6 @@ def broken(hf_checkpoint, tmp_path):
     return src
 
 
-def _rewrite(ckpt: str, edit) -> str:
-    path = os.path.join(ckpt, "model.safetensors")
-    f = SafetensorsFile(path)
-    tensors = {k: f.read(k) for k in f.keys()}
-    edit(tensors)
-    write_safetensors(path, tensors, {"format": "pt"})
-    return path
-
-
 def _expect_failure(src: str, tmp_path, exc, *patterns: str):
     out = str(tmp_path / "out")
     with pytest.raises(exc) as e:
@@ -116,17 +88,17 @@ def _expect_failure(src: str, tmp_path, exc, *patterns: str):
     for p in patterns:
         assert p in str(e.value), f"{p!r} not in: {e.value}"
     assert not os.path.exists(out)
-    assert _leftovers(str(tmp_path), "out") == []
+    assert atomic_leftovers(tmp_path, "out") == []
 
 
 def test_missing_tensor(broken, tmp_path):
-    path = _rewrite(broken, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    path = rewrite_tensors(broken, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     del path
     _expect_failure(broken, tmp_path, CheckpointError, "missing tensor", "model.layers.1.mlp.up_proj.weight")
 
 
 def test_unexpected_tensor(broken, tmp_path):
-    path = _rewrite(broken, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", np.ones(8, np.float32)))
+    path = rewrite_tensors(broken, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", np.ones(8, np.float32)))
     _expect_failure(broken, tmp_path, CheckpointError, path, "unexpected tensor", "rotary_emb.inv_freq")
 
 
@@ -163,8 +135,6 @@ def test_unsupported_architecture(broken, tmp_path):
 
 
 def test_index_names_a_missing_shard(hf_checkpoint, tmp_path):
-    from conftest import make_hf_model
-
     src = str(tmp_path / "sharded")
     make_hf_model("vl_a").save_pretrained(src, max_shard_size="100KB")
     victim = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))[1]
@@ -182,4 +152,4 @@ def test_export_refuses_to_clobber_and_leaves_nothing_on_error(hf_checkpoint, tm
     bad["model"] = dict(bad["model"], norm={"scale": np.ones(3, np.float32)})
     with pytest.raises(CheckpointError, match="model/norm/scale"):
         checkpoint.save_hf(bad, cfg, raw, str(tmp_path / "other"))
-    assert not os.path.exists(tmp_path / "other") and _leftovers(str(tmp_path), "other") == []
+    assert not os.path.exists(tmp_path / "other") and atomic_leftovers(tmp_path, "other") == []
