@@ -39,7 +39,7 @@ def _nothing_left(parent, name: str):
     assert not os.path.exists(os.path.join(parent, name)), f"{name} was written"
     assert not [f for f in os.listdir(parent) if f.startswith(f".{name}.tmp-")], os.listdir(parent)
 
-from test_checkpoint import _rewrite  # noqa: E402  (one helper for rewriting a checkpoint's tensors)
+from viscodex_jax.testing.checkpoints import rewrite_tensors as _rewrite  # noqa: E402
 
 
 def _copy(src: str, dst) -> str:
