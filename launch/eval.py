@@ -5,7 +5,9 @@
         --out_dir=runs/eval/8b
 
 Writes <out_dir>/summary.{json,md}, report.html and per-item <benchmark>_items.jsonl; generations are
-cached, so re-running re-scores without re-generating and an interrupted run resumes.
+cached, so re-running re-scores without re-generating and an interrupted run resumes. The benchmarks, their
+``--<name>_root`` flags and their own flags (``--clip_path``, ``--judge_endpoint``, ...) come from
+``viscodex_jax.eval.registry``.
 
 Re-check our scorer against an official evaluator's scores (a folder of items, candidate responses and
 ``expected.jsonl``, as in shared/benchmarks/<benchmark>/); exits 1 when anything disagrees:
