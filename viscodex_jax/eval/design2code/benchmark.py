@@ -13,7 +13,7 @@ Layouts read:
   placeholder image does not load and the layout can differ from the official screenshots).
 
 An item that cannot be read is a ``ValueError`` naming the file (and row); with
-``on_error="skip"`` it is kept as unreadable and scored 0 with that reason (``runner.UnreadableItem``).
+``on_error="skip"`` it is kept as unreadable and scored 0 with that reason (``base.UnreadableItem``).
 
 Prompt: the official direct prompt (``PROMPT``), text then the screenshot, as ``prompting/gpt4v.py``
 sends it.
