@@ -13,7 +13,7 @@ import pytest
 from viscodex_jax import checkpoint
 from viscodex_jax.merge import MergeError
 from viscodex_jax.merge.recipe import merge_config
-from viscodex_jax.merge.sweep import lambda_sweep
+from viscodex_jax.merge.sweep import human_bytes, lambda_sweep
 from viscodex_jax.testing.tiny import make_tiny_checkpoints
 from viscodex_jax.utils import flatten
 
@@ -37,14 +37,30 @@ def _lam_dirs(d):
     return sorted(x for x in os.listdir(d) if x.startswith("lam_"))
 
 
-@pytest.mark.parametrize("method,density", [("task_arithmetic", 1.0), ("ties", 0.5)])
-def test_in_memory_params_equal_the_streamed_merge_bit_for_bit(tiny, tmp_path, method, density):
-    """write_all: every lam's checkpoint is written by the streamed merge_checkpoints, so each can be compared."""
-    c = _config(tiny, tmp_path / "sweep", method=method, density=density, write_all=True)
-    seen = []
+@pytest.mark.parametrize("method,density,mesh", [("task_arithmetic", 1.0, ""), ("ties", 0.5, "1,4,2")])
+def test_in_memory_params_equal_the_streamed_merge_bit_for_bit(tiny, tmp_path, method, density, mesh):
+    """write_all: every lam's checkpoint is written by the streamed merge_checkpoints, so each can be compared.
+    On a mesh the scored params are sharded by the training rules (checked), with the same bits."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    c = _config(tiny, tmp_path / "sweep", method=method, density=density, write_all=True, mesh=mesh)
+    seen, split, per_device = [], [], []
 
     def score(model):  # keeps what was scored; 1, 2: lower is better, so the first lam wins
-        seen.append({k: np.asarray(v) for k, v in flatten(model.params).items()})
+        leaves = flatten(model.params)
+        seen.append({k: np.asarray(v) for k, v in leaves.items()})
+        if mesh:
+            assert model.mesh.devices.shape == (1, 4, 2)
+            assert all(isinstance(v.sharding, NamedSharding) and v.sharding.mesh == model.mesh for v in leaves.values())
+            split.append(sum(not v.sharding.is_fully_replicated for v in leaves.values()))
+        else:
+            assert all(v.sharding.device_set == {jax.devices()[0]} for v in leaves.values())
+        per = {}
+        for v in leaves.values():
+            for shard in v.addressable_shards:
+                per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+        per_device.append(max(per.values()))
         return float(len(seen))
 
     result = lambda_sweep(c, [0.7, 0.85], score=score)
@@ -58,6 +74,12 @@ def test_in_memory_params_equal_the_streamed_merge_bit_for_bit(tiny, tmp_path, m
         for k in want:
             assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), "/".join(k)
     assert not np.array_equal(seen[0][("model", "norm", "scale")], seen[1][("model", "norm", "scale")])
+    mem = result["memory_bytes"]  # the per-device share printed up front is what the devices then held
+    assert per_device == [mem["per_device"]] * 2
+    if mesh:
+        assert min(split) > 0 and mem["per_device"] < mem["merged"]
+    else:
+        assert mem["per_device"] == mem["merged"]
 
 
 def test_sweep_command_writes_table_plot_json_and_only_the_best_checkpoint(tiny, tmp_path):
@@ -87,7 +109,7 @@ def test_sweep_command_writes_table_plot_json_and_only_the_best_checkpoint(tiny,
     mem = result["memory_bytes"]
     written = sum(a.nbytes for a in flatten(checkpoint.load_hf_params(str(out / best))[1]).values())
     assert mem["merged"] == written and mem["host_total"] == mem["base"] + mem["vlm"] + mem["coder"] + written
-    assert f"one merged copy {written / 1e9:.2f} GB" in r.stdout
+    assert f"one merged copy {human_bytes(written)}" in r.stdout
     # the in-memory score is the score of the written checkpoint
     want = heldout_loss(vx.load(str(out / best), param_dtype=np.float32), DEFAULT_HELDOUT)
     assert min(scores) == pytest.approx(want, rel=1e-6)
@@ -113,6 +135,8 @@ def test_sweep_scores_mmcode_through_the_eval_runner(tiny, tmp_path):
     (dict(score="mmcode", mmcode_root=""), "--config.mmcode_root='' is not a directory"),
     (dict(score="mmcode", eval_max_new_tokens=0), "--config.eval_max_new_tokens must be a positive integer"),
     (dict(sweep_lams="0.7,x"), "entry 2 'x' is not a number"),
+    (dict(mesh="1,16,1"), "--config.mesh='1,16,1': mesh shape (1, 16, 1) needs 16 devices, have 8"),
+    (dict(mesh="2,2"), "--config.mesh='2,2': expected three positive integers"),
 ])
 def test_bad_sweep_settings_are_refused_before_any_work(tiny, tmp_path, over, pattern):
     c = _config(tiny, tmp_path / "sweep", sweep_lams="0.7", mmcode_root=str(tmp_path))

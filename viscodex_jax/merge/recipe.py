@@ -49,6 +49,7 @@ def merge_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 4
     c.eval_limit = 0  # score=mmcode: first N problems only; 0: all
     c.write_all = False
+    c.mesh = ""  # data,fsdp,tensor (e.g. 1,8,1; -1 takes the rest): score the merged params sharded; "": one device
     return c
 
 

@@ -12,8 +12,11 @@ in-memory generate function, higher is better; the paper picked lam = 0.7 from
 streamed merge, which reads the inputs again instead of holding a second merged copy.
 
 Memory: the three models as stored plus one merged copy on the host, and the merged
-copy again on the device while it is scored; printed from the checkpoint headers
-before anything is loaded.
+copy again on the device(s) while it is scored; printed from the checkpoint headers
+before anything is loaded. With ``--config.mesh`` (data,fsdp,tensor, e.g. 1,8,1) the
+merged params are placed by the training rules and generation runs sharded, so each
+device holds its shard of the merged copy only (the merge itself runs tensor by
+tensor on the default device).
 """
 
 from __future__ import annotations
@@ -94,24 +97,56 @@ def _stored(ckpt_dir: str) -> list[tuple[str, tuple[int, ...], int]]:
     return out
 
 
-def memory_needed(c, spec: MergeSpec) -> dict[str, int]:
-    """Bytes of the three inputs as stored and of one merged copy (merged tensors in ``spec.out_dtype``)."""
+def memory_needed(c, spec: MergeSpec, mesh=None, rules=None) -> dict[str, int]:
+    """Bytes of the three inputs as stored, of one merged copy (merged tensors in ``spec.out_dtype``), and
+    of the largest per-device share of that copy (all of it without a mesh)."""
     cfg = load_config(c.vlm_dir)
     expected = flatten(param_shapes(cfg))
     out_size = jnp.dtype(spec.out_dtype).itemsize
-    merged = 0
+    merged, itemsize = 0, {}
     for canon, shape, nbytes in _stored(c.vlm_dir):
         hit = hf_map.hf_to_path(canon, expected) if canon else None
-        merged += int(np.prod(shape)) * out_size if hit and spec.merges("/".join(hit[0])) else nbytes
+        numel = int(np.prod(shape))
+        size = out_size if hit and spec.merges("/".join(hit[0])) else nbytes / max(numel, 1)
+        merged += int(numel * size)
+        if hit:
+            itemsize[hit[0]] = size
     mem = {k: sum(b for _, _, b in _stored(getattr(c, f"{k}_dir"))) for k in ("base", "vlm", "coder")}
     mem["merged"] = merged
     mem["host_total"] = sum(mem.values())
-    mem["device"] = merged
+    mem["per_device"] = merged
+    if mesh is not None:
+        from viscodex_jax.sampling import mesh as on_mesh
+
+        shards = flatten(on_mesh.param_shardings(cfg, param_shapes(cfg), mesh, rules))
+        per = {d: 0.0 for d in mesh.devices.flat}
+        for k, sh in shards.items():
+            for d, index in sh.devices_indices_map(expected[k].shape).items():
+                per[d] += np.prod([len(range(*i.indices(n))) for i, n in zip(index, expected[k].shape)]) * itemsize[k]
+        mem["per_device"] = int(max(per.values()))
     return mem
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+def parse_mesh(text: str):
+    """``--config.mesh`` ("1,8,1": data, fsdp, tensor; -1 takes the remaining devices) -> a Mesh, or None if empty."""
+    if not text:
+        return None
+    from viscodex_jax.sharding import make_mesh
+
+    try:
+        shape = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise MergeError(f"--config.mesh={text!r}: expected three integers data,fsdp,tensor, e.g. 1,8,1") from None
+    if len(shape) != 3 or any(x == 0 or x < -1 for x in shape):
+        raise MergeError(f"--config.mesh={text!r}: expected three positive integers (one may be -1) data,fsdp,tensor")
+    try:
+        return make_mesh(shape)
+    except ValueError as e:
+        raise MergeError(f"--config.mesh={text!r}: {e}") from None
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 # ------------------------------------------------------------------------------------------------ scores
@@ -233,15 +268,16 @@ def lambda_sweep(c, lams: Sequence[float] | None = None,
     replaces ``--config.score``; ``higher_is_better`` then says which way it points (default: lower).
     Every setting, lam and output dir is checked before anything is loaded.
     """
-    import jax
-
     from viscodex_jax import checkpoint
     from viscodex_jax.api import Model
     from viscodex_jax.data.processor import Processor
+    from viscodex_jax.sampling import mesh as on_mesh
 
     require_dirs(c, "base_dir", "vlm_dir", "coder_dir", "out_dir")
     runs = sweep_specs(c, parse_sweep_lams(c.sweep_lams) if lams is None else lams)
     check_vlm(c)
+    mesh = parse_mesh(c.mesh)
+    rules = on_mesh.resolve_rules(mesh, None)
     if score is None:
         if c.score not in SCORES:
             raise MergeError(f"--config.score={c.score!r}: choose from {', '.join(SCORES)}")
@@ -250,24 +286,25 @@ def lambda_sweep(c, lams: Sequence[float] | None = None,
     else:
         metric, up = "score", bool(higher_is_better)
         scorer = lambda model, lam, spec: score(model)  # noqa: E731
-    mem = memory_needed(c, runs[0][2])
-    log.info("sweep memory: host %s (base %s + VLM %s + coder %s as stored + one merged copy %s), device %s",
-             *map(_gb, (mem["host_total"], mem["base"], mem["vlm"], mem["coder"], mem["merged"], mem["device"])))
-    print(f"sweep memory: host {_gb(mem['host_total'])} = base {_gb(mem['base'])} + VLM {_gb(mem['vlm'])} + coder "
-          f"{_gb(mem['coder'])} + one merged copy {_gb(mem['merged'])}; device {_gb(mem['device'])} (the merged copy)",
-          flush=True)
+    mem = memory_needed(c, runs[0][2], mesh, rules)
+    where = f"each of {mesh.size} devices of mesh {dict(mesh.shape)}" if mesh is not None else "the device"
+    line = (f"sweep memory: host {human_bytes(mem['host_total'])} = base {human_bytes(mem['base'])} + VLM {human_bytes(mem['vlm'])} + coder "
+            f"{human_bytes(mem['coder'])} + one merged copy {human_bytes(mem['merged'])}; {where}: at most "
+            f"{human_bytes(mem['per_device'])} of merged params")
+    log.info("%s", line)
+    print(line, flush=True)
 
     cfg, vlm = checkpoint.load_hf_params(c.vlm_dir)
     _, base = checkpoint.load_hf_params(c.base_dir)
     _, coder = checkpoint.load_hf_params(c.coder_dir)
     names = [os.path.basename(os.path.normpath(d)) for d in (c.vlm_dir, c.coder_dir)]
-    model = Model(cfg, {}, {}, c.vlm_dir, Processor.from_pretrained(c.vlm_dir, cfg))  # params set per lam
+    model = Model(cfg, {}, {}, c.vlm_dir, Processor.from_pretrained(c.vlm_dir, cfg), mesh, rules)  # params per lam
     os.makedirs(c.out_dir, exist_ok=True)
     rows = []
     for lam, _, spec, _ in runs:
         t0 = time.time()
         merged, report = merge_params(base, [vlm, coder], spec, cfg, names)
-        model.params = jax.device_put(merged)
+        model.params = on_mesh.place_params(cfg, merged, mesh, rules)
         del merged
         t1 = time.time()
         s = float(scorer(model, lam, spec))
