@@ -37,12 +37,10 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-import convert as cb  # noqa: E402  (benchmarks/convert.py: machine info, publish / entry helpers)
+import _harness as h
+from viscodex_jax.aot.topologies import GIB, tpu_python
 
-from viscodex_jax.aot.topologies import GIB, tpu_python  # noqa: E402
+REPO = h.REPO
 
 # Built-in shape per config file (the merged models have their VLM base's architecture).
 MODEL_OF = {"viscodex_8b.py": "qwen2.5-vl-7b", "viscodex_33b.py": "qwen2.5-vl-32b"}
@@ -202,10 +200,10 @@ def main(argv: list[str]) -> None:
                     sets = list(a.set) + ([f"model.remat_policy={remat}"] if remat else []) + \
                         ([f"model.attention_impl={attn}"] if attn else [])
                     runs += sweep(a, config_spec, topology, rows, sets, _tag(config_spec, topology, remat, attn))
-    results = dict(machine=cb.machine_info(), args=vars(a), runs=runs)
+    results = dict(machine=h.machine_info(), args=vars(a), runs=runs)
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - t_start
-    cb.publish(results, table(runs), a.json_out)
+    h.publish(results, table(runs), a.json_out)
 
 
 if __name__ == "__main__":

@@ -55,64 +55,18 @@ much CPU other processes took while each row ran: rows far from 0% are skewed.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from importlib import metadata
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC_FILE = "bench_spec.json"
-SPEC_VERSION = 1
-RESULT_MARK = "@@RESULT@@ "
+import _checkpoints as ck
+import _harness as h
 
-# Qwen2.5-0.5B's real text shapes.
-TEXT = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=32768,
-    bos_token_id=151643,
-    eos_token_id=151643,
-)
-ROPE_THETA = 1e6
-# head_dim = 896 / 14 = 64, so sections must sum to 32; [8, 12, 12] keeps Qwen2.5-VL's 16:24:24 shape.
-MROPE_SECTION = [8, 12, 12]
-# Qwen2.5-VL's real vision tower (the same in 3B/7B/72B).
-VISION = dict(
-    depth=32,
-    hidden_size=1280,
-    intermediate_size=3420,
-    num_heads=16,
-    out_hidden_size=896,
-    fullatt_block_indexes=[7, 15, 23, 31],
-    window_size=112,
-    patch_size=14,
-    temporal_patch_size=2,
-    spatial_merge_size=2,
-    in_channels=3,
-    tokens_per_second=2,
-)
-MODELS = {
-    "qwen2.5-0.5b": dict(kind="text", text=TEXT, rope_theta=ROPE_THETA, tie_word_embeddings=True),
-    "qwen2.5-vl-0.5b": dict(
-        kind="vl", text=TEXT, rope_theta=ROPE_THETA, mrope_section=MROPE_SECTION, vision=VISION,
-        tie_word_embeddings=True,
-    ),
-}
-SHARD_SIZE = "500MB"
-
+MODELS = ("qwen2.5-0.5b", "qwen2.5-vl-0.5b")  # in _checkpoints.MODELS
 TASKS = [
     # (key, label, group)
     ("floor_raw", "floor: raw read (copy)", "floor"),
@@ -125,36 +79,7 @@ TASKS = [
 FLOOR_TASK = "floor_raw"
 REF_TASK = "hf_load_touch"
 
-CHILD_ENV = dict(
-    JAX_PLATFORMS="cpu",
-    HF_HUB_OFFLINE="1",
-    HF_HUB_DISABLE_PROGRESS_BARS="1",
-    TRANSFORMERS_VERBOSITY="error",
-    TOKENIZERS_PARALLELISM="false",
-    TF_CPP_MIN_LOG_LEVEL="2",
-)
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def _proc_status() -> dict[str, int]:
-    """VmHWM/VmRSS/RssAnon/RssFile of this process, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":", 1)[0]
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(line.split()[1]) * 1024
-    return out
-
-
-def weight_files(ckpt_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
-
-
-def ckpt_bytes(ckpt_dir: str) -> int:
-    return sum(os.path.getsize(f) for f in weight_files(ckpt_dir))
 
 
 def dir_bytes(path: str) -> int:
@@ -180,75 +105,6 @@ def _touch_torch(tensors) -> int:
     return s
 
 
-# ----------------------------------------------------------------------------- checkpoint creation
-
-
-def _spec(name: str) -> dict[str, Any]:
-    return dict(version=SPEC_VERSION, name=name, shard_size=SHARD_SIZE, dtype="bfloat16", **MODELS[name])
-
-
-def checkpoint_ready(ckpt_dir: str, name: str) -> bool:
-    try:
-        with open(os.path.join(ckpt_dir, SPEC_FILE)) as f:
-            return json.load(f)["spec"] == _spec(name) and bool(weight_files(ckpt_dir))
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def make_checkpoint(name: str, ckpt_dir: str, seed: int) -> dict[str, Any]:
-    """Builds the model on the meta device, fills it from a seeded RNG, save_pretrained()s it (atomically)."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
-
-    spec = MODELS[name]
-    t0 = time.perf_counter()
-    if spec["kind"] == "text":
-        cfg = Qwen2Config(
-            rope_parameters={"rope_type": "default", "rope_theta": spec["rope_theta"]},
-            tie_word_embeddings=spec["tie_word_embeddings"], **spec["text"],
-        )
-        cls = Qwen2ForCausalLM
-    else:
-        cfg = Qwen2_5_VLConfig(
-            text_config=dict(
-                rope_parameters={"rope_type": "default", "rope_theta": spec["rope_theta"],
-                                 "mrope_section": spec["mrope_section"]},
-                **spec["text"],
-            ),
-            vision_config=dict(spec["vision"]),
-            tie_word_embeddings=spec["tie_word_embeddings"],
-        )
-        cls = Qwen2_5_VLForConditionalGeneration
-    cfg.dtype = torch.bfloat16
-    with torch.device("meta"):
-        model = cls(cfg)
-    model = model.to(torch.bfloat16).to_empty(device="cpu")
-    model.tie_weights()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():  # tied weights are yielded once
-            if "norm" in pname:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen).mul_(0.02))
-    t_fill = time.perf_counter() - t0
-    parent = os.path.dirname(os.path.abspath(ckpt_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(ckpt_dir)}.tmp-", dir=parent)
-    try:
-        model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
-        n_params = sum(p.numel() for p in model.parameters())
-        with open(os.path.join(tmp, SPEC_FILE), "w") as f:
-            json.dump(dict(spec=_spec(name), seed=seed, n_params=n_params), f, indent=2)
-        if os.path.exists(ckpt_dir):
-            shutil.rmtree(ckpt_dir)
-        os.replace(tmp, ckpt_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dict(fill_s=t_fill, total_s=time.perf_counter() - t0, n_params=n_params)
-
-
 # ----------------------------------------------------------------------------- child tasks
 
 
@@ -259,8 +115,8 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
     if task == "floor_raw":
         import numpy as np
 
-        files = weight_files(ckpt_dir)
-        before = _proc_status()
+        files = ck.weight_files(ckpt_dir)
+        before = h.proc_status()
         t0 = time.perf_counter()
         keep = []
         for path in files:
@@ -277,8 +133,8 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
         import torch  # noqa: F401  (framework="pt" needs it; import outside the timing)
         from safetensors import safe_open
 
-        files = weight_files(ckpt_dir)
-        before = _proc_status()
+        files = ck.weight_files(ckpt_dir)
+        before = h.proc_status()
         t0 = time.perf_counter()
         keep = []
         for path in files:
@@ -295,7 +151,7 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
         from viscodex_jax.checkpoint import convert_hf_to_orbax, load_hf_params
 
         jax.devices()  # backend init outside the timing
-        before = _proc_status()
+        before = h.proc_status()
         if task == "ours_load":
             t0 = time.perf_counter()
             _, params = load_hf_params(ckpt_dir)
@@ -316,7 +172,7 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
 
         hf_logging.disable_progress_bar()
         cls = Qwen2ForCausalLM if kind == "text" else Qwen2_5_VLForConditionalGeneration
-        before = _proc_status()
+        before = h.proc_status()
         t0 = time.perf_counter()
         model = cls.from_pretrained(ckpt_dir, dtype=torch.bfloat16)
         if task == "hf_load_touch":
@@ -326,7 +182,7 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
         extra["dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     else:
         raise ValueError(f"unknown task {task!r}")
-    after = _proc_status()
+    after = h.proc_status()
     return dict(
         seconds=dt,
         import_s=t0 - t_imp,
@@ -339,55 +195,11 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
     )
 
 
-def child_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--task", required=True)
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--kind", default="text")
-    p.add_argument("--out", default=None)
-    p.add_argument("--make", default=None, help="model name: create the checkpoint instead of a task")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    if a.make:
-        res = make_checkpoint(a.make, a.ckpt, a.seed)
-    else:
-        res = run_task(a.task, a.ckpt, a.kind, a.out)
-    sys.stdout.write(RESULT_MARK + json.dumps(res) + "\n")
-    sys.stdout.flush()
+def run_child(a: dict[str, Any]) -> dict[str, Any]:
+    return run_task(a["task"], a["ckpt"], a["kind"], a.get("out"))
 
 
 # ----------------------------------------------------------------------------- parent
-
-
-def spawn(args: list[str], timeout: float) -> dict[str, Any]:
-    """Runs this script as a child; returns its result dict plus wait4's ru_maxrss for that child."""
-    env = dict(os.environ, **CHILD_ENV)
-    cmd = [sys.executable, os.path.abspath(__file__), "_child", *args]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=REPO)
-        t0 = time.monotonic()
-        while True:  # os.wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the max over all)
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - t0 > timeout:
-                proc.kill()
-                pid, status, ru = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_MARK)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"child {' '.join(args)} failed (exit {proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
-        )
-    res = json.loads(lines[-1][len(RESULT_MARK):])
-    res["wait4_maxrss"] = ru.ru_maxrss * 1024
-    res["child_cpu_s"] = ru.ru_utime + ru.ru_stime
-    return res
 
 
 def evict(files: list[str]) -> None:
@@ -397,77 +209,6 @@ def evict(files: list[str]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def warm(files: list[str]) -> None:
-    buf = bytearray(64 << 20)
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
-
-
-def _busy_cpu_s() -> float:
-    """CPU seconds spent busy by the whole machine so far (all processes, from /proc/stat)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds of this process plus its waited-for children."""
-    import resource
-
-    ru_s, ru_c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru_s.ru_utime + ru_s.ru_stime + ru_c.ru_utime + ru_c.ru_stime
-
-
-def wait_idle(max_s: float, min_idle: float = 0.9) -> float:
-    """Waits (up to max_s) for a 1 s window with the CPUs at least min_idle idle; returns seconds waited."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < max_s:
-        b0, w0 = _busy_cpu_s(), time.monotonic()
-        time.sleep(1.0)
-        busy = (_busy_cpu_s() - b0) / ((time.monotonic() - w0) * (os.cpu_count() or 1))
-        if busy <= 1 - min_idle:
-            break
-    return time.monotonic() - t0
-
-
-def machine_info() -> dict[str, Any]:
-    def ver(pkg):
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(next(ln for ln in f if ln.startswith("MemTotal")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        pass
-    return dict(
-        loadavg_at_start=list(os.getloadavg()),
-        cpu_count=os.cpu_count(),
-        cpu_affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        cpu_model=cpu_model,
-        mem_total_gb=round(mem / 1e9, 2) if mem else None,
-        platform=platform.platform(),
-        python=platform.python_version(),
-        versions={p: ver(p) for p in ("jax", "jaxlib", "orbax-checkpoint", "transformers", "torch", "safetensors",
-                                      "numpy", "viscodex_jax")},
-    )
-
-
-def _fmt(x, spec):
-    return "—" if x is None else format(x, spec)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -494,9 +235,9 @@ def render(results: dict[str, Any]) -> str:
             vs_ref = r.get("vs_transformers")
             lines.append(
                 f"| {name} ({gb:.2f} GB) | {label} | {r['seconds']:.2f} | {r['seconds_min']:.2f}–{r['seconds_max']:.2f} | "
-                f"{_fmt(r['gb_per_s'], '.2f')} | "
-                f"{r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} | {_fmt(r['vs_floor'], '.2f')}× | "
-                f"{(_fmt(vs_ref, '.2f') + '×') if vs_ref is not None else ''} | {r['foreign_cpu_frac']:.0%} |"
+                f"{h.fmt(r['gb_per_s'], '.2f')} | "
+                f"{r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} | {h.fmt(r['vs_floor'], '.2f')}× | "
+                f"{(h.fmt(vs_ref, '.2f') + '×') if vs_ref is not None else ''} | {r['foreign_cpu_frac']:.0%} |"
             )
     lines += [
         "",
@@ -524,35 +265,17 @@ def summarise(samples: list[dict[str, Any]], nbytes: int) -> dict[str, Any]:
         rss_before_gb=before / 1e9,
         peak_rss_delta_gb=(peak - before) / 1e9,
         # share of the machine's CPU that other processes used while these children ran
-        foreign_cpu_frac=sum(s.get("foreign_cpu_s", 0.0) for s in samples)
-        / max(1e-9, sum(s.get("child_wall_s", 0.0) for s in samples) * (os.cpu_count() or 1)),
+        foreign_cpu_frac=sum(s["bg_cpu_s"] for s in samples) / max(1e-9, sum(s["wall_s"] for s in samples)
+                                                                    * (os.cpu_count() or 1)),
         samples=samples,
     )
 
 
-def publish(results: dict, table: str, json_out: str) -> None:
-    """Stores the Markdown table in the results, writes the JSON and prints the table (every benchmark ends so)."""
-    results["markdown"] = table
-    os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
-    with open(json_out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(table)
-    print(f"\nwrote {json_out} ({results['wall_s']:.0f}s)", file=sys.stderr)
-
-
-def entry(main, child_main) -> None:
-    """A benchmark script's command line: ``_child ...`` runs one measured task, anything else the driver."""
-    if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        child_main(sys.argv[2:])
-    else:
-        main(sys.argv[1:])
-
-
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmarks", "ckpts"),
+    p.add_argument("--work_dir", default=os.path.join(h.RESULTS_DIR, "ckpts"),
                    help="where the random checkpoints are cached (and orbax output is written, then deleted)")
-    p.add_argument("--json_out", default=os.path.join(REPO, "runs", "benchmarks", "convert.json"))
+    p.add_argument("--json_out", default=os.path.join(h.RESULTS_DIR, "convert.json"))
     p.add_argument("--quick", action="store_true", help="text 0.5B model only")
     p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(t[0] for t in TASKS)}")
@@ -574,32 +297,26 @@ def main(argv: list[str]) -> None:
         if unknown:
             p.error(f"unknown models {sorted(unknown)}")
     tasks = [t for t in TASKS if a.tasks is None or t[0] in a.tasks.split(",")]
-    t_start, busy0, own0 = time.perf_counter(), _busy_cpu_s(), _own_cpu_s()
-    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other work will skew timings",
-              file=sys.stderr, flush=True)
+    t_start, busy0, own0 = time.perf_counter(), h.cpu_busy_s(), h.own_cpu_s()
+    h.warn_if_loaded()
     results: dict[str, Any] = dict(
-        machine=machine_info(),
+        machine=h.machine_info(),
         config=dict(repeats=a.repeats, warmup=a.warmup, cache="cold (fadvise DONTNEED)" if a.cold else "warm",
-                    shard_size=SHARD_SIZE, seed=a.seed, work_dir=a.work_dir, models={n: _spec(n) for n in names},
+                    shard_size=ck.SHARD_SIZE, seed=a.seed, work_dir=a.work_dir, models={n: ck.spec(n) for n in names},
                     floor_task=FLOOR_TASK, reference_task=REF_TASK),
         models={},
     )
     for name in names:
-        kind = MODELS[name]["kind"]
+        kind = ck.MODELS[name]["kind"]
         ckpt = os.path.join(a.work_dir, name)
-        if a.recreate or not checkpoint_ready(ckpt, name):
-            print(f"[{name}] creating checkpoint in {ckpt} ...", file=sys.stderr, flush=True)
-            made = spawn(["--task", "make", "--ckpt", ckpt, "--make", name, "--seed", str(a.seed)], a.timeout)
-            print(f"[{name}] created in {made['total_s']:.1f}s ({made['n_params'] / 1e6:.1f}M params)",
-                  file=sys.stderr, flush=True)
-        files = weight_files(ckpt)
-        nbytes = ckpt_bytes(ckpt)
-        with open(os.path.join(ckpt, SPEC_FILE)) as f:
+        ck.ensure(name, ckpt, a.seed, a.timeout, recreate=a.recreate)
+        files = ck.weight_files(ckpt)
+        nbytes = ck.ckpt_bytes(ckpt)
+        with open(os.path.join(ckpt, ck.SPEC_FILE)) as f:
             n_params = json.load(f)["n_params"]
         mres: dict[str, Any] = dict(path=ckpt, ckpt_bytes=nbytes, n_files=len(files), n_params=n_params, tasks={})
         if not a.cold:
-            warm(files)
+            ck.warm(files)
         for key, label, _ in tasks:
             samples = []
             for rep in range(-a.warmup, a.repeats):
@@ -611,23 +328,16 @@ def main(argv: list[str]) -> None:
                 if a.cold:
                     evict(files)
                 try:
-                    args = ["--task", key, "--ckpt", ckpt, "--kind", kind]
-                    if out_dir:
-                        args += ["--out", out_dir]
-                    waited = wait_idle(a.wait_idle) if a.wait_idle > 0 else 0.0
-                    busy0, w0 = _busy_cpu_s(), time.monotonic()
-                    s = spawn(args, a.timeout)
-                    # CPU time other processes took while this child ran (contention diagnostic).
-                    s["foreign_cpu_s"] = max(0.0, _busy_cpu_s() - busy0 - s["child_cpu_s"])
-                    s["child_wall_s"] = time.monotonic() - w0
-                    s["waited_idle_s"] = waited
+                    # >= 90% idle before each run (--wait_idle), a stricter bar than the other scripts' 85%
+                    s = h.spawn_child(__file__, dict(task=key, ckpt=ckpt, kind=kind, out=out_dir), a.timeout,
+                                      quiet_wait=a.wait_idle, busy_frac=0.1)
                 finally:
                     if out_dir:
                         shutil.rmtree(out_dir, ignore_errors=True)
                 if rep >= 0:
                     samples.append(s)
                 print(f"[{name}] {label} {'warmup' if rep < 0 else '#' + str(rep + 1)}: {s['seconds']:.2f}s, "
-                      f"peak RSS {s['peak_rss'] / 1e9:.2f} GB, other processes {s['foreign_cpu_s']:.1f} CPU-s",
+                      f"peak RSS {s['peak_rss'] / 1e9:.2f} GB, other processes {s['bg_cpu_s']:.1f} CPU-s",
                       file=sys.stderr, flush=True)
             mres["tasks"][key] = summarise(samples, nbytes)
         floor = mres["tasks"].get(FLOOR_TASK)
@@ -650,12 +360,12 @@ def main(argv: list[str]) -> None:
     results["wall_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     # CPU time other processes used during the run: the machine's busy time minus ours (2 CPUs -> 2 s/s max).
-    results["machine"]["foreign_cpu_s"] = max(0.0, (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0))
+    results["machine"]["foreign_cpu_s"] = max(0.0, (h.cpu_busy_s() - busy0) - (h.own_cpu_s() - own0))
     all_samples = [x for mres in results["models"].values() for t in mres["tasks"].values() for x in t["samples"]]
-    results["foreign_cpu_frac"] = sum(x["foreign_cpu_s"] for x in all_samples) / max(
-        1e-9, sum(x["child_wall_s"] for x in all_samples) * (os.cpu_count() or 1))
-    publish(results, render(results), a.json_out)
+    results["foreign_cpu_frac"] = sum(x["bg_cpu_s"] for x in all_samples) / max(
+        1e-9, sum(x["wall_s"] for x in all_samples) * (os.cpu_count() or 1))
+    h.publish(results, render(results), a.json_out)
 
 
 if __name__ == "__main__":
-    entry(main, child_main)
+    h.entry(main, run_child)

@@ -3,9 +3,9 @@
 What it does:
 
 1. Uses the randomly initialised Qwen2.5-0.5B-shaped text checkpoint that
-   ``benchmarks/convert.py`` builds and caches (``Qwen2ForCausalLM``: vocab 151936,
+   ``benchmarks/convert.py`` also uses (``Qwen2ForCausalLM``: vocab 151936,
    hidden 896, intermediate 4864, 24 layers, 14 heads, 2 kv heads, tied
-   embeddings; bf16 safetensors, made with ``convert.make_checkpoint`` if
+   embeddings; bf16 safetensors, built by ``benchmarks/_checkpoints.py`` if
    missing). Both implementations load it as **float32** and compute in float32
    on the CPU, so they run the very same weights.
 
@@ -79,36 +79,19 @@ import sys
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-import convert as cb  # noqa: E402  (benchmarks/convert.py: checkpoint builder, machine info)
-import merge as mb  # noqa: E402  (benchmarks/merge.py: run_proc with background-load accounting, wait_quiet)
+import _checkpoints as ck
+import _harness as h
 
 MODEL = "qwen2.5-0.5b"
-RESULT_MARK = cb.RESULT_MARK
 PROMPT_LEN = 128
 NEW_TOKENS = 64
 BATCHES = (1, 8)
 PROMPT_BUCKET = 64  # 128 tokens fill two buckets exactly: no padding, cache of round_up(128 + 64, 64) = 192 slots
 NO_EOS = -1  # an id the model cannot produce: every row runs all NEW_TOKENS steps
 IMPLS = (("ours", "ours: viscodex_jax generate_ids"), ("hf", "transformers generate"))
-THREADS_SETUP = ("each child pinned to the first N CPUs (sched_setaffinity); torch.set_num_threads(N), "
-                 "OMP/MKL_NUM_THREADS=N; XLA sizes its CPU pool from the affinity mask (N=1: also "
-                 "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1)")
 
 
 # ----------------------------------------------------------------------------- children
-
-
-def _pin(threads: int) -> list[int]:
-    cpus = sorted(os.sched_getaffinity(0))[:threads]
-    os.sched_setaffinity(0, cpus)
-    return cpus
-
-
-def _peak_rss() -> int:
-    return cb._proc_status()["VmHWM"]
 
 
 def _prompts(vocab: int, seed: int):
@@ -246,7 +229,7 @@ def task_ours(ckpt: str, repeats: int, prefill_repeats: int, seed: int) -> dict[
         out["batches"][str(b)] = x
         print(f"[ours] batch {b}: generate {g_times}, prefill {p_times}, compile {compile_gen:.1f}/{compile_pre:.1f}s",
               file=sys.stderr, flush=True)
-    out["peak_rss"] = _peak_rss()
+    out["peak_rss"] = h.peak_rss()
     return out
 
 
@@ -294,7 +277,7 @@ def task_hf(ckpt: str, repeats: int, prefill_repeats: int, seed: int, threads: i
         out["batches"][str(b)] = x
         print(f"[hf] batch {b}: generate {g_times}, prefill {p_times} (warm-up {warm_s:.2f}s)", file=sys.stderr,
               flush=True)
-    out["peak_rss"] = _peak_rss()
+    out["peak_rss"] = h.peak_rss()
     return out
 
 
@@ -377,9 +360,8 @@ def task_ablation(ckpt: str, repeats: int) -> dict[str, Any]:
     return out
 
 
-def child_main(argv: list[str]) -> None:
-    a = json.loads(argv[0])
-    a["cpus"] = _pin(a["threads"])
+def run_child(a: dict[str, Any]) -> dict[str, Any]:
+    cpus = h.pin(a["threads"])
     if a["task"] == "bandwidth":
         res = task_bandwidth(a["threads"])
     elif a["task"] == "ours":
@@ -389,56 +371,16 @@ def child_main(argv: list[str]) -> None:
     elif a["task"] == "ablation":
         res = task_ablation(a["ckpt"], a["repeats"])
     else:
-        raise ValueError(a["task"])
-    res["cpus"] = a["cpus"]
-    sys.stdout.write(RESULT_MARK + json.dumps(res) + "\n")
-    sys.stdout.flush()
+        raise ValueError(f"unknown task {a['task']!r}")
+    res["cpus"] = cpus
+    return res
 
 
 # ----------------------------------------------------------------------------- parent
 
 
-XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-
-
-def child_env(threads: int) -> dict[str, str]:
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **cb.CHILD_ENV}
-    if threads == 1:
-        env["XLA_FLAGS"] = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""), XLA_ONE_THREAD) if x)
-    return env
-
-
-def spawn_child(script: str, args: dict[str, Any], timeout: float, threads: int,
-                quiet_wait: float = 0.0) -> dict[str, Any]:
-    """Runs ``script _child <json args>`` (pinned to ``threads`` CPUs by the child); returns its result dict."""
-    waited = mb.wait_quiet(quiet_wait) if quiet_wait > 0 else 0.0  # other people's jobs share this machine
-    p = mb.run_proc([sys.executable, os.path.abspath(script), "_child", json.dumps(args)], timeout,
-                    child_env(threads))
-    lines = [ln for ln in p["stdout"].splitlines() if ln.startswith(RESULT_MARK)]
-    if p["rc"] != 0 or not lines:
-        raise RuntimeError(f"child {args} failed (exit {p['rc']}):\n{p['stdout'][-3000:]}\n{p['stderr'][-6000:]}")
-    res = json.loads(lines[-1][len(RESULT_MARK):])
-    res.update(wall_s=p["wall_s"], cpu_s=p["cpu_s"], bg_cpu_frac=p["bg_cpu_frac"], maxrss=p["maxrss"],
-               waited_for_quiet_s=waited)
-    return res
-
-
-def spawn_retry(script: str, args: dict[str, Any], timeout: float, threads: int, quiet_wait: float = 0.0,
-                retries: int = 0, max_bg: float = 0.2) -> dict[str, Any]:
-    """spawn_child, run again (up to ``retries`` more times) while other processes took > ``max_bg`` of the CPU;
-    returns the run with the least background load (all runs' loads are kept in ``bg_cpu_frac_tries``)."""
-    runs = [spawn_child(script, args, timeout, threads, quiet_wait)]
-    while runs[-1]["bg_cpu_frac"] > max_bg and len(runs) <= retries:
-        print(f"  (other processes took {runs[-1]['bg_cpu_frac'] * 100:.0f}% of the CPU: running it again)",
-              file=sys.stderr, flush=True)
-        runs.append(spawn_child(script, args, timeout, threads, quiet_wait))
-    best = min(runs, key=lambda r: r["bg_cpu_frac"])
-    best["bg_cpu_frac_tries"] = [r["bg_cpu_frac"] for r in runs]
-    return best
-
-
 def spawn(args: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
-    return spawn_retry(__file__, args, a.timeout, a.threads, a.quiet_wait, a.retries, a.max_bg)
+    return h.spawn_retry(__file__, args, a.timeout, h.thread_env(a.threads), a.quiet_wait, a.retries, a.max_bg)
 
 
 def kv_bytes_per_step(cfg_json: dict[str, Any], batch: int, context: float, itemsize: int = 4) -> float:
@@ -520,9 +462,9 @@ def render(r: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmarks", "ckpts"),
-                   help="where convert.py caches its random checkpoints")
-    p.add_argument("--json_out", default=os.path.join(REPO, "runs", "benchmarks", "decode.json"))
+    p.add_argument("--work_dir", default=os.path.join(h.RESULTS_DIR, "ckpts"),
+                   help="where the random checkpoints are cached (shared with convert.py)")
+    p.add_argument("--json_out", default=os.path.join(h.RESULTS_DIR, "decode.json"))
     p.add_argument("--repeats", type=int, default=3, help="timed generate calls per batch size (best reported)")
     p.add_argument("--prefill_repeats", type=int, default=5, help="timed prefill calls per batch size (best reported)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -540,18 +482,16 @@ def main(argv: list[str]) -> None:
 
     t_start = time.perf_counter()
     ckpt = os.path.join(a.work_dir, MODEL)
-    if not cb.checkpoint_ready(ckpt, MODEL):
-        print(f"creating checkpoint in {ckpt} ...", file=sys.stderr, flush=True)
-        cb.spawn(["--task", "make", "--ckpt", ckpt, "--make", MODEL, "--seed", "0"], a.timeout)
+    ck.ensure(MODEL, ckpt, 0, a.timeout)
     with open(os.path.join(ckpt, "config.json")) as f:
         cfg_json = json.load(f)
     results: dict[str, Any] = dict(
-        machine=cb.machine_info(),
+        machine=h.machine_info(),
         config=dict(model=MODEL, ckpt=ckpt, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, batches=list(BATCHES),
                     repeats=a.repeats, prefill_repeats=a.prefill_repeats, threads=a.threads, seed=a.seed,
                     prompt_bucket=PROMPT_BUCKET,
                     quiet_wait=a.quiet_wait, retries=a.retries, max_bg=a.max_bg, compute_dtype="float32",
-                    threads_setup=THREADS_SETUP),
+                    threads_setup=h.THREADS_SETUP),
         impls={},
     )
     common = dict(ckpt=ckpt, repeats=a.repeats, prefill_repeats=a.prefill_repeats, seed=a.seed, threads=a.threads)
@@ -578,18 +518,18 @@ def main(argv: list[str]) -> None:
             x["decode_tok_s"] = b / x["s_per_step"]
             x["prefill_tok_s"] = b * PROMPT_LEN / x["prefill_s"]
             x["pct_of_floor"] = 100.0 * fl["s_per_step"] / x["s_per_step"]
-        o, h = results["impls"]["ours"]["batches"][str(b)], results["impls"]["hf"]["batches"][str(b)]
-        results["agreement"][str(b)] = agreement(o["tokens"], h["tokens"])
-        results["ratios"][str(b)] = dict(decode_tok_s=o["decode_tok_s"] / h["decode_tok_s"],
-                                         prefill_tok_s=o["prefill_tok_s"] / h["prefill_tok_s"],
-                                         generate_s=o["generate_s"] / h["generate_s"])
+        o, hf = results["impls"]["ours"]["batches"][str(b)], results["impls"]["hf"]["batches"][str(b)]
+        results["agreement"][str(b)] = agreement(o["tokens"], hf["tokens"])
+        results["ratios"][str(b)] = dict(decode_tok_s=o["decode_tok_s"] / hf["decode_tok_s"],
+                                         prefill_tok_s=o["prefill_tok_s"] / hf["prefill_tok_s"],
+                                         generate_s=o["generate_s"] / hf["generate_s"])
     if not a.no_ablation:
         print("ablation: one decode step, scanned vs unrolled layers ...", file=sys.stderr, flush=True)
         results["ablation"] = spawn(dict(common, task="ablation"), a)
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - t_start
-    cb.publish(results, render(results), a.json_out)
+    h.publish(results, render(results), a.json_out)
 
 
 if __name__ == "__main__":
-    cb.entry(main, child_main)
+    h.entry(main, run_child)

@@ -3,8 +3,8 @@
 What it does:
 
 1. Builds (and caches under ``--work_dir``) randomly initialised bf16 HF
-   checkpoints with real shapes, 500 MB shards, using ``benchmarks/convert.py``'s
-   ``make_checkpoint`` (meta-device model, seeded fill, ``save_pretrained``):
+   checkpoints with real shapes, 500 MB shards, with ``benchmarks/_checkpoints.py``
+   (meta-device model, seeded fill, ``save_pretrained``):
 
    * ``0.5b``: three text-only ``Qwen2ForCausalLM`` checkpoints with Qwen2.5-0.5B's
      shapes (vocab 151936, hidden 896, intermediate 4864, 24 layers, 14/2 heads,
@@ -33,7 +33,7 @@ What it does:
                    ``ShardedWriter`` (500 MB shards): what any streaming merge must pay.
 
    ``--ours_xla_flags`` sets XLA_FLAGS for our runs (default: none). jaxlib 0.10's CPU backend used to
-   run a reduction over the 2-3 model axis 100-400x slower than a chain of adds; merge._merge_core now
+   run a reduction over the 2-3 model axis 100-400x slower than a chain of adds; merge.tensor._merge_core now
    adds the models unrolled, and ``--ours_xla_flags=--xla_cpu_experimental_ynn_fusion_type=-reduce``
    shows the difference the flag still makes.
 
@@ -73,28 +73,21 @@ each task (mergekit's after comparison with ours).
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-import convert as cb  # noqa: E402  (benchmarks/convert.py: checkpoint builder and helpers)
+import _checkpoints as ck
+import _harness as h
 
-# Qwen2.5-1.5B's text shapes, registered with convert.py's builder (also in children, which import this module).
-cb.MODELS.setdefault("qwen2.5-1.5b", dict(
-    kind="text", text=dict(cb.TEXT, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                           num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072),
-    rope_theta=cb.ROPE_THETA, tie_word_embeddings=True))
+REPO = h.REPO
 
 CASES = {
     # name: (text model for base/model1/model2, VL model for model1 or None)
@@ -107,26 +100,26 @@ WEIGHTS = (0.7, 0.3)
 SHARD_BYTES = 500 * 10**6
 DERIVED_SPEC = "merge_bench_spec.json"
 DERIVED_VERSION = 1
-RESULT_MARK = cb.RESULT_MARK
-CHILD_ENV = dict(cb.CHILD_ENV, TQDM_DISABLE="1")
 # jaxlib 0.10's CPU backend hands reductions to YNNPACK; a sum over the model axis of a broadcast product
-# (jnp.sum(w[:, None, None] * x, axis=0), as in merge._merge_core) then runs ~400x slower (4 s instead of 10 ms
+# (jnp.sum(w[:, None, None] * x, axis=0), as in merge.tensor._merge_core) then runs ~400x slower (4 s instead of 10 ms
 # for a 2x4864x896 f32 array; a whole task_arithmetic merge_tensor of one 4864x896 MLP weight: 8.5 s CPU instead
 # of 0.12 s). This flag keeps those reductions in XLA's own emitter.
 YNN_REDUCE_OFF = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 
 
-CODE_FILES = ("viscodex_jax/merge.py", "viscodex_jax/merge_checkpoints.py", "viscodex_jax/checkpoint/safetensors_io.py",
-              "viscodex_jax/checkpoint/hf.py", "viscodex_jax/checkpoint/hf_map.py")
+# The merge code under test: every module of these packages (it may be edited, or moved, between runs).
+CODE_DIRS = ("viscodex_jax/merge", "viscodex_jax/checkpoint")
 
 
 def code_hash() -> str:
-    """A short hash of the merge code under test (it may be edited between runs)."""
-    h = hashlib.sha256()
-    for f in CODE_FILES:
-        with open(os.path.join(REPO, f), "rb") as fh:
-            h.update(fh.read())
-    return h.hexdigest()[:12]
+    """A short hash of the merge code under test."""
+    hsh = hashlib.sha256()
+    for d in CODE_DIRS:
+        for f in sorted(glob.glob(os.path.join(REPO, d, "*.py"))):
+            hsh.update(os.path.relpath(f, REPO).encode())
+            with open(f, "rb") as fh:
+                hsh.update(fh.read())
+    return hsh.hexdigest()[:12]
 
 
 def spec_kwargs(method: str, density: float) -> dict[str, Any]:
@@ -186,17 +179,10 @@ def derive_checkpoint(src: str, base: str, out: str, seed: int, std: float, spec
     return dict(total_s=time.perf_counter() - t0, noised_params=noised)
 
 
-def base_ready(ckpt: str, name: str, seed: int) -> bool:
-    if not cb.checkpoint_ready(ckpt, name):
-        return False
-    with open(os.path.join(ckpt, cb.SPEC_FILE)) as f:
-        return json.load(f).get("seed") == seed
-
-
 def derived_ready(ckpt: str, spec: dict[str, Any]) -> bool:
     try:
         with open(os.path.join(ckpt, DERIVED_SPEC)) as f:
-            return json.load(f) == spec and bool(cb.weight_files(ckpt))
+            return json.load(f) == spec and bool(ck.weight_files(ckpt))
     except (OSError, ValueError):
         return False
 
@@ -206,13 +192,7 @@ def prepare(work: str, text: str, vl: str | None, a: argparse.Namespace) -> dict
     dirs = {"base": os.path.join(work, f"{text}-base"), "model2": os.path.join(work, f"{text}-model2"),
             "model1": os.path.join(work, f"{vl or text}-model1")}
 
-    def make(name, ckpt, seed):
-        print(f"  creating {name} (seed {seed}) in {ckpt} ...", file=sys.stderr, flush=True)
-        r = spawn_child(dict(task="make", name=name, ckpt=ckpt, seed=seed), a.timeout)
-        print(f"  created in {r['wall_s']:.0f}s", file=sys.stderr, flush=True)
-
-    if a.recreate or not base_ready(dirs["base"], text, a.seed):
-        make(text, dirs["base"], a.seed)
+    ck.ensure(text, dirs["base"], a.seed, a.timeout, recreate=a.recreate)
     for role, src_name, noise_seed in (("model1", vl or text, a.seed + 1), ("model2", text, a.seed + 2)):
         spec = dict(version=DERIVED_VERSION, source=src_name, source_seed=a.seed + 10 if vl and role == "model1" else a.seed,
                     base=text, base_seed=a.seed, noise_seed=noise_seed, noise_std=a.noise_std)
@@ -221,10 +201,10 @@ def prepare(work: str, text: str, vl: str | None, a: argparse.Namespace) -> dict
         src, raw = dirs["base"], None
         if src_name != text:  # a fresh random VL checkpoint, whose text tensors are then replaced
             raw = os.path.join(work, f".{src_name}-raw")
-            make(src_name, raw, spec["source_seed"])
+            ck.ensure(src_name, raw, spec["source_seed"], a.timeout, recreate=True)
             src = raw
         print(f"  deriving {role} = base + noise from {src} ...", file=sys.stderr, flush=True)
-        r = spawn_child(dict(task="derive", src=src, base=dirs["base"], out=dirs[role], seed=noise_seed,
+        r = spawn(dict(task="derive", src=src, base=dirs["base"], out=dirs[role], seed=noise_seed,
                              std=a.noise_std, spec=spec), a.timeout)
         print(f"  derived in {r['wall_s']:.0f}s", file=sys.stderr, flush=True)
         if raw:
@@ -233,10 +213,6 @@ def prepare(work: str, text: str, vl: str | None, a: argparse.Namespace) -> dict
 
 
 # ----------------------------------------------------------------------------- child tasks
-
-
-def _status() -> dict[str, int]:
-    return cb._proc_status()
 
 
 def task_ours(base: str, models: list[str], out: str, method: str, density: float) -> dict[str, Any]:
@@ -249,12 +225,12 @@ def task_ours(base: str, models: list[str], out: str, method: str, density: floa
     code = code_hash()  # read right after the imports: the code this child runs
     workaround = None
     spec = MergeSpec(**spec_kwargs(method, density))
-    before = _status()
+    before = h.proc_status()
     t0 = time.perf_counter()
     report = merge_checkpoints(base, models, out, spec, max_shard_bytes=SHARD_BYTES, overwrite=True)
     dt = time.perf_counter() - t0
-    return dict(work_s=dt, rss_before=before["VmRSS"], peak_rss=_status()["VmHWM"], out_bytes=cb.ckpt_bytes(out),
-                n_out_files=len(cb.weight_files(out)), merged_tensors=len(report["merged"]),
+    return dict(work_s=dt, rss_before=before["VmRSS"], peak_rss=h.proc_status()["VmHWM"], out_bytes=ck.ckpt_bytes(out),
+                n_out_files=len(ck.weight_files(out)), merged_tensors=len(report["merged"]),
                 copied_tensors=len(report["copied"]), workaround=workaround,
                 code=code)
 
@@ -264,7 +240,7 @@ def task_floor(base: str, models: list[str], out: str) -> dict[str, Any]:
     from viscodex_jax.utils import atomic_dir
     from viscodex_jax.checkpoint.safetensors_io import ShardedWriter
 
-    before = _status()
+    before = h.proc_status()
     t0 = time.perf_counter()
     read = 0
     with atomic_dir(out, overwrite=True) as tmp:
@@ -278,90 +254,24 @@ def task_floor(base: str, models: list[str], out: str) -> dict[str, Any]:
                 del arr
         writer.finish()
     dt = time.perf_counter() - t0
-    return dict(work_s=dt, rss_before=before["VmRSS"], peak_rss=_status()["VmHWM"], bytes_read=read,
-                out_bytes=cb.ckpt_bytes(out))
+    return dict(work_s=dt, rss_before=before["VmRSS"], peak_rss=h.proc_status()["VmHWM"], bytes_read=read,
+                out_bytes=ck.ckpt_bytes(out))
 
 
-def child_main(argv: list[str]) -> None:
-    a = json.loads(argv[0])
+def run_child(a: dict[str, Any]) -> dict[str, Any]:
+    tasks = dict(derive=derive_checkpoint, ours=task_ours, floor=task_floor)
     t = a.pop("task")
-    if t == "make":
-        res = cb.make_checkpoint(a["name"], a["ckpt"], a["seed"])
-    elif t == "derive":
-        res = derive_checkpoint(**a)
-    elif t == "ours":
-        res = task_ours(**a)
-    elif t == "floor":
-        res = task_floor(**a)
-    else:
-        raise ValueError(f"unknown task {t!r}")
-    sys.stdout.write(RESULT_MARK + json.dumps(res) + "\n")
-    sys.stdout.flush()
+    if t not in tasks:
+        raise ValueError(f"unknown task {t!r} (expected one of {', '.join(tasks)})")
+    return tasks[t](**a)
 
 
 # ----------------------------------------------------------------------------- parent
 
 
-def cpu_busy_s() -> float:
-    """Seconds of CPU time the whole machine has spent busy (all CPUs, /proc/stat) since boot."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
-    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_quiet(max_wait: float, busy_frac: float = 0.15) -> float:
-    """Waits (up to max_wait s) until the machine is at most busy_frac busy over a 1 s window; returns s waited."""
-    t0 = time.perf_counter()
-    ncpu = os.cpu_count() or 1
-    while time.perf_counter() - t0 < max_wait:
-        b0, w0 = cpu_busy_s(), time.perf_counter()
-        time.sleep(1.0)
-        if (cpu_busy_s() - b0) / ((time.perf_counter() - w0) * ncpu) <= busy_frac:
-            break
-    return time.perf_counter() - t0
-
-
-def run_proc(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Runs cmd; returns rc, wall and CPU seconds, this child's wait4 ru_maxrss (bytes), stdout and stderr.
-
-    ``bg_cpu_frac``: the share of the machine's CPU that other processes used meanwhile (0 on a quiet machine).
-    """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        busy0 = cpu_busy_s()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **CHILD_ENV, **(env or {})},
-                                cwd=REPO)
-        timed_out = False
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - t0 > timeout:
-                proc.kill()
-                timed_out = True
-                pid, status, ru = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.02)
-        wall = time.perf_counter() - t0
-        cpu = ru.ru_utime + ru.ru_stime
-        bg = max(0.0, (cpu_busy_s() - busy0 - cpu) / (wall * (os.cpu_count() or 1)))
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return dict(rc=proc.returncode, wall_s=wall, cpu_s=cpu, bg_cpu_frac=bg, maxrss=ru.ru_maxrss * 1024,
-                    timed_out=timed_out,
-                    stdout=out.read().decode(errors="replace"), stderr=err.read().decode(errors="replace"))
-
-
-def spawn_child(args: dict[str, Any], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
-    p = run_proc([sys.executable, os.path.abspath(__file__), "_child", json.dumps(args)], timeout, env)
-    lines = [ln for ln in p["stdout"].splitlines() if ln.startswith(RESULT_MARK)]
-    if p["rc"] != 0 or not lines:
-        raise RuntimeError(f"child {args} failed (exit {p['rc']}):\n{p['stdout'][-3000:]}\n{p['stderr'][-6000:]}")
-    res = json.loads(lines[-1][len(RESULT_MARK):])
-    res.update(wall_s=p["wall_s"], cpu_s=p["cpu_s"], bg_cpu_frac=p["bg_cpu_frac"],
-               peak_rss=max(res.get("peak_rss", 0), p["maxrss"]))
+def spawn(args: dict[str, Any], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    res = h.spawn_child(__file__, args, timeout, env)
+    res["peak_rss"] = max(res.get("peak_rss", 0), res["maxrss"])
     return res
 
 
@@ -383,11 +293,11 @@ def run_mergekit(a, method: str, dirs: dict[str, str], out: str, extra: list[str
         f.write(mergekit_yaml(method, a.density, dirs, a.mergekit_dtype))
     cmd = [a.mergekit, cfg, out, "--out-shard-size", "250M", "--lazy-unpickle", "--no-copy-tokenizer",
            "--no-write-model-card", "--random-seed", str(a.seed), "--quiet", *extra]
-    p = run_proc(cmd, a.timeout, env={"HF_HUB_OFFLINE": "1"})
+    p = h.run_proc(cmd, a.timeout, env={"HF_HUB_OFFLINE": "1"})
     return dict(cmd=" ".join(cmd), config=open(cfg).read(), rc=p["rc"], wall_s=p["wall_s"], cpu_s=p["cpu_s"],
                 bg_cpu_frac=p["bg_cpu_frac"], peak_rss=p["maxrss"],
                 timed_out=p["timed_out"], stderr_tail=p["stderr"][-4000:],
-                out_bytes=cb.ckpt_bytes(out) if os.path.isdir(out) else 0)
+                out_bytes=ck.ckpt_bytes(out) if os.path.isdir(out) else 0)
 
 
 def compare(ours: str, theirs: str) -> dict[str, Any]:
@@ -410,10 +320,6 @@ def compare(ours: str, theirs: str) -> dict[str, Any]:
         maxdiff = max(maxdiff, float(np.max(np.abs(x.astype(np.float32) - y.astype(np.float32)))))
     return dict(only_ours=sorted(set(a) - set(b)), only_mergekit=sorted(set(b) - set(a)),
                 n_compared=n, bit_equal_fraction=eq / n if n else None, max_abs_diff=maxdiff)
-
-
-def _fmt(x, spec, suffix=""):
-    return "—" if x is None else format(x, spec) + suffix
 
 
 def render(results: dict[str, Any]) -> str:
@@ -441,9 +347,9 @@ def render(results: dict[str, Any]) -> str:
                      if cm.get("bit_equal_fraction") is not None else "")
             vs_mk = (f"{r['x_mergekit_time']:.2f}× / {r['x_mergekit_rss']:.2f}×" if r.get("x_mergekit_time") else "")
             lines.append(
-                f"| {label} | {r['method']} | {r['impl']} | {r['wall_s']:.1f} | {_fmt(r.get('work_s'), '.1f')} | "
+                f"| {label} | {r['method']} | {r['impl']} | {r['wall_s']:.1f} | {h.fmt(r.get('work_s'), '.1f')} | "
                 f"{r['cpu_s']:.1f} | {r['gb_per_s']:.3f} | {r['peak_rss'] / 1e9:.2f} | {vs_mk} | "
-                f"{_fmt(r.get('x_floor'), '.2f', '×') if r['impl'].startswith('ours') else ''} | {cmp_s} | "
+                f"{h.fmt(r.get('x_floor'), '.2f', '×') if r['impl'].startswith('ours') else ''} | {cmp_s} | "
                 f"{r['bg_cpu_frac'] * 100:.0f}% |")
     lines += [
         "",
@@ -513,13 +419,13 @@ def main(argv: list[str]) -> None:
     versions: dict[str, Any] = {}
     if use_mk:
         mkpy = os.path.join(os.path.dirname(a.mergekit), "python")
-        q = run_proc([mkpy, "-c", "from importlib import metadata as m; print(m.version('mergekit'), "
+        q = h.run_proc([mkpy, "-c", "from importlib import metadata as m; print(m.version('mergekit'), "
                       "m.version('torch'), m.version('transformers'))"], 120)
         versions["mergekit"], versions["mergekit_torch"], versions["mergekit_transformers"] = q["stdout"].split()
-        versions["mergekit_import_s"] = run_proc(
+        versions["mergekit_import_s"] = h.run_proc(
             [mkpy, "-c", "import torch, transformers, mergekit.merge, mergekit.scripts.run_yaml"], 300)["wall_s"]
     results: dict[str, Any] = dict(
-        machine=cb.machine_info(), versions=versions,
+        machine=h.machine_info(), versions=versions,
         config=dict(cases=cases, methods=methods, vl_methods=vl_methods, weights=list(WEIGHTS), density=a.density,
                     shard_bytes=SHARD_BYTES, seed=a.seed, noise_std=a.noise_std, mergekit_dtype=a.mergekit_dtype,
                     ours_xla_flags=ours_env["XLA_FLAGS"], ours_default_xla=default_xla, code=code_hash(),
@@ -529,16 +435,16 @@ def main(argv: list[str]) -> None:
 
     def quiet():
         os.sync()  # no writeback of the last task's output during the next one
-        return wait_quiet(a.quiet_wait)
+        return h.wait_quiet(a.quiet_wait)
 
     for cname in cases:
         text, vl = CASES[cname]
         print(f"[{cname}] preparing checkpoints", file=sys.stderr, flush=True)
         dirs = prepare(a.work_dir, text, vl, a)
         ins = [dirs["base"], dirs["model1"], dirs["model2"]]
-        nbytes = sum(cb.ckpt_bytes(d) for d in ins)
+        nbytes = sum(ck.ckpt_bytes(d) for d in ins)
         for d in ins:
-            cb.warm(cb.weight_files(d))
+            ck.warm(ck.weight_files(d))
         c: dict[str, Any] = dict(dirs=dirs, input_bytes=nbytes, rows=[], mergekit_attempts={})
         results["cases"][cname] = c
         out = {k: os.path.join(a.work_dir, f"_out-{k}-{cname}") for k in ("ours", "mergekit", "floor")}
@@ -553,7 +459,7 @@ def main(argv: list[str]) -> None:
             return r
 
         w = quiet()
-        floor = row(spawn_child(dict(task="floor", base=dirs["base"], models=models, out=out["floor"]), a.timeout),
+        floor = row(spawn(dict(task="floor", base=dirs["base"], models=models, out=out["floor"]), a.timeout),
                     "(any)", "floor", w)
         shutil.rmtree(out["floor"], ignore_errors=True)
         for method in (vl_methods if vl else methods):
@@ -562,7 +468,7 @@ def main(argv: list[str]) -> None:
                 if impl != "ours" and method not in default_xla:
                     continue
                 w = quiet()
-                r = row(spawn_child(dict(task="ours", base=dirs["base"], models=models, out=out["ours"],
+                r = row(spawn(dict(task="ours", base=dirs["base"], models=models, out=out["ours"],
                                          method=method, density=a.density), a.timeout, env), method, impl, w)
                 r["x_floor"] = r["work_s"] / floor["work_s"]
                 rows.append(r)
@@ -603,8 +509,8 @@ def main(argv: list[str]) -> None:
     seen = {r["code"] for c in results["cases"].values() for r in c["rows"] if r.get("code")} | {results["config"]["code"]}
     if len(seen) > 1:
         results["config"]["code"] = "CHANGED DURING THE RUN: " + ", ".join(sorted(seen))
-    cb.publish(results, render(results), a.json_out)
+    h.publish(results, render(results), a.json_out)
 
 
 if __name__ == "__main__":
-    cb.entry(main, child_main)
+    h.entry(main, run_child)

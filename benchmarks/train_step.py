@@ -11,11 +11,13 @@ What it does:
    * ``0.5b-wide-4l``: Qwen2.5-0.5B's shapes (vocab 151936, hidden 896,
      intermediate 4864, 14/2 heads, tied embeddings) but **4 layers instead of
      24** to keep CPU time sane (the tied 136M-parameter embedding / lm_head is
-     then ~70% of the matmul parameters), batch 2 x 256 tokens. Built with
-     ``benchmarks/convert.py``'s ``make_checkpoint`` (meta device, seeded fill,
-     bf16 ``save_pretrained``) and cached under ``--work_dir``.
+     then ~70% of the matmul parameters), batch 2 x 256 tokens. Built by
+     ``benchmarks/_checkpoints.py`` (meta device, seeded fill, bf16
+     ``save_pretrained``) and cached under ``--work_dir``.
 
-2. One fresh subprocess per (model, implementation), same CPU affinity and
+2. Fresh subprocesses per (model, implementation), ``--rounds`` of them each,
+   alternating ours, transformers, ours, transformers, ... so that load which
+   comes and goes on a shared machine hits both alike; same CPU affinity and
    thread count for both (see decode.py's "Threads"; documented in the JSON):
 
    * ``ours``: ``make_train_step(cfg, make_optimizer(OptimConfig(...)), trainable_keys(params, "llm"),
@@ -29,19 +31,21 @@ What it does:
      sdpa attention.
 
    Both train all parameters (ours: the "llm" preset = every text parameter).
-   ``--warmup`` untimed steps first (ours' first one includes the jit compile,
-   reported separately as first step - median step), then the median of
-   ``--steps`` timed steps (each timed to completion: ``block_until_ready`` /
+   In each process ``--warmup`` untimed steps first (ours' first one includes the jit compile,
+   reported separately as first step - median step), then ``--steps`` timed steps; a row
+   reports the median over all rounds' timed steps (each timed to completion: ``block_until_ready`` /
    synchronous torch). Model FLOP/s uses ``viscodex_jax.train.metrics.train_flops``
    (6 N per token + causal attention) for both. The first step's loss of the
    two implementations is compared (same weights, same batch).
 
-3. Prints a Markdown table (with ours ÷ transformers) and writes JSON to ``--json_out``.
+3. Prints a Markdown table (with ours ÷ transformers in tokens/s, and the range of the
+   per-round ratios) and writes JSON to ``--json_out``.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/train_step.py                 # ~1.5 min on 2 quiet cores (+~30 s first time)
-    .venv/bin/python benchmarks/train_step.py --models tiny   # seconds
+    .venv/bin/python benchmarks/train_step.py                 # both models, 2 rounds: ~5 min on 2 quiet cores
+    .venv/bin/python benchmarks/train_step.py --quick         # 0.5b-wide-4l, 1 round: ~1 min (+~30 s first time)
+    .venv/bin/python benchmarks/train_step.py --models tiny   # under a minute
     .venv/bin/python benchmarks/train_step.py --retries 2     # rerun a child other processes disturbed (>20% CPU)
 """
 
@@ -55,25 +59,21 @@ import sys
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-import convert as cb  # noqa: E402  (benchmarks/convert.py: checkpoint builder, machine info)
-import decode as db  # noqa: E402  (benchmarks/decode.py: pinned child processes with the same thread settings)
+import _checkpoints as ck
+import _harness as h
 
-WIDE = "qwen2.5-0.5b-4l"
-# Qwen2.5-0.5B's text shapes with 4 layers, registered with convert.py's builder (also in children).
-cb.MODELS.setdefault(WIDE, dict(kind="text", text=dict(cb.TEXT, num_hidden_layers=4), rope_theta=cb.ROPE_THETA,
-                                tie_word_embeddings=True))
+WIDE = "qwen2.5-0.5b-4l"  # in _checkpoints.MODELS
 MODELS = {
     # name: (checkpoint kind, batch, seq_len, timed steps, warm-up steps)
     "tiny": dict(batch=4, seq=512, steps=10, warmup=5),
     "0.5b-wide-4l": dict(batch=2, seq=256, steps=3, warmup=1),
 }
+# --quick: the headline model only, one round, fewer steps (about a minute on 2 quiet cores).
+QUICK = dict(models="0.5b-wide-4l", rounds=1, steps=2, warmup=1)
+ROUNDS = 2
 IMPLS = (("ours", "ours: viscodex_jax train step (jit)"), ("hf", "transformers + torch AdamW"))
 OPTIM = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
 VOCAB_CHUNK = 8192
-RESULT_MARK = cb.RESULT_MARK
 
 
 # ----------------------------------------------------------------------------- children
@@ -118,7 +118,7 @@ def task_ours(ckpt: str, b: int, t: int, steps: int, warmup: int, seed: int) -> 
                 compile_s=times[0] - med, losses=losses, flops=train_flops(cfg, batch),
                 matmul_params=text_params(cfg), n_trainable=len(keys),
                 n_params=int(sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))),
-                peak_rss=db._peak_rss())
+                peak_rss=h.peak_rss())
 
 
 def task_hf(ckpt: str, b: int, t: int, steps: int, warmup: int, seed: int, threads: int) -> dict[str, Any]:
@@ -152,15 +152,12 @@ def task_hf(ckpt: str, b: int, t: int, steps: int, warmup: int, seed: int, threa
                 losses=losses, n_params=sum(p.numel() for p in params),
                 attn_implementation=model.config._attn_implementation,
                 adamw=dict(foreach=opt.defaults.get("foreach"), fused=opt.defaults.get("fused")),
-                peak_rss=db._peak_rss())
+                peak_rss=h.peak_rss())
 
 
-def child_main(argv: list[str]) -> None:
-    a = json.loads(argv[0])
-    cpus = db._pin(a["threads"])
-    if a["task"] == "make":
-        res = cb.make_checkpoint(a["name"], a["ckpt"], a["seed"])
-    elif a["task"] == "make_tiny":
+def run_child(a: dict[str, Any]) -> dict[str, Any]:
+    cpus = h.pin(a["threads"])
+    if a["task"] == "make_tiny":
         from viscodex_jax.testing.tiny import ensure_tiny_checkpoints
 
         res = ensure_tiny_checkpoints(a["ckpt"], seed=a["seed"])
@@ -169,19 +166,30 @@ def child_main(argv: list[str]) -> None:
     elif a["task"] == "hf":
         res = task_hf(a["ckpt"], a["batch"], a["seq"], a["steps"], a["warmup"], a["seed"], a["threads"])
     else:
-        raise ValueError(a["task"])
+        raise ValueError(f"unknown task {a['task']!r}")
     res["cpus"] = cpus
-    sys.stdout.write(RESULT_MARK + json.dumps(res) + "\n")
-    sys.stdout.flush()
+    return res
 
 
 # ----------------------------------------------------------------------------- parent
 
 
 def spawn(args: dict[str, Any], a: argparse.Namespace, retry: bool = True) -> dict[str, Any]:
+    env = h.thread_env(a.threads)
     if not retry:
-        return db.spawn_child(__file__, args, a.timeout, a.threads)
-    return db.spawn_retry(__file__, args, a.timeout, a.threads, a.quiet_wait, a.retries, a.max_bg)
+        return h.spawn_child(__file__, args, a.timeout, env)
+    return h.spawn_retry(__file__, args, a.timeout, env, a.quiet_wait, a.retries, a.max_bg)
+
+
+def pool_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One implementation's rounds as one row: the median over every round's timed steps; each round kept."""
+    times = [t for r in runs for t in r["step_times"]]
+    x = dict(step_s=statistics.median(times), step_times=times, losses=runs[0]["losses"],
+             maxrss=max(r["maxrss"] for r in runs), bg_cpu_frac=statistics.mean(r["bg_cpu_frac"] for r in runs),
+             rounds=runs)
+    if "compile_s" in runs[0]:
+        x["compile_s"] = statistics.median(r["compile_s"] for r in runs)
+    return x
 
 
 def render(r: dict[str, Any]) -> str:
@@ -199,7 +207,9 @@ def render(r: dict[str, Any]) -> str:
     for name, mr in r["models"].items():
         for key, label in IMPLS:
             x = mr["impls"][key]
-            ratio = f"{mr['ratio_tokens_per_s']:.2f}×" if key == "ours" else ""
+            rr = mr["round_ratios"]
+            ratio = (f"{mr['ratio_tokens_per_s']:.2f}×" + (f" ({min(rr):.2f}–{max(rr):.2f})" if len(rr) > 1 else "")
+                     if key == "ours" else "")
             comp = f"{x['compile_s']:.1f}" if key == "ours" else "—"
             lines.append(
                 f"| {name} | {mr['batch']} × {mr['seq']} | {label} | {x['step_s']:.3f} | "
@@ -208,9 +218,11 @@ def render(r: dict[str, Any]) -> str:
                 f"{x['bg_cpu_frac'] * 100:.0f}% |")
     lines += [
         "",
-        "step s: median of the timed steps after the warm-up steps ("
+        f"Each implementation ran in {c['rounds']} fresh process(es), alternating ours, transformers, ours, ... "
+        "step s: median of all rounds' timed steps after each process's warm-up steps ("
         + "; ".join(f"{n}: {mr['steps']} after {mr['warmup']}" for n, mr in r["models"].items())
-        + "). 0.5b-wide-4l is Qwen2.5-0.5B with 4 of its 24 layers (CPU time). model GFLOP/s = train_flops "
+        + "). ours ÷ transformers: tokens/s ratio of those medians (in brackets: the range of the per-round "
+        "ratios). 0.5b-wide-4l is Qwen2.5-0.5B with 4 of its 24 layers (CPU time). model GFLOP/s = train_flops "
         "(6 N per token + causal attention; the same count for both) / step s. compile = ours' first step − median step. first-step loss: "
         "same weights and batch, so the two should agree to ~1e-5. other load: share of the machine's CPU used by "
         "other processes during that child (this machine is shared).",
@@ -220,10 +232,15 @@ def render(r: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmarks", "ckpts"))
-    p.add_argument("--json_out", default=os.path.join(REPO, "runs", "benchmarks", "train_step.json"))
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: per model)")
+    p.add_argument("--work_dir", default=os.path.join(h.RESULTS_DIR, "ckpts"))
+    p.add_argument("--json_out", default=os.path.join(h.RESULTS_DIR, "train_step.json"))
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK['models']} only, {QUICK['rounds']} round, {QUICK['steps']} timed steps after "
+                        f"{QUICK['warmup']} (flags given explicitly still win)")
+    p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"fresh processes per implementation, alternating ours / transformers (default {ROUNDS})")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per process (default: per model)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: per model)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPUs (affinity) and threads for each implementation")
@@ -235,6 +252,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--max_bg", type=float, default=0.2)
     p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
     a = p.parse_args(argv)
+    for k, v in (QUICK if a.quick else dict(models=",".join(MODELS), rounds=ROUNDS)).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {a.rounds}")
     names = [n for n in a.models.split(",") if n]
     unknown = set(names) - set(MODELS)
     if unknown:
@@ -248,15 +270,13 @@ def main(argv: list[str]) -> None:
         ckpts["tiny"] = spawn(dict(common, task="make_tiny", ckpt=tiny_dir), a, retry=False)["base"]
     if "0.5b-wide-4l" in names:
         ckpt = os.path.join(a.work_dir, WIDE)
-        if not cb.checkpoint_ready(ckpt, WIDE):
-            print(f"creating {WIDE} checkpoint in {ckpt} ...", file=sys.stderr, flush=True)
-            spawn(dict(common, task="make", name=WIDE, ckpt=ckpt), a, retry=False)
+        ck.ensure(WIDE, ckpt, a.seed, a.timeout)
         ckpts["0.5b-wide-4l"] = ckpt
     results: dict[str, Any] = dict(
-        machine=cb.machine_info(),
+        machine=h.machine_info(),
         config=dict(threads=a.threads, seed=a.seed, optim=OPTIM, vocab_chunk=VOCAB_CHUNK, compute_dtype="float32",
-                    quiet_wait=a.quiet_wait, retries=a.retries, max_bg=a.max_bg,
-                    threads_setup=db.THREADS_SETUP),
+                    quiet_wait=a.quiet_wait, retries=a.retries, max_bg=a.max_bg, rounds=a.rounds, quick=a.quick,
+                    threads_setup=h.THREADS_SETUP),
         models={},
     )
     for name in names:
@@ -270,24 +290,29 @@ def main(argv: list[str]) -> None:
         mr: dict[str, Any] = dict(ckpt=ckpts[name], config={k: cfg_json.get(k) for k in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "tie_word_embeddings")}, **spec, impls={})
-        for key, label in IMPLS:
-            print(f"[{name}] {label} ...", file=sys.stderr, flush=True)
-            x = spawn(dict(common, task=key, ckpt=ckpts[name], **spec), a)
-            mr["impls"][key] = x
-        flops = mr["impls"]["ours"]["flops"]
+        # A B A B: load that comes and goes on a shared machine then hits both implementations alike.
+        runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in IMPLS}
+        for rnd in range(a.rounds):
+            for key, label in IMPLS:
+                print(f"[{name}] round {rnd + 1}/{a.rounds}: {label} ...", file=sys.stderr, flush=True)
+                runs[key].append(spawn(dict(common, task=key, ckpt=ckpts[name], **spec), a))
+        flops = runs["ours"][0]["flops"]
         mr["flops_per_step"] = flops
         for key, _ in IMPLS:
-            x = mr["impls"][key]
+            mr["impls"][key] = x = pool_rounds(runs[key])
             x["tokens_per_s"] = spec["batch"] * spec["seq"] / x["step_s"]
             x["gflops_per_s"] = flops / x["step_s"] / 1e9
-        o, h = mr["impls"]["ours"], mr["impls"]["hf"]
-        mr["ratio_tokens_per_s"] = o["tokens_per_s"] / h["tokens_per_s"]
-        mr["first_loss_abs_diff"] = abs(o["losses"][0] - h["losses"][0])
+        o, hf = mr["impls"]["ours"], mr["impls"]["hf"]
+        mr["ratio_tokens_per_s"] = o["tokens_per_s"] / hf["tokens_per_s"]
+        mr["round_ratios"] = [y["step_s"] / x["step_s"] for x, y in zip(runs["ours"], runs["hf"])]
+        mr["first_loss_abs_diff"] = abs(o["losses"][0] - hf["losses"][0])
+        print(f"[{name}] ours ÷ transformers (tokens/s): {mr['ratio_tokens_per_s']:.3f} "
+              f"(rounds: {', '.join(f'{x:.3f}' for x in mr['round_ratios'])})", file=sys.stderr, flush=True)
         results["models"][name] = mr
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - t_start
-    cb.publish(results, render(results), a.json_out)
+    h.publish(results, render(results), a.json_out)
 
 
 if __name__ == "__main__":
-    cb.entry(main, child_main)
+    h.entry(main, run_child)
