@@ -4,16 +4,13 @@ counted skip, never a silent wrong result, a hang or a half-written output."""
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import PIL.Image
@@ -22,13 +19,14 @@ import pytest
 
 import viscodex_jax as vx
 from viscodex_jax.data import mcd
-from viscodex_jax.data import encode as packing
+from viscodex_jax.data import encode
 from viscodex_jax.data.image_processor import ImageProcessorConfig
 from viscodex_jax.data.mcd_sample import make_mcd_sample
 from viscodex_jax.data.pipeline import MCDEncode, MCDJsonSource, PipelineConfig, make_dataset
 from viscodex_jax.data.tokenizer import build_qwen2_tokenizer, special_token_ids
 from viscodex_jax.model.config import ConfigError, ModelConfig, TextConfig, VisionConfig
 from viscodex_jax.sampling.loop import DecodeSettings, generate_ids
+from viscodex_jax.testing.images import png_header_only, random_png
 from viscodex_jax.testing.tiny import make_tiny_checkpoints
 from viscodex_jax.train.config import base_config
 from viscodex_jax.train.guards import NonFiniteError, ResumeError, check_finite
@@ -41,22 +39,6 @@ IMAGE_CFG = ImageProcessorConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64
 # ------------------------------------------------------------------ helpers
 
 
-def _png(w: int, h: int, seed: int = 0) -> bytes:
-    img = PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _png_header_only(w: int, h: int) -> bytes:
-    """A PNG that declares w x h RGB pixels but holds almost no data (a decompression bomb's header)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 USER_IMG = {"role": "user", "content": "<image>\nWrite code for this chart."}
 ANSWER = {"role": "assistant", "content": "import matplotlib.pyplot as plt\nplt.plot([1, 2])"}
 
@@ -64,8 +46,8 @@ ANSWER = {"role": "assistant", "content": "import matplotlib.pyplot as plt\nplt.
 def _write_bad_data(folder: str) -> tuple[str, dict[int, str]]:
     """A .json whose records 1..3 each fail a different way; returns (path, {index: reason})."""
     os.makedirs(os.path.join(folder, "mcd_images"), exist_ok=True)
-    for name, data in (("ok.png", _png(56, 56)), ("thin.png", _png(8400, 28)),  # aspect ratio 300
-                       ("bomb.png", _png_header_only(12000, 12000))):
+    for name, data in (("ok.png", random_png(56, 56)), ("thin.png", random_png(8400, 28)),  # aspect ratio 300
+                       ("bomb.png", png_header_only(12000, 12000))):
         with open(os.path.join(folder, "mcd_images", name), "wb") as f:
             f.write(data)
     records = [
@@ -140,14 +122,14 @@ def test_each_bad_record_is_a_counted_skip_naming_file_and_record(tmp_path, tok,
 
 
 def test_any_exception_while_encoding_is_a_named_skip(tmp_path, tok, vl_cfg, monkeypatch):
-    real = packing._tokenize_with_labels
+    real = encode._tokenize_with_labels
 
     def flaky(tokenizer, text, spans):
         if "BOOM" in text:
             raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
         return real(tokenizer, text, spans)
 
-    monkeypatch.setattr(packing, "_tokenize_with_labels", flaky)
+    monkeypatch.setattr(encode, "_tokenize_with_labels", flaky)
     enc = MCDEncode(tok, vl_cfg, max_len=256, image_cfg=IMAGE_CFG, on_error="skip")
     rec = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "BOOM"}]}
     el = {"index": 4, "file": "d.json", "record": json.dumps(rec), "images": []}
@@ -169,12 +151,12 @@ def test_huge_image_is_refused_from_its_header_without_decoding(tmp_path, tok, v
     assert limit == 16 * IMAGE_CFG.max_pixels
     with pytest.raises(mcd.MCDRecordError, match=r"f.json: record 3: image_too_large: image 'b.png' is "
                                                  r"12000x12000 = 144000000 pixels"):
-        mcd.decode_image(_png_header_only(12000, 12000), "b.png", 3, "f.json", limit)
+        mcd.decode_image(png_header_only(12000, 12000), "b.png", 3, "f.json", limit)
     # through the training encoder: a skip (not 1.5 GB of pixels), with the pipeline's limit
     enc = MCDEncode(tok, vl_cfg, max_len=256, image_cfg=IMAGE_CFG, on_error="skip")
     rec = {"images": ["b.png"], "messages": [USER_IMG, ANSWER]}
     assert enc.map({"index": 3, "file": "f.json", "record": json.dumps(rec),
-                    "images": [_png_header_only(12000, 12000)]}) is None
+                    "images": [png_header_only(12000, 12000)]}) is None
     assert enc.stats.indices == {mcd.IMAGE_TOO_LARGE: [3]}
 
 
@@ -182,7 +164,7 @@ def test_epoch_without_a_usable_record_is_an_error_not_an_endless_loop(tmp_path,
     folder = str(tmp_path)
     os.makedirs(os.path.join(folder, "mcd_images"))
     with open(os.path.join(folder, "mcd_images", "big.png"), "wb") as f:
-        f.write(_png(224, 224))  # 64 patches after resize... more than patches_per_row=16 below
+        f.write(random_png(224, 224))  # 64 patches after resize... more than patches_per_row=16 below
     bad = [{"images": ["mcd_images/missing.png"], "messages": [USER_IMG, ANSWER]},
            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
            {"messages": [{"role": "user", "content": "hi"}]}]
@@ -234,9 +216,9 @@ def _perturbed_copy(src: str, dst: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def train_env(tmp_path_factory):
+def train_env(tmp_path_factory, tiny_checkpoints):
     root = tmp_path_factory.mktemp("guards_train")
-    tiny = make_tiny_checkpoints(str(root / "tiny"), seed=5)
+    tiny = tiny_checkpoints(5)
     deep = make_tiny_checkpoints(str(root / "deep"), seed=5, text_overrides={"num_hidden_layers": 3})
     other = str(root / "other_vlm")
     _perturbed_copy(tiny["vlm"], other)

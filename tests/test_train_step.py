@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, vl_prompt
 
-from viscodex_jax.checkpoint import hf_map, load_hf_params
+from viscodex_jax.checkpoint import hf_map
 from viscodex_jax.utils import flatten
 from viscodex_jax.model.families.qwen2_5_vl import get_rope_index
 from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 from viscodex_jax.sharding import DEFAULT_RULES, make_mesh
+from viscodex_jax.testing.models import IMG, load_cached
+from viscodex_jax.testing.prompts import pad_rows, vl_prompt
 from viscodex_jax.train.loss import token_nll
 from viscodex_jax.train.step import (OptimConfig, batch_loss, batch_shardings, init_state, make_optimizer,
                                      make_train_step, state_shardings, trainable_keys)
@@ -26,12 +25,7 @@ GRIDS = [[(1, 4, 6)], [(1, 6, 4)]]  # one image per row, same patch count (24)
 def _batch(seed=0, rows=2):
     rng = np.random.default_rng(seed)
     seqs = [vl_prompt(GRIDS[r % 2], [3, 7 + r], rng) for r in range(rows)]
-    t = max(map(len, seqs))
-    ids = np.zeros((rows, t), np.int32)
-    seg = np.zeros((rows, t), np.int32)
-    for i, s in enumerate(seqs):  # right padding, as training batches are
-        ids[i, :len(s)] = s
-        seg[i, :len(s)] = 1
+    ids, seg = pad_rows(seqs, "right", np.int32)  # right padding, as training batches are
     labels = np.where((ids != IMG) & (seg > 0), ids, -100).astype(np.int32)
     labels[:, :3] = -100  # a "prompt" part without labels
     grids = [g for r in range(rows) for g in GRIDS[r % 2]]
@@ -46,11 +40,6 @@ def _with_meta(b, cfg):
     out = {k: v for k, v in b.items() if k != "grids"}
     out["vision_meta"] = {k: np.stack([m[k] for m in metas]) for k in metas[0]}
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _load(path):
-    return load_hf_params(path)
 
 
 def test_chunked_cross_entropy_equals_full_softmax():
@@ -69,10 +58,11 @@ def test_chunked_cross_entropy_equals_full_softmax():
     np.testing.assert_allclose(g1, g2, atol=1e-5)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("impl", ["xla", "blockwise", "splash_interpret"])
 def test_loss_and_gradients_equal_transformers(hf_checkpoint, impl):
     path = hf_checkpoint("vl_a")
-    cfg, params = _load(path)
+    cfg, params = load_cached(path)
     cfg = cfg.replace(attention_impl=impl)
     b = _batch()
     batch = _with_meta(b, cfg)
@@ -132,7 +122,7 @@ def _run_steps(cfg, params, batch, mesh_shape, n_steps=2, trainable="llm"):
 
 @pytest.fixture(scope="module")
 def single_device_run(hf_checkpoint):
-    cfg, params = _load(hf_checkpoint("vl_a"))
+    cfg, params = load_cached(hf_checkpoint("vl_a"))
     batch = _with_meta(_batch(rows=8), cfg)
     state, metrics = _run_steps(cfg, params, batch, None, n_steps=3)  # step 0 has lr 0 (warmup)
     return cfg, params, batch, state, metrics
@@ -197,7 +187,7 @@ def test_frozen_parts_bit_identical_trainable_change(single_device_run):
 
 
 def test_gradient_accumulation_equals_one_big_batch(hf_checkpoint):
-    cfg, params = _load(hf_checkpoint("vl_a"))
+    cfg, params = load_cached(hf_checkpoint("vl_a"))
     big = _with_meta(_batch(seed=3, rows=4), cfg)
     keys = trainable_keys(params, "llm")
     opt = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=1), keys)
@@ -215,7 +205,7 @@ def test_gradient_accumulation_equals_one_big_batch(hf_checkpoint):
 
 
 def test_nonfinite_step_is_flagged_or_skipped(hf_checkpoint):
-    cfg, params = _load(hf_checkpoint("vl_a"))
+    cfg, params = load_cached(hf_checkpoint("vl_a"))
     batch = _with_meta(_batch(), cfg)
     bad = jax.tree.map(lambda x: x, params)
     bad["model"]["norm"]["scale"] = np.full_like(bad["model"]["norm"]["scale"], np.nan)
