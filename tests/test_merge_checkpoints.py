@@ -5,48 +5,27 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from viscodex_jax import checkpoint
-from viscodex_jax.checkpoint.hf import SIDE_FILES, iter_hf_tensors
-from viscodex_jax.utils import flatten
-from viscodex_jax.checkpoint.safetensors_io import ShardedWriter
 from viscodex_jax.merge import MergeError, MergeSpec, merge_checkpoints, merge_params
-from viscodex_jax.testing.tiny import make_tiny_checkpoints
-
-
-def _reshard(src: str, dst: str, max_bytes: int, drop=(), edit=None):
-    os.makedirs(dst)
-    w = ShardedWriter(dst, max_bytes)
-    for _, name, _, read in iter_hf_tensors(src):
-        if name in drop:
-            continue
-        a = read()
-        w.add(name, edit(name, a) if edit else a)
-    w.finish()
-    for f in ("config.json",) + SIDE_FILES:
-        if os.path.isfile(os.path.join(src, f)):
-            shutil.copy(os.path.join(src, f), dst)
+from viscodex_jax.testing.checkpoints import hf_tensors, reshard
+from viscodex_jax.utils import flatten
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_checkpoints):
     root = tmp_path_factory.mktemp("merge")
-    paths = make_tiny_checkpoints(str(root / "orig"), seed=11)
+    paths = tiny_checkpoints(11)
     out = {}
     for k, p in paths.items():  # several shards per model
         out[k] = str(root / k)
-        _reshard(p, out[k], 400_000)
+        reshard(p, out[k], 400_000)
         assert len([f for f in os.listdir(out[k]) if f.endswith(".safetensors")]) > 2
     return out
-
-
-def _tensors(d):
-    return {name: read() for _, name, _, read in iter_hf_tensors(d)}
 
 
 @pytest.mark.parametrize("spec", [
@@ -71,7 +50,7 @@ def test_streamed_equals_in_memory_and_vision_is_copied(tiny, tmp_path, spec):
     for k in fs:
         assert fs[k].dtype == fm[k].dtype and fs[k].tobytes() == fm[k].tobytes(), "/".join(k)
     # the vision tower and merger are the VLM's, bit for bit, in streamed output files too
-    src, got = _tensors(tiny["vlm"]), _tensors(out)
+    src, got = hf_tensors(tiny["vlm"]), hf_tensors(out)
     vis = [n for n in src if n.startswith("visual.")]
     assert vis and all(got[n].dtype == src[n].dtype and got[n].tobytes() == src[n].tobytes() for n in vis)
     assert sorted(report["copied"]) == sorted(n for n in src if n.startswith("visual.") or
@@ -150,7 +129,7 @@ def _no_output(tmp_path, name):
 
 def test_error_missing_tensor(tiny, tmp_path):
     coder = str(tmp_path / "coder_missing")
-    _reshard(tiny["coder"], coder, 10**9, drop=("model.layers.1.self_attn.k_proj.bias",))
+    reshard(tiny["coder"], coder, 10**9, drop=("model.layers.1.self_attn.k_proj.bias",))
     with pytest.raises(MergeError, match=r"model.layers.1.self_attn.k_proj.bias.*not in .*coder_missing"):
         merge_checkpoints(tiny["base"], [tiny["vlm"], coder], str(tmp_path / "out"), MergeSpec())
     _no_output(tmp_path, "out")
@@ -158,7 +137,7 @@ def test_error_missing_tensor(tiny, tmp_path):
 
 def test_error_shape_mismatch(tiny, tmp_path):
     coder = str(tmp_path / "coder_shape")
-    _reshard(tiny["coder"], coder, 10**9,
+    reshard(tiny["coder"], coder, 10**9,
              edit=lambda n, a: a[:, :-2] if n == "model.layers.0.mlp.down_proj.weight" else a)
     with pytest.raises(MergeError, match=r"model.layers.0.mlp.down_proj.weight: model 2 has shape \[64, 126\]"):
         merge_checkpoints(tiny["base"], [tiny["vlm"], coder], str(tmp_path / "out"), MergeSpec())
@@ -167,7 +146,7 @@ def test_error_shape_mismatch(tiny, tmp_path):
 
 def test_error_dtype_cannot_be_merged(tiny, tmp_path):
     coder = str(tmp_path / "coder_int")
-    _reshard(tiny["coder"], coder, 10**9,
+    reshard(tiny["coder"], coder, 10**9,
              edit=lambda n, a: a.astype(np.int32) if n == "model.norm.weight" else a)
     with pytest.raises(MergeError, match=r"model.norm.weight: dtype int32"):
         merge_checkpoints(tiny["base"], [tiny["vlm"], coder], str(tmp_path / "out"), MergeSpec())

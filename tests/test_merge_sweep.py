@@ -14,15 +14,14 @@ from viscodex_jax import checkpoint
 from viscodex_jax.merge import MergeError
 from viscodex_jax.merge.recipe import merge_config
 from viscodex_jax.merge.sweep import human_bytes, lambda_sweep
-from viscodex_jax.testing.tiny import make_tiny_checkpoints
 from viscodex_jax.utils import flatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_checkpoints(str(tmp_path_factory.mktemp("sweep") / "t"), seed=11)
+def tiny(tiny_checkpoints):
+    return tiny_checkpoints(11)  # shared with test_merge_checkpoints; read-only here (outputs go to tmp_path)
 
 
 def _config(tiny, out_dir, **over):
@@ -155,3 +154,11 @@ def test_merge_command_points_the_sweep_flag_to_launch_sweep(tmp_path):
                         f"--config.out_dir={tmp_path / 'o'}", "--config.sweep_lams=0.7,0.8"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "run launch/sweep.py" in r.stderr and not os.path.exists(tmp_path / "o")
+
+
+def test_a_non_finite_score_stops_the_sweep_before_any_output(tiny, tmp_path):
+    c = _config(tiny, tmp_path / "sweep")
+    scores = iter([1.0, float("nan")])
+    with pytest.raises(MergeError, match="lam=0.8: the score is nan; a non-finite score cannot be ranked"):
+        lambda_sweep(c, [0.7, 0.8], score=lambda model: next(scores))
+    assert os.listdir(c.out_dir) == []

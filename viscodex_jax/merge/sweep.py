@@ -288,9 +288,9 @@ def lambda_sweep(c, lams: Sequence[float] | None = None,
         scorer = lambda model, lam, spec: score(model)  # noqa: E731
     mem = memory_needed(c, runs[0][2], mesh, rules)
     where = f"each of {mesh.size} devices of mesh {dict(mesh.shape)}" if mesh is not None else "the device"
-    line = (f"sweep memory: host {human_bytes(mem['host_total'])} = base {human_bytes(mem['base'])} + VLM {human_bytes(mem['vlm'])} + coder "
-            f"{human_bytes(mem['coder'])} + one merged copy {human_bytes(mem['merged'])}; {where}: at most "
-            f"{human_bytes(mem['per_device'])} of merged params")
+    b = {k: human_bytes(v) for k, v in mem.items()}
+    line = (f"sweep memory: host {b['host_total']} = base {b['base']} + VLM {b['vlm']} + coder {b['coder']} + one "
+            f"merged copy {b['merged']}; {where}: at most {b['per_device']} of merged params")
     log.info("%s", line)
     print(line, flush=True)
 
@@ -309,6 +309,9 @@ def lambda_sweep(c, lams: Sequence[float] | None = None,
         t1 = time.time()
         s = float(scorer(model, lam, spec))
         model.params = {}
+        if not np.isfinite(s):
+            raise MergeError(f"lam={lam:g}: the {metric} is {s}; a non-finite score cannot be ranked "
+                             "(no checkpoint or sweep.json was written)")
         rows.append({"lam": lam, "score": s, "merge_seconds": t1 - t0, "score_seconds": time.time() - t1,
                      "warnings": report["warnings"], "dir": None})
         log.info("lam=%g %s=%.5g", lam, metric, s)
