@@ -195,19 +195,20 @@ class _Bound:
 
 def slots_args(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int, cache_len: int,
                cache_dtype: Any, max_new_tokens: int = 1024) -> tuple:
-    """Abstract (params, state, key, eos, stop_on_free) of ``slots._decode`` for ``rows`` slots of ``cache_len``."""
+    """Abstract (params, state, key, eos, stop_on_free, lo) of ``slots._decode`` for ``rows`` slots of ``cache_len``."""
     settings = slots.SlotSettings(slots=rows, cache_len=cache_len, max_new_tokens=min(max_new_tokens, cache_len // 2),
                                   prompt_bucket=min(64, cache_len // 2), cache_dtype=jnp.dtype(cache_dtype).name)
     state = jax.eval_shape(lambda: slots._empty_state(cfg, settings, 0))
     state = _with(state, slots.state_shardings(cfg, settings, mesh, rules))
     rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
     return (_param_args(cfg, mesh, rules, param_dtype), state, rep((2,), jnp.uint32), rep((N_EOS,), jnp.int32),
-            rep((), jnp.bool_))
+            rep((), jnp.bool_), rep((), jnp.int32))
 
 
 def slots_program(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int, cache_len: int,
                   cache_dtype: Any, steps: int = 16):
     args = slots_args(cfg, mesh, rules, param_dtype, rows, cache_len, cache_dtype)
-    static = dict(cfg=cfg, sampler=Greedy(), steps=steps, mrope=cfg.text.mrope_section is not None, mesh=mesh,
-                  rules=tuple(rules))
+    # the largest decode window (the whole cache): the program that needs the most memory
+    static = dict(cfg=cfg, sampler=Greedy(), steps=steps, mrope=cfg.text.mrope_section is not None,
+                  window=cache_len, mesh=mesh, rules=tuple(rules))
     return _Bound(slots._decode, static), args, functools.partial(slots._decode.__wrapped__, **static)

@@ -58,9 +58,13 @@ class SlotSettings:
     patch_bucket: int = 256
     steps_per_call: int = 256  # decode steps per call at most (bounds the time between host checks)
     cache_dtype: str = "float32"
+    # decode windows: cache_len, cache_len/2, ... (this many sizes, each a compiled decode program); a call
+    # runs on the smallest that holds the longest active row plus min(steps_per_call, 32) steps
+    windows: int = 3
 
     def __post_init__(self):
-        for name in ("slots", "cache_len", "max_new_tokens", "prompt_bucket", "patch_bucket", "steps_per_call"):
+        for name in ("slots", "cache_len", "max_new_tokens", "prompt_bucket", "patch_bucket", "steps_per_call",
+                     "windows"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ConfigError(f"{name}={v!r}: expected a positive integer")
@@ -68,6 +72,11 @@ class SlotSettings:
         if self.cache_len < self.prompt_bucket + self.max_new_tokens:
             raise ConfigError(f"cache_len={self.cache_len}: must hold one prompt bucket ({self.prompt_bucket}) plus "
                               f"max_new_tokens={self.max_new_tokens}")
+
+
+def window_sizes(s: SlotSettings) -> list[int]:
+    """The decode windows, smallest first: cache_len halved ``windows - 1`` times (multiples of 8)."""
+    return sorted({max(8, -(-s.cache_len // 2**i // 8) * 8) if i else s.cache_len for i in range(s.windows)})
 
 
 @dataclasses.dataclass
@@ -181,11 +190,16 @@ def _insert(params, state, ids, mask, pos, next_pos, extra, row, req, limit, key
         return _pin(st)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "steps", "mrope", "mesh", "rules"), donate_argnums=1)
-def _decode(params, state, key, eos, stop_on_free, *, cfg, sampler, steps, mrope, mesh=None, rules=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "steps", "mrope", "window", "mesh", "rules"),
+                   donate_argnums=1)
+def _decode(params, state, key, eos, stop_on_free, lo, *, cfg, sampler, steps, mrope, window, mesh=None, rules=None):
     """Up to ``steps`` single-token steps over every slot; stops early when a slot frees and
-    ``stop_on_free``, when the pointer reaches the cache's end, or when no slot is active."""
-    b, s_len = state["kv_valid"].shape
+    ``stop_on_free``, when the pointer reaches the window's end, or when no slot is active.
+
+    The steps run on the cache slots [lo, lo + window) only (every active row lies there): a step's cost
+    follows the window, not the whole cache, because the model returns its cache updated out of place.
+    """
+    b = state["kv_valid"].shape[0]
     model = CausalLM(cfg)
     rows = jnp.arange(b)
 
@@ -208,11 +222,18 @@ def _decode(params, state, key, eos, stop_on_free, *, cfg, sampler, steps, mrope
 
     def cond(carry):
         i, st, freed = carry
-        return (i < steps) & (st["w"] < s_len) & jnp.any(st["active"]) & ~(stop_on_free & freed)
+        return (i < steps) & (st["w"] < window) & jnp.any(st["active"]) & ~(stop_on_free & freed)
 
     with on_mesh.context(mesh, rules):
-        _, st, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), _pin(state), jnp.bool_(False)))
-        # finished rows stop counting as context anywhere (their slots are free for the next insert)
+        part = dict(state, w=state["w"] - lo, kv_valid=jax.lax.dynamic_slice_in_dim(state["kv_valid"], lo, window, 1),
+                    cache={k: jax.lax.dynamic_slice_in_dim(v, lo, window, 2) for k, v in state["cache"].items()})
+        _, part, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), _pin(part), jnp.bool_(False)))
+        st = dict(part, w=part["w"] + lo,
+                  cache={k: jax.lax.dynamic_update_slice_in_dim(state["cache"][k], v, lo, 2)
+                         for k, v in part["cache"].items()},
+                  # finished rows stop counting as context anywhere (their slots are free for the next insert)
+                  kv_valid=jax.lax.dynamic_update_slice_in_dim(
+                      state["kv_valid"], jnp.where(part["active"][:, None], part["kv_valid"], 0), lo, 1))
         st["kv_valid"] = jnp.where(st["active"][:, None], st["kv_valid"], 0)
         return _pin(st)
 
@@ -327,8 +348,12 @@ class SlotSampler:
             if int(self.state["w"]) >= s.cache_len:
                 nxt = prepared[pending[0]][0].shape[1] if pending else 0
                 self._set_pointer(max([nxt] + list(lengths.values())), lengths)
+            w, longest = int(self.state["w"]), max(lengths.values())
+            window = next(x for x in window_sizes(s) if x >= longest + min(s.steps_per_call, 32) or x == s.cache_len)
+            lo = min(w - longest, s.cache_len - window)
             self.state = _decode(self.params, self.state, self.key, self.eos, jnp.bool_(bool(pending)),
-                                 cfg=self.cfg, sampler=self.sampler, steps=s.steps_per_call, mrope=mrope, **self._on)
+                                 jnp.int32(lo), cfg=self.cfg, sampler=self.sampler, steps=s.steps_per_call,
+                                 mrope=mrope, window=window, **self._on)
             self.stats["decode_calls"] += 1
             n = np.array(self.state["n"])
             self._collect(holder, results, np.asarray(self.state["active"]))
