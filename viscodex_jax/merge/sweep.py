@@ -238,6 +238,7 @@ def _plot(rows: Sequence[dict[str, Any]], best: float, metric: str) -> bytes:
     ax.plot(np.asarray(lams)[order], np.asarray(scores)[order], "o-", color="tab:blue")
     b = next(r for r in rows if r["lam"] == best)
     ax.plot([b["lam"]], [b["score"]], "*", color="tab:red", markersize=14, label=f"best lam = {best:g}")
+    ax.set_xticks(sorted(lams))
     ax.set_xlabel("lam (weight of the VLM's task vector)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
