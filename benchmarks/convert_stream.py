@@ -23,6 +23,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -56,6 +57,7 @@ def child(task: str, ckpt: str, out: str) -> dict:
 
         jax.devices()
     before = _status()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if task == "floor":
         keep = []
@@ -70,7 +72,9 @@ def child(task: str, ckpt: str, out: str) -> dict:
     else:
         checkpoint.convert_hf_to_orbax(ckpt, out)
     seconds = time.perf_counter() - t0
-    return dict(seconds=seconds, rss_before=before["VmRSS"], peak_rss=_status()["VmHWM"])
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # all threads: tensorstore's compression included
+    cpu = ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime
+    return dict(seconds=seconds, cpu_s=cpu, rss_before=before["VmRSS"], peak_rss=_status()["VmHWM"])
 
 
 def spawn(task: str, ckpt: str, out: str) -> dict:
@@ -111,19 +115,24 @@ def main(argv: list[str]) -> None:
                   f"(imports {s['rss_before'] / 1e9:.3f} GB)", file=sys.stderr, flush=True)
     load1 = open("/proc/loadavg").read().strip()
     shutil.rmtree(out, ignore_errors=True)
-    med = {t: dict(seconds=statistics.median(x["seconds"] for x in v), peak=max(x["peak_rss"] for x in v),
-                   base=statistics.median(x["rss_before"] for x in v)) for t, v in samples.items()}
-    floor_s = med["floor"]["seconds"]
+    med = {t: dict(seconds=statistics.median(x["seconds"] for x in v), cpu=statistics.median(x["cpu_s"] for x in v),
+                   peak=max(x["peak_rss"] for x in v), base=statistics.median(x["rss_before"] for x in v))
+           for t, v in samples.items()}
+    floor_s, floor_cpu = med["floor"]["seconds"], med["floor"]["cpu"]
     lines = [f"checkpoint {a.ckpt}: {nbytes / 1e9:.3f} GB; {a.rounds} alternating rounds; "
              f"loadavg start [{load0}] end [{load1}]", "",
-             "| task | s (median) | × floor | peak RSS GB (max) | ÷ ckpt bytes | imports RSS GB | (peak − imports) ÷ ckpt |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| task | s (median) | × floor | CPU s (median) | × floor | peak RSS GB (max) | ÷ ckpt bytes | imports RSS GB "
+             "| (peak − imports) ÷ ckpt |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in TASKS:
         m = med[t]
-        lines.append(f"| {t} | {m['seconds']:.2f} | {m['seconds'] / floor_s:.2f} | {m['peak'] / 1e9:.3f} | "
+        lines.append(f"| {t} | {m['seconds']:.2f} | {m['seconds'] / floor_s:.2f} | {m['cpu']:.2f} | "
+                     f"{m['cpu'] / floor_cpu:.2f} | {m['peak'] / 1e9:.3f} | "
                      f"{m['peak'] / nbytes:.2f} | {m['base'] / 1e9:.3f} | {(m['peak'] - m['base']) / nbytes:.2f} |")
     s, o = med["streamed"], med["in-memory"]
-    lines.append(f"\nstreamed ÷ in-memory: time {s['seconds'] / o['seconds']:.2f}×, peak RSS {s['peak'] / o['peak']:.2f}×")
+    lines.append(f"\nstreamed ÷ in-memory: time {s['seconds'] / o['seconds']:.2f}×, CPU {s['cpu'] / o['cpu']:.2f}×, "
+                 f"peak RSS {s['peak'] / o['peak']:.2f}×. CPU s = the task's user + system time over all its threads "
+                 "(less sensitive than seconds to other processes on a shared machine).")
     print("\n".join(lines))
     if a.json_out:
         with open(a.json_out, "w") as f:

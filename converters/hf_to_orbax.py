@@ -14,6 +14,7 @@ OUT = flags.DEFINE_string("out_dir", None, "Output directory (written atomically
 DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Cast params to this dtype (default: keep).")
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing out_dir.")
 CHECK_FINITE = flags.DEFINE_bool("check_finite", True, "Refuse weights holding NaN/Inf (names the tensor).")
+COMPRESS = flags.DEFINE_bool("compress", True, "zstd-compress the stored chunks (--nocompress: faster, bigger).")
 
 
 def main(argv):
@@ -21,7 +22,7 @@ def main(argv):
     quiet_third_party()
     try:
         cfg = checkpoint.convert_hf_to_orbax(FLAGS.value, OUT.value, dtype=DTYPE.value, overwrite=OVERWRITE.value,
-                                               check_finite=CHECK_FINITE.value)
+                                               check_finite=CHECK_FINITE.value, compress=COMPRESS.value)
         logging.info("wrote %s (%s)", OUT.value, cfg.model_type)
     except (checkpoint.CheckpointError, ConfigError, FileExistsError) as e:
         raise SystemExit(f"error: {e}") from None  # bad input, named in the message: no traceback

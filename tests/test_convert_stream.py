@@ -51,9 +51,13 @@ def _assert_same_checkpoint(a: str, b: str) -> None:
             assert open(os.path.join(a, name), "rb").read() == open(os.path.join(b, name), "rb").read(), name
 
 
-def _chunks(ckpt: str, key: tuple[str, ...]) -> list[int]:
+def _zarray(ckpt: str, key: tuple[str, ...]) -> dict:
     kv = ts.KvStore.open({"driver": "ocdbt", "base": "file://" + os.path.join(ckpt, PARAMS_SUBDIR)}).result()
-    return json.loads(kv.read(".".join(key) + "/.zarray").result().value)["chunks"]
+    return json.loads(kv.read(".".join(key) + "/.zarray").result().value)
+
+
+def _chunks(ckpt: str, key: tuple[str, ...]) -> list[int]:
+    return _zarray(ckpt, key)["chunks"]
 
 
 @pytest.mark.parametrize("model_name,dtype,per_layer", [
@@ -90,8 +94,8 @@ def test_a_bad_tensor_late_in_the_stream_leaves_nothing(hf_checkpoint, tmp_path,
     monkeypatch.setattr(stream, "MIN_CHUNK_BYTES", 1)
     monkeypatch.setattr(stream, "DEFAULT_BUDGET_BYTES", 1)
     reads = []
-    real_read = stream.SafetensorsFile.read
-    monkeypatch.setattr(stream.SafetensorsFile, "read", lambda self, n, *a: reads.append(n) or real_read(self, n, *a))
+    real_view = stream.SafetensorsFile.view
+    monkeypatch.setattr(stream.SafetensorsFile, "view", lambda self, n: reads.append(n) or real_view(self, n))
     with pytest.raises(CheckpointError) as e:
         checkpoint.convert_hf_to_orbax(src, str(tmp_path / "out"))
     assert f"{path}: tensor {name!r}: 1 of" in str(e.value) and "NaN/Inf" in str(e.value)
@@ -99,21 +103,23 @@ def test_a_bad_tensor_late_in_the_stream_leaves_nothing(hf_checkpoint, tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["src"]  # no output, no temp dir
 
 
-_KILLED = textwrap.dedent("""
+# A child script (argv: HF dir, out dir) that kill -9s itself halfway through the stream; test_guards_ckpt_merge's
+# stale-temp-dir test can run it too.
+KILL_9_MID_STREAM = textwrap.dedent("""
     import os, signal, sys
     from viscodex_jax import checkpoint
     from viscodex_jax.checkpoint import stream
 
     stream.MIN_CHUNK_BYTES = stream.DEFAULT_BUDGET_BYTES = 1  # one layer slice at a time
-    real_read, count = stream.SafetensorsFile.read, [0]
+    real_view, count = stream.SafetensorsFile.view, [0]
 
-    def read(self, name, *args):  # kill -9 in the middle of the stream, with some layers already written
+    def view(self, name):  # kill -9 in the middle of the stream, with some layers already written
         count[0] += 1
         if count[0] == 12:
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_read(self, name, *args)
+        return real_view(self, name)
 
-    stream.SafetensorsFile.read = read
+    stream.SafetensorsFile.view = view
     checkpoint.convert_hf_to_orbax(sys.argv[1], sys.argv[2])
 """)
 
@@ -121,7 +127,7 @@ _KILLED = textwrap.dedent("""
 def test_kill_9_mid_stream_leaves_only_a_temp_dir_that_the_next_run_removes(hf_checkpoint, tmp_path):
     src, out = hf_checkpoint("qwen2_untied"), str(tmp_path / "out")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    child = subprocess.run([sys.executable, "-c", _KILLED, src, out], env=env, capture_output=True, text=True,
+    child = subprocess.run([sys.executable, "-c", KILL_9_MID_STREAM, src, out], env=env, capture_output=True, text=True,
                            timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert not os.path.exists(out)
@@ -216,3 +222,24 @@ def test_legacy_bin_checkpoint_takes_the_in_memory_path_to_the_same_checkpoint(h
     checkpoint.convert_hf_to_orbax(src, str(tmp_path / "from_safetensors"))
     pa, pb = (flatten(load_orbax_params(str(tmp_path / d), as_numpy=True)) for d in ("from_bin", "from_safetensors"))
     assert pa.keys() == pb.keys() and all(pa[k].tobytes() == pb[k].tobytes() for k in pa)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+def test_blockwise_finite_check_finds_a_nan_or_inf_anywhere(dtype):
+    a = np.ones(5 * 1024 + 3, dtype)
+    assert stream.all_finite(a, block=1024) and stream.all_finite(a[:0], block=1024)
+    for i in (0, 1023, 1024, a.size - 1):  # block edges and the short last block
+        for bad in (np.nan, np.inf, -np.inf):
+            b = a.copy()
+            b[i] = bad
+            assert not stream.all_finite(b.reshape(-1, 1), block=1024), (i, bad)
+
+
+def test_uncompressed_conversion_restores_the_same_arrays(hf_checkpoint, tmp_path):
+    src = hf_checkpoint("vl_a")
+    _in_memory(src, str(tmp_path / "zstd"))
+    checkpoint.convert_hf_to_orbax(src, str(tmp_path / "raw"), compress=False)
+    _assert_same_checkpoint(str(tmp_path / "zstd"), str(tmp_path / "raw"))
+    key = ("model", "layers", "mlp", "up_proj", "kernel")
+    assert _zarray(str(tmp_path / "zstd"), key)["compressor"] == {"id": "zstd", "level": 1}
+    assert _zarray(str(tmp_path / "raw"), key)["compressor"] is None

@@ -48,18 +48,19 @@ def load_params(path: str, param_dtype: Any = None, check_finite: bool = False,
 
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Any = None, overwrite: bool = False,
-                        check_finite: bool = True) -> ModelConfig:
+                        check_finite: bool = True, compress: bool = True) -> ModelConfig:
     """HF dir -> our orbax dir. NaN/Inf weights are refused unless ``check_finite=False``.
 
     Safetensors checkpoints stream tensor by tensor (see ``checkpoint/stream.py``: host memory stays
     near the largest tensor, not the model); legacy ``.bin`` checkpoints are read whole first.
+    ``compress=False`` skips zstd: faster, and bigger on disk.
     """
     raw = read_config_json(hf_dir)
     if is_safetensors_dir(hf_dir):
         return convert_hf_to_orbax_streamed(hf_dir, out_dir, dtype=dtype, overwrite=overwrite,
-                                            check_finite=check_finite)
+                                            check_finite=check_finite, compress=compress)
     cfg, params = load_hf_params(hf_dir, dtype=dtype, check_finite=check_finite)
-    save_orbax(params, raw, out_dir, side_files_from=hf_dir, overwrite=overwrite)
+    save_orbax(params, raw, out_dir, side_files_from=hf_dir, overwrite=overwrite, compress=compress)
     return cfg
 
 

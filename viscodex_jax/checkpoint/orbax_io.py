@@ -8,6 +8,13 @@ Layout::
 
 Keeping config.json next to the params makes the directory self-describing:
 ``vx.load`` needs no flags to rebuild the model, and export needs no source.
+
+``params/`` is what ``ocp.StandardCheckpointer`` writes for a tree of NumPy
+arrays (OCDBT, zarr v2, zstd level 1), however it was written: ``save_orbax``
+saves an in-memory tree; the HF converter streams (``stream.py``), storing big
+stacked params as one zarr chunk per layer and naming PyTreeCheckpointHandler
+(which StandardCheckpointHandler wraps) in ``_CHECKPOINT_METADATA``. Both
+restore to the same arrays with ``load_orbax_params`` or any orbax restore.
 """
 
 from __future__ import annotations
@@ -52,13 +59,22 @@ def save_orbax(
     out_dir: str,
     side_files_from: str | None = None,
     overwrite: bool = False,
+    compress: bool = True,
 ) -> None:
-    """Writes params + config + side files; the directory appears only when complete."""
+    """Writes params + config + side files; the directory appears only when complete.
+
+    ``compress=False`` stores the zarr chunks without zstd (PyTreeCheckpointHandler, which
+    StandardCheckpointer wraps, is the one that takes the option).
+    """
 
     def write_params(path: str) -> None:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(path, params)
-        ckptr.wait_until_finished()
+        if compress:
+            ckptr = ocp.StandardCheckpointer()
+            ckptr.save(path, params)
+            ckptr.wait_until_finished()
+        else:
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
+                ckptr.save(path, args=ocp.args.PyTreeSave(params))
 
     write_checkpoint_dir(out_dir, config_json, write_params, side_files_from, overwrite)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from typing import Any, Iterator, Mapping
 
@@ -133,25 +134,33 @@ class SafetensorsFile:
         _, _, b, e = self._entries[name]
         return e - b
 
-    def read(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
-        """Reads one tensor (a single copy from the file) into a fresh array, or into ``buffer``: a
-        C-contiguous uint8 array of exactly the tensor's byte size, which the result is a view of."""
+    def read(self, name: str) -> np.ndarray:
+        """Reads one tensor into a fresh array (a single copy from the file)."""
         if name not in self._entries:
             raise CheckpointError(f"{self.path}: no tensor {name!r}")
         dt, shape, begin, end = self._entries[name]
-        if buffer is None:
-            out = np.empty(shape, dt)
-        elif buffer.dtype != np.uint8 or buffer.nbytes != end - begin or not buffer.flags.c_contiguous:
-            raise ValueError(f"{self.path}: tensor {name!r} needs a contiguous uint8 buffer of {end - begin} bytes, "
-                             f"got {buffer.dtype} x {buffer.nbytes}")
-        else:
-            out = buffer.reshape(-1).view(dt).reshape(shape)
+        out = np.empty(shape, dt)
         with open(self.path, "rb") as f:
             f.seek(self._data_start + begin)
             got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
         if got != end - begin:
             raise CheckpointError(f"{self.path}: tensor {name!r}: short read ({got} of {end - begin} bytes)")
         return out
+
+
+    def view(self, name: str) -> np.ndarray:
+        """The tensor as a read-only array over a memory map of its bytes: no copy, pages are read from the
+        page cache on first touch, and the mapping lives as long as the array (or a view of it) does."""
+        if name not in self._entries:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
+        dt, shape, begin, end = self._entries[name]
+        if end == begin:
+            return np.empty(shape, dt)
+        start = self._data_start + begin
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), self._data_start + end - aligned, offset=aligned, access=mmap.ACCESS_READ)
+        return np.frombuffer(mapped, dt, count=math.prod(shape), offset=start - aligned).reshape(shape)
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):

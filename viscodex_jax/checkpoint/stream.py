@@ -113,14 +113,10 @@ class ParamSource:
             return [(p.layer, [p], self.slot_bytes) for p in self.parts]
         return [(None, self.parts, self.size * self.dtype.itemsize)]
 
-    def needs_copy(self, part: Part) -> bool:
-        """Whether the tensor, read, is not yet our layout and dtype (a kernel's transpose, or a cast)."""
-        return self.key[-1] == "kernel" or part.file.dtype(part.name) != self.dtype
-
     def buffer_sizes(self) -> list[int]:
-        """The byte sizes :meth:`assemble` takes from a :class:`Buffers` pool, in no particular order."""
-        sizes = [p.file.nbytes(p.name) for p in self.parts]
-        return sizes + [math.prod(self.slot_shape) * self.dtype.itemsize for p in self.parts if self.needs_copy(p)]
+        """The byte sizes :meth:`read` takes from a :class:`Buffers` pool (a kernel's transpose, or a cast)."""
+        copies = [p for p in self.parts if self.key[-1] == "kernel" or p.file.dtype(p.name) != self.dtype]
+        return [math.prod(self.slot_shape) * self.dtype.itemsize] * len(copies)
 
     def assemble(self, parts: list[Part], buffers: Buffers) -> tuple[np.ndarray, list[np.ndarray]]:
         """The array one write unit covers (a part's slice, or the whole param gathered from its parts), and the
@@ -136,30 +132,44 @@ class ParamSource:
 
     def read(self, part: Part, buffers: Buffers) -> tuple[np.ndarray, list[np.ndarray]]:
         """The part's tensor in our layout and dtype, C-contiguous (so the writer can use it without a copy),
-        and the pool buffer it lives in."""
-        raw_buffer = buffers.take(part.file.nbytes(part.name))
-        raw = part.file.read(part.name, raw_buffer)
+        and the pool buffers it lives in.
+
+        The file is memory-mapped: a tensor already in our layout and dtype (embeddings, norms, biases) goes
+        to tensorstore straight from the page cache; others are transposed or cast once, into a pool buffer.
+        """
+        raw = part.file.view(part.name)
         value = hf_map.to_flax(self.key, raw, self.slot_shape)
-        held = raw_buffer
+        held = []
         if value.dtype != self.dtype or not value.flags.c_contiguous:
-            held = buffers.take(math.prod(self.slot_shape) * self.dtype.itemsize)
-            out = held.view(self.dtype).reshape(self.slot_shape)
+            held = [buffers.take(math.prod(self.slot_shape) * self.dtype.itemsize)]
+            out = held[0].view(self.dtype).reshape(self.slot_shape)
             np.copyto(out, value, casting="unsafe")
             value = out
-        try:
-            if self.check_finite:
-                check_tensor_finite(value, part.where, raw)
-            if self.tied_lm_head is not None:
-                tied = self.tied_lm_head
-                if not np.array_equal(tied.file.read(tied.name).astype(value.dtype), value):
-                    raise CheckpointError(
-                        f"{tied.file.path}: tensor {tied.name!r} differs from model.embed_tokens.weight "
-                        "but config.json sets tie_word_embeddings"
-                    )
-        finally:
-            if held is not raw_buffer:
-                buffers.give(raw_buffer)
-        return value, [held]
+        if self.check_finite and not all_finite(value):
+            check_tensor_finite(value, part.where, raw)  # counts them and names the tensor
+        if self.tied_lm_head is not None:
+            tied = self.tied_lm_head
+            if not np.array_equal(tied.file.view(tied.name).astype(value.dtype), value):
+                raise CheckpointError(
+                    f"{tied.file.path}: tensor {tied.name!r} differs from model.embed_tokens.weight "
+                    "but config.json sets tie_word_embeddings"
+                )
+        return value, held
+
+
+def all_finite(array: np.ndarray, block: int = 2**20) -> bool:
+    """No NaN/Inf in a float array, tested a block at a time into one small mask.
+
+    A whole-array ``np.isfinite`` allocates a fresh mask as large as the tensor: its page faults
+    cost several times the test itself.
+    """
+    flat = array.reshape(-1)
+    mask = np.empty(min(block, flat.size), bool)
+    for i in range(0, flat.size, block):
+        part = flat[i:i + block]
+        if not np.isfinite(part, out=mask[:part.size]).all():
+            return False
+    return True
 
 
 class Buffers:
@@ -342,11 +352,13 @@ def save_args_for(tree: dict[str, Any]) -> dict[str, Any]:
     return jax.tree_util.tree_map(args, tree, is_leaf=lambda x: isinstance(x, ParamSource))
 
 
-def write_params_streamed(tree: dict[str, Any], params_dir: str, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+def write_params_streamed(tree: dict[str, Any], params_dir: str, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                          compress: bool = True) -> None:
     """Writes a tree of :class:`ParamSource` leaves as an orbax PyTree checkpoint at ``params_dir``.
 
-    The layout is StandardCheckpointer's (OCDBT, zarr v2, zstd); _CHECKPOINT_METADATA names
-    PyTreeCheckpointHandler, which StandardCheckpointHandler wraps, and either restores it.
+    The layout is StandardCheckpointer's (OCDBT, zarr v2, zstd level 1, or no compressor with
+    ``compress=False``); _CHECKPOINT_METADATA names PyTreeCheckpointHandler, which StandardCheckpointHandler
+    wraps, and either restores it.
     """
     import jax
 
@@ -354,19 +366,23 @@ def write_params_streamed(tree: dict[str, Any], params_dir: str, budget_bytes: i
     buffers = Buffers([n for leaf in leaves for n in leaf.buffer_sizes()])
     # jax.Array's stock handler too, only so that orbax does not warn that array metadata is off.
     registry = ocp.type_handlers.create_type_handler_registry(
-        (ParamSource, StreamingNumpyHandler(buffers, budget_bytes)), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+        (ParamSource, StreamingNumpyHandler(buffers, budget_bytes)),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save(os.path.abspath(params_dir), args=ocp.args.PyTreeSave(tree, save_args=save_args_for(tree)))
 
 
-
 def convert_hf_to_orbax_streamed(hf_dir: str, out_dir: str, dtype: Any = None, overwrite: bool = False,
-                                 check_finite: bool = True, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> ModelConfig:
-    """HF safetensors dir -> our orbax dir, never holding more than ``budget_bytes`` of tensors (or one tensor)."""
+                                 check_finite: bool = True, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                                 compress: bool = True) -> ModelConfig:
+    """HF safetensors dir -> our orbax dir, never holding more than ``budget_bytes`` of tensors (or one tensor).
+
+    ``compress=False`` stores the chunks without zstd: about 1.4x faster and 1.3x bigger on bf16 weights.
+    """
     raw = read_config_json(hf_dir)
     cfg = config_from_dict(raw, os.path.join(hf_dir, "config.json"))
     tree = plan_hf_params(hf_dir, cfg, dtype=dtype, check_finite=check_finite)
-    write_checkpoint_dir(out_dir, raw, lambda path: write_params_streamed(tree, path, budget_bytes),
+    write_checkpoint_dir(out_dir, raw, lambda path: write_params_streamed(tree, path, budget_bytes, compress),
                          side_files_from=hf_dir, overwrite=overwrite)
     return cfg
