@@ -126,7 +126,14 @@ def test_sweep_scores_mmcode_through_the_eval_runner(tiny, tmp_path):
         assert 0.0 <= row["score"] <= 100.0
         items = [json.loads(x) for x in open(tmp_path / "sweep" / "eval" / f"lam_{row['lam']:g}" / "mmcode_items.jsonl")]
         assert len(items) == 3 and all(isinstance(it["generation"], str) for it in items)
+        made = json.load(open(tmp_path / "sweep" / "eval" / f"lam_{row['lam']:g}" / "merge_spec.json"))
+        assert f"weights=({row['lam']}, {1.0 - row['lam']})" in made["spec"] and set(made["inputs"]) == {
+            "base_dir", "vlm_dir", "coder_dir"}
     assert _lam_dirs(c.out_dir) == [f"lam_{result['best_lam']:g}"]
+    # the generation cache is keyed by what defines each in-memory merge, so the lams do not share it
+    fps = {json.load(open(tmp_path / "sweep" / "eval" / f"lam_{lam}" / "summary.json"))["fingerprint"]
+           for lam in (0.7, 0.9)}
+    assert len(fps) == 2
 
 
 @pytest.mark.parametrize("over,pattern", [

@@ -166,9 +166,9 @@ def _inputs_stamp(c) -> dict[str, Any]:
 def _mmcode_score(c) -> Callable[[Any, float, MergeSpec], float]:
     """MMCode pass@1 through the eval runner; generations cached per lam under <out_dir>/eval/lam_<lam>.
 
-    The runner keys its cache by a fingerprint of the checkpoint dir; an in-memory merge has none, so
-    each lam gets a small dir holding what defines it (the MergeSpec and the inputs' stamps): a rerun
-    of the same sweep reuses its generations, a changed one does not.
+    An in-memory merge has no files for the runner to fingerprint: its cache key is a hash of what
+    defines the merge (the MergeSpec and the inputs' stamps, also written to merge_spec.json there),
+    so a rerun of the same sweep reuses its generations and a changed one does not.
     """
     from viscodex_jax.eval.runner import EvalSettings, run_eval
     from viscodex_jax.sampling.methods import from_settings
@@ -189,18 +189,18 @@ def _mmcode_score(c) -> Callable[[Any, float, MergeSpec], float]:
         import viscodex_jax as vx
 
         out = os.path.join(c.out_dir, "eval", f"lam_{lam:g}")
-        ident = os.path.join(out, "merge")
-        os.makedirs(ident, exist_ok=True)
-        with open(os.path.join(ident, "merge_spec.json"), "w") as f:
-            json.dump({"spec": repr(spec), "inputs": stamp}, f, indent=1, sort_keys=True)
+        os.makedirs(out, exist_ok=True)
+        ident = json.dumps({"spec": repr(spec), "inputs": stamp}, indent=1, sort_keys=True)
+        _write_atomic(os.path.join(out, "merge_spec.json"), ident.encode())
         sampler = from_settings(settings.temperature, settings.top_p, settings.top_k)
 
         def generate(items, sample):
             return vx.generate(model, [it.messages for it in items], images=[it.images for it in items],
                                max_new_tokens=settings.max_new_tokens, sampler=sampler, seed=settings.seed + sample)
 
-        summary = run_eval(ident, {"mmcode": c.mmcode_root}, out, settings, generate_fn=generate,
-                           model_name=f"lam_{lam:g}")
+        summary = run_eval(os.path.join(c.out_dir, f"lam_{lam:g}"), {"mmcode": c.mmcode_root}, out, settings,
+                           generate_fn=generate, model_name=f"merged, lam={lam:g}",
+                           model_fingerprint=hashlib.sha256(ident.encode()).hexdigest()[:16])
         return float(summary["benchmarks"]["mmcode"]["score"])
 
     return score
