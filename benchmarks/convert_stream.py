@@ -5,9 +5,10 @@ imports included, and the import-only RSS is reported so the baseline can be tak
 
 * ``floor``     every safetensors file read with ``readinto`` into fresh memory;
 * ``in-memory`` ``load_hf_params`` then ``save_orbax`` (the conversion before streaming);
-* ``streamed``  ``convert_hf_to_orbax`` (``viscodex_jax.checkpoint.stream``).
+* ``streamed``  ``convert_hf_to_orbax`` (``viscodex_jax.checkpoint.stream``);
+* ``streamed-nozstd``  the same with ``compress=False`` (chunks stored without zstd).
 
-Rounds alternate floor / in-memory / streamed so machine load hits all three alike; the table gives medians
+Rounds alternate the tasks so machine load hits them all alike; the table gives medians
 and the ratios the issue asks for (streamed peak RSS / checkpoint bytes, streamed seconds / floor seconds).
 
     .venv/bin/python benchmarks/convert_stream.py --ckpt /tmp/qwen0.5b          # an existing HF safetensors dir
@@ -33,7 +34,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = "@@RESULT@@ "
-TASKS = ("floor", "in-memory", "streamed")
+TASKS = ("floor", "in-memory", "streamed", "streamed-nozstd")
 
 
 def _status() -> dict[str, int]:
@@ -70,7 +71,7 @@ def child(task: str, ckpt: str, out: str) -> dict:
         _, params = checkpoint.load_hf_params(ckpt, check_finite=True)
         checkpoint.save_orbax(params, read_config_json(ckpt), out, side_files_from=ckpt)
     else:
-        checkpoint.convert_hf_to_orbax(ckpt, out)
+        checkpoint.convert_hf_to_orbax(ckpt, out, compress=task != "streamed-nozstd")
     seconds = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_SELF)  # all threads: tensorstore's compression included
     cpu = ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime
@@ -84,12 +85,13 @@ def spawn(task: str, ckpt: str, out: str) -> dict:
     try:
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "_child", task, ckpt, out], env=env,
                            cwd=REPO, capture_output=True, text=True, timeout=1800)
+        out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out) for f in files)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
     if p.returncode or not lines:
         raise RuntimeError(f"{task} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
-    return json.loads(lines[-1][len(MARK):])
+    return dict(json.loads(lines[-1][len(MARK):]), out_bytes=out_bytes)
 
 
 def main(argv: list[str]) -> None:
@@ -116,19 +118,21 @@ def main(argv: list[str]) -> None:
     load1 = open("/proc/loadavg").read().strip()
     shutil.rmtree(out, ignore_errors=True)
     med = {t: dict(seconds=statistics.median(x["seconds"] for x in v), cpu=statistics.median(x["cpu_s"] for x in v),
-                   peak=max(x["peak_rss"] for x in v), base=statistics.median(x["rss_before"] for x in v))
+                   peak=max(x["peak_rss"] for x in v), base=statistics.median(x["rss_before"] for x in v),
+                   out=max(x["out_bytes"] for x in v))
            for t, v in samples.items()}
     floor_s, floor_cpu = med["floor"]["seconds"], med["floor"]["cpu"]
     lines = [f"checkpoint {a.ckpt}: {nbytes / 1e9:.3f} GB; {a.rounds} alternating rounds; "
              f"loadavg start [{load0}] end [{load1}]", "",
              "| task | s (median) | × floor | CPU s (median) | × floor | peak RSS GB (max) | ÷ ckpt bytes | imports RSS GB "
-             "| (peak − imports) ÷ ckpt |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| (peak − imports) ÷ ckpt | output GB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in TASKS:
         m = med[t]
         lines.append(f"| {t} | {m['seconds']:.2f} | {m['seconds'] / floor_s:.2f} | {m['cpu']:.2f} | "
                      f"{m['cpu'] / floor_cpu:.2f} | {m['peak'] / 1e9:.3f} | "
-                     f"{m['peak'] / nbytes:.2f} | {m['base'] / 1e9:.3f} | {(m['peak'] - m['base']) / nbytes:.2f} |")
+                     f"{m['peak'] / nbytes:.2f} | {m['base'] / 1e9:.3f} | {(m['peak'] - m['base']) / nbytes:.2f} | "
+                     f"{m['out'] / 1e9:.3f} |")
     s, o = med["streamed"], med["in-memory"]
     lines.append(f"\nstreamed ÷ in-memory: time {s['seconds'] / o['seconds']:.2f}×, CPU {s['cpu'] / o['cpu']:.2f}×, "
                  f"peak RSS {s['peak'] / o['peak']:.2f}×. CPU s = the task's user + system time over all its threads "
