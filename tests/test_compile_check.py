@@ -63,6 +63,7 @@ def _result(report, program):
     return r
 
 
+@pytest.mark.slow
 def test_tiny_programs_compile_for_tpu(tiny_reports):
     reports, stdout = tiny_reports
     assert set(reports) == set(TOPOLOGIES)
@@ -86,6 +87,7 @@ def test_tiny_programs_compile_for_tpu(tiny_reports):
     assert stdout.count("| train |") == 2 and "fits 90%" in stdout
 
 
+@pytest.mark.slow
 def test_tiny_train_temporaries_do_not_grow_with_the_slice(tiny_reports):
     """At fixed rows per chip, per-chip temporaries stay flat from 4 to 16 chips (activations sharded as the batch)."""
     reports, _ = tiny_reports
@@ -96,6 +98,7 @@ def test_tiny_train_temporaries_do_not_grow_with_the_slice(tiny_reports):
         f"({big / small:.2f}x): some activation is not sharded like the batch")
 
 
+@pytest.mark.slow
 def test_oversized_step_is_reported_as_not_fitting(hf_checkpoint, tmp_path):
     """32 rows of 4096 tokens per v5e chip (16 GiB): XLA refuses; the report says so with its numbers, rc 0."""
     data, stdout = run_compile_check(

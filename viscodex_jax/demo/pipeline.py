@@ -1,16 +1,16 @@
 """The paper in miniature: the README's main job, on tiny models and generated data.
 
-Stages (each a documented command of its own, run here as subprocesses):
+Stages (each a library call; the same work as the documented command named after it):
 
     checkpoints  tiny seeded HF checkpoints: base (Qwen2), vlm (Qwen2.5-VL from base), coder (Qwen2 from base)
     parity       HF -> orbax -> our forward vs transformers; HF export round trip
     data         MCD-format SFT data, describe data, programming data, held-out ChartMimic/MMCode items
     train_vlm    the VLM learns to describe images (a general VLM: sees images, no visual coding)
     train_coder  the coder learns text-only programming problems
-    merge        launch/merge.py: base + lam * tau_vlm + (1 - lam) * tau_coder, vision copied from the VLM
-    sft_merged   launch/train.py on MCD, vision tower + merger frozen
+    merge        as launch/merge.py: base + lam * tau_vlm + (1 - lam) * tau_coder, vision copied from the VLM
+    sft_merged   as launch/train.py on MCD, vision tower + merger frozen
     sft_vlm      the same fine-tune from the un-merged VLM (the paper's ablation)
-    eval_*       launch/eval.py on held-out charts (ChartMimic low-level) and programs (MMCode pass@1)
+    eval_*       as launch/eval.py on held-out charts (ChartMimic low-level) and programs (MMCode pass@1)
     report       runs/demo/report.{md,html}: timings, loss curves, scores next to the paper's table
 
 A finished stage leaves ``<workdir>/stages/<name>.json``; running again skips it,
@@ -22,32 +22,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from typing import Any, Callable
 
 import numpy as np
 
 from viscodex_jax.demo.report import MODELS
+from viscodex_jax.testing.images import demo_chart
 
 log = logging.getLogger(__name__)
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def demo_chart(width: int = 160, height: int = 120, seed: int = 0):
-    """A small bar chart drawn with PIL: the kind of image VisCodex turns into code."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    d.line([(15, 10), (15, height - 15), (width - 5, height - 15)], fill="black", width=1)
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
-    for i, v in enumerate(rng.uniform(0.2, 1.0, 4)):
-        x0 = 25 + i * 33
-        d.rectangle([x0, height - 15 - v * (height - 30), x0 + 22, height - 16], fill=colors[i])
-    return img
 
 
 class Stages:
@@ -76,16 +59,6 @@ class Stages:
         os.replace(tmp, path)
         log.info("[%s] done in %.1fs", name, self.seconds[name])
         return result
-
-
-def _run(args: list[str]) -> None:
-    """Runs one of our entry points; its output goes to the log, its failure stops the demo."""
-    cmd = [sys.executable, os.path.join(ROOT, args[0]), *args[1:]]
-    log.info("$ %s", " ".join(cmd[1:]))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{args[0]} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
 def parity_check(tiny_vlm: str, workdir: str) -> dict[str, Any]:
@@ -123,16 +96,69 @@ def parity_check(tiny_vlm: str, workdir: str) -> dict[str, Any]:
     }
 
 
-def _train_args(c, name: str, init: str, data: str, steps: int, trainable: str, lr: float) -> list[str]:
-    return ["launch/train.py", f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
-            f"--config.model.init_checkpoint={init}", f"--config.data.train={data}",
-            f"--config.workdir={os.path.join(c.workdir, 'train', name)}", f"--config.train.steps={steps}",
-            f"--config.optim.total_steps={steps}", f"--config.optim.lr={lr}",
-            f"--config.optim.warmup_steps={max(1, steps // 10)}", f"--config.train.trainable={trainable}",
-            f"--config.data.batch_size={c.batch_size}", f"--config.data.max_len={c.max_len}",
-            f"--config.data.seed={c.seed}", f"--config.checkpoint.save_every={max(10, steps // 4)}",
-            f"--config.export_hf={os.path.join(c.workdir, 'models', name)}", "--config.export_dtype=float32",
-            "--config.mesh.shape=(1,1,1)"]  # tiny models: one device, whatever the host has
+def train_stage_config(c, name: str, init: str, data: str, steps: int, trainable: str, lr: float):
+    """The training config of demo stage ``name``: the tiny preset (``configs/tiny.py``) with the demo's data,
+    steps and outputs (``<workdir>/train/<name>``, exported as float32 HF to ``<workdir>/models/<name>``)."""
+    from viscodex_jax.testing.tiny import tiny_train_config
+
+    t = tiny_train_config()
+    t.model.init_checkpoint = init
+    t.data.train = data
+    t.workdir = os.path.join(c.workdir, "train", name)
+    t.train.steps = t.optim.total_steps = steps
+    t.optim.lr = lr
+    t.optim.warmup_steps = max(1, steps // 10)
+    t.train.trainable = trainable
+    t.data.batch_size = c.batch_size
+    t.data.max_len = c.max_len
+    t.data.seed = c.seed
+    t.checkpoint.save_every = max(10, steps // 4)
+    t.export_hf = os.path.join(c.workdir, "models", name)
+    t.export_dtype = "float32"
+    t.mesh.shape = (1, 1, 1)  # tiny models: one device, whatever the host has
+    return t
+
+
+def merge_stage_config(c, tiny: dict[str, str]):
+    """The merge stage's config: the VisCodex-8B recipe at the demo's lam over the tiny base and the two
+    trained models, written as float32 to ``<workdir>/models/merged``."""
+    from viscodex_jax.merge.recipe import merge_config as recipe_defaults
+
+    models = os.path.join(c.workdir, "models")
+    m = recipe_defaults()  # task arithmetic, as configs/merge_viscodex_8b.py
+    m.base_dir = tiny["base"]
+    m.vlm_dir = os.path.join(models, "vlm")
+    m.coder_dir = os.path.join(models, "coder")
+    m.out_dir = os.path.join(models, "merged")
+    m.lam = c.lam
+    m.out_dtype = "float32"
+    m.overwrite = True
+    return m
+
+
+def _train(c, name: str, init: str, data: str, steps: int, trainable: str, lr: float) -> dict[str, Any]:
+    from viscodex_jax.train.loop import run_training
+
+    cfg = train_stage_config(c, name, init, data, steps, trainable, lr)
+    log.info("training %s from %s (%d steps)", cfg.workdir, cfg.model.init_checkpoint, cfg.train.steps)
+    return run_training(cfg)
+
+
+def _merge(cfg) -> dict[str, Any]:
+    from viscodex_jax.merge.recipe import run_merge
+
+    return run_merge(cfg).get("summary", {})
+
+
+def _eval(c, m: str, d: dict[str, str]) -> dict[str, Any]:
+    """The two benchmarks on held-out items, greedy, with launch/eval.py's defaults otherwise."""
+    from viscodex_jax.eval.runner import EvalSettings, evaluate
+
+    settings = EvalSettings(max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch_size)
+    roots = {"chartmimic": d["heldout_chartmimic"], "mmcode": d["heldout_mmcode"]}
+    summary = evaluate(os.path.join(c.workdir, "models", m), list(roots), roots, os.path.join(c.workdir, "eval", m),
+                       settings, model_name=MODELS[m])
+    return {name: b["score"] for name, b in summary["benchmarks"].items()}
 
 
 def run_demo(c) -> dict[str, Any]:
@@ -154,24 +180,15 @@ def run_demo(c) -> dict[str, Any]:
         return make_demo_data(os.path.join(wd, "data"), c.seed, c.n_per_category, c.n_programs, c.n_heldout_programs)
 
     d = st.run("data", data)
-    st.run("train_vlm", lambda: _run(_train_args(c, "vlm", tiny["vlm"], d["describe_train"], c.vlm_steps, "all", c.lr)))
-    st.run("train_coder", lambda: _run(_train_args(c, "coder", tiny["coder"], d["coder_train"], c.coder_steps, "llm",
-                                                   c.lr)))
-    st.run("merge", lambda: _run(["launch/merge.py", f"--config={os.path.join(ROOT, 'configs', 'merge_viscodex_8b.py')}",
-                                  f"--config.base_dir={tiny['base']}", f"--config.vlm_dir={os.path.join(models, 'vlm')}",
-                                  f"--config.coder_dir={os.path.join(models, 'coder')}",
-                                  f"--config.out_dir={os.path.join(models, 'merged')}", f"--config.lam={c.lam}",
-                                  "--config.out_dtype=float32", "--config.overwrite=true"]))
-    st.run("sft_merged", lambda: _run(_train_args(c, "merged_sft", os.path.join(models, "merged"), d["mcd_train"],
-                                                  c.sft_steps, "llm", c.sft_lr)))
-    st.run("sft_vlm", lambda: _run(_train_args(c, "vlm_sft", os.path.join(models, "vlm"), d["mcd_train"], c.sft_steps,
-                                               "llm", c.sft_lr)))
+    st.run("train_vlm", lambda: _train(c, "vlm", tiny["vlm"], d["describe_train"], c.vlm_steps, "all", c.lr))
+    st.run("train_coder", lambda: _train(c, "coder", tiny["coder"], d["coder_train"], c.coder_steps, "llm", c.lr))
+    st.run("merge", lambda: _merge(merge_stage_config(c, tiny)))
+    st.run("sft_merged", lambda: _train(c, "merged_sft", os.path.join(models, "merged"), d["mcd_train"],
+                                        c.sft_steps, "llm", c.sft_lr))
+    st.run("sft_vlm", lambda: _train(c, "vlm_sft", os.path.join(models, "vlm"), d["mcd_train"], c.sft_steps, "llm",
+                                     c.sft_lr))
     for m in MODELS:
-        st.run(f"eval_{m}", lambda m=m: _run([
-            "launch/eval.py", f"--checkpoint={os.path.join(models, m)}", "--benchmarks=chartmimic,mmcode",
-            f"--chartmimic_root={d['heldout_chartmimic']}", f"--mmcode_root={d['heldout_mmcode']}",
-            f"--out_dir={os.path.join(wd, 'eval', m)}", f"--max_new_tokens={c.max_new_tokens}",
-            f"--batch_size={c.eval_batch_size}", f"--model_name={MODELS[m]}"]))
+        st.run(f"eval_{m}", lambda m=m: _eval(c, m, d))
 
     def report():
         from viscodex_jax.demo.report import write_report

@@ -157,6 +157,25 @@ def make_tiny_checkpoints(
     return paths
 
 
+def tiny_train_config():
+    """Training settings for the tiny checkpoints on CPU (``configs/tiny.py``; the demo starts from it)."""
+    from viscodex_jax.train.config import base_config
+
+    c = base_config()
+    c.workdir = "runs/train_tiny"
+    c.data.max_len = 512
+    c.data.batch_size = 4
+    c.data.patches_per_row = 256
+    c.train.steps = 60
+    c.train.vocab_chunk = 2048
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 5
+    c.optim.total_steps = 60
+    c.checkpoint.save_every = 20
+    c.checkpoint.keep = 2
+    return c
+
+
 def ensure_tiny_checkpoints(out_dir: str, seed: int = 0) -> dict[str, str]:
     """Makes the tiny checkpoints unless a complete set is already there."""
     paths = {k: os.path.join(out_dir, k) for k in ("base", "vlm", "coder")}
