@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, left_padded_prompts, make_hf_model
+from viscodex_jax.testing.models import IMG, make_hf_model
+from viscodex_jax.testing.prompts import left_padded_prompts
 
 from viscodex_jax.model.config import config_from_dict
 from viscodex_jax.model.families.qwen2_5_vl import get_rope_index
