@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import IMG, vl_prompt
+from viscodex_jax.testing.models import IMG
+from viscodex_jax.testing.prompts import vl_prompt
 
 from viscodex_jax.checkpoint import load_hf_params
 from viscodex_jax.model.causal_lm import CausalLM
