@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, left_padded_prompts
+from viscodex_jax.testing.models import IMG
+from viscodex_jax.testing.prompts import left_padded_prompts
 
 from viscodex_jax.checkpoint import load_hf_params
 from viscodex_jax.model.config import ConfigError
