@@ -6,7 +6,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import IMG, left_padded_prompts
+from viscodex_jax.testing.models import IMG
+from viscodex_jax.testing.prompts import left_padded_prompts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from viscodex_jax.checkpoint import load_hf_params
