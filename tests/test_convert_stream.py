@@ -210,7 +210,7 @@ def test_buffer_pool_keeps_a_buffer_only_for_reads_still_to_come():
 
 def test_legacy_bin_checkpoint_takes_the_in_memory_path_to_the_same_checkpoint(hf_checkpoint, tmp_path):
     import torch
-    from conftest import make_hf_model
+    from viscodex_jax.testing.models import make_hf_model
 
     src = hf_checkpoint("qwen2_untied")
     legacy = tmp_path / "legacy"
