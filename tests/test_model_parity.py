@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, TEXT_CONFIGS, VL_CONFIGS, vl_prompt
+from viscodex_jax.testing.models import IMG, TEXT_CONFIGS, VL_CONFIGS
+from viscodex_jax.testing.prompts import vl_prompt
 
 from viscodex_jax.model.causal_lm import CausalLM
 from viscodex_jax.model.families.qwen2 import text_positions
