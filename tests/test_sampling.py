@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, left_padded_prompts
+from viscodex_jax.testing.models import IMG
+from viscodex_jax.testing.prompts import left_padded_prompts
 
 from viscodex_jax.checkpoint import load_hf_params
 from viscodex_jax.model.causal_lm import CausalLM
@@ -146,7 +147,7 @@ def test_top_p_distribution_on_known_logits():
 
 def test_generate_api_streams_the_same_text(tmp_path):
     import viscodex_jax as vx
-    from viscodex_jax.demo.pipeline import demo_chart
+    from viscodex_jax.testing.images import demo_chart
     from viscodex_jax.testing.tiny import make_tiny_checkpoints
 
     model = vx.load(make_tiny_checkpoints(str(tmp_path / "t"), seed=2)["vlm"])
