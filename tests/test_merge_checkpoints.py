@@ -75,7 +75,7 @@ def test_merged_checkpoint_loads_in_transformers_with_our_logits(tiny, tmp_path)
     from transformers import AutoModelForImageTextToText
 
     import viscodex_jax as vx
-    from viscodex_jax.demo.pipeline import demo_chart
+    from viscodex_jax.testing.images import demo_chart
 
     model = vx.load(out)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "plot it"}]}]
