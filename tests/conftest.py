@@ -10,10 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-# Re-exported for the test files that still import them from here (``from conftest import ...``).
-from viscodex_jax.testing.models import IMG, TEXT_CONFIGS, TOKENS, VEND, VL_CONFIGS, VOCAB, VSTART  # noqa: E402,F401
 from viscodex_jax.testing.models import make_hf_model  # noqa: E402
-from viscodex_jax.testing.prompts import left_padded_prompts, vl_prompt  # noqa: E402,F401
 
 MARKERS = {
     "slow": "runs for minutes: subprocess pipelines, kill/resume, the demo, TPU compiles",
