@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of .venv-score: the interpreter ChartMimic runs reference and generated chart
-# programs with (viscodex_jax/eval/chartmimic.py, through the sandbox). It holds the official
+# programs with (viscodex_jax/eval/chartmimic/, through the sandbox). It holds the official
 # ChartMimic pins (its environment.yaml: matplotlib 3.8.4, numpy 1.26.1, scipy 1.12.0, seaborn 0.13.2,
 # networkx 3.2.1, squarify 0.4.3, matplotlib-venn 0.11.10, ...), which clash with the project's own
 # numpy 2 / newest matplotlib, hence a venv of its own. pandas is 1.5.3: the official 1.4.2 has no

@@ -6,6 +6,7 @@
     logits = model.logits(batch)
     texts = vx.generate(model, [messages], images=[[img]], max_new_tokens=256, sampler=vx.TopP(0.95))
     vx.save_hf(model, "out_dir")
+    merged = vx.merge_models(base, [vlm, coder], weights=(0.7, 0.3))  # Models in, a Model out
 """
 
 __version__ = "0.1.0"
@@ -13,9 +14,10 @@ __version__ = "0.1.0"
 from viscodex_jax.api import Model, generate, load, save_hf
 from viscodex_jax.sampling.methods import Greedy, Temperature, TopK, TopP, from_settings as sampler_from_settings
 from viscodex_jax.data.processor import Processor
+from viscodex_jax.merge import MergeSpec, merge_models
 from viscodex_jax.model.config import ModelConfig, load_config
 
 __all__ = [
-    "Greedy", "Model", "ModelConfig", "Processor", "Temperature", "TopK", "TopP",
-    "generate", "load", "load_config", "sampler_from_settings", "save_hf",
+    "Greedy", "MergeSpec", "Model", "ModelConfig", "Processor", "Temperature", "TopK", "TopP",
+    "generate", "load", "load_config", "merge_models", "sampler_from_settings", "save_hf",
 ]
