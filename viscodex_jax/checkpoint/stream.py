@@ -7,8 +7,10 @@ writes the directory (``_METADATA``, OCDBT manifest, commit marker, per-process
 merge), but each leaf is a :class:`ParamSource`: a recipe naming the HF tensors
 that fill it. A NumPy type handler that keeps orbax's ``np.ndarray`` type
 string (so the metadata, and every restore, is that of a plain NumPy save)
-reads those tensors one at a time and writes each into its slot of the zarr
-array, with at most ``budget_bytes`` of source data in flight.
+reads those tensors one at a time from memory-mapped shards and writes each
+into its slot of the zarr array, with at most ``budget_bytes`` of source data
+in flight (tensors already in our layout go from the page cache to tensorstore
+without a copy; kernels are transposed once, into a reused buffer).
 
 Stacked params (``nn.scan`` keeps layers on axis 0) are stored with one zarr
 chunk per layer (orbax's own ``SaveArgs(chunk_byte_size=..., shard_axes=(0,))``
@@ -46,8 +48,8 @@ from viscodex_jax.model.causal_lm import param_shapes
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 from viscodex_jax.utils import flatten, unflatten
 
-# Source bytes read but not yet committed. One tensor larger than this still goes through alone; the
-# default keeps the largest tensor of a 7B model (the 1.1 GB embedding) and a few layer slices in flight.
+# Source bytes read but not yet committed: a few layer slices of a 7B model (an MLP slice is 136 MB). A
+# tensor larger than this (a 7B embedding, 1.1 GB) still goes through, alone.
 DEFAULT_BUDGET_BYTES = 512 * 2**20
 EMBED_KEY = ("model", "embed_tokens", "embedding")
 # A stacked param gets one chunk per layer when a layer slice is at least this big (orbax warns that
@@ -173,11 +175,11 @@ def all_finite(array: np.ndarray, block: int = 2**20) -> bool:
 
 
 class Buffers:
-    """Flat byte buffers reused across reads.
+    """Flat byte buffers for the transposed or cast copies, reused from one layer to the next.
 
     A fresh large array pays a page fault per 4 KiB page on first touch, which on a VM costs as much
-    system time as the read itself. A buffer given back is kept only while the plan still has a request
-    of its size to come, so the pool never holds more than the reads ahead will use.
+    system time as the copy itself. A buffer given back is kept only while the plan still has a request
+    of its size to come, so the pool never holds more than the copies ahead will use.
     """
 
     def __init__(self, sizes: list[int]):
