@@ -16,6 +16,7 @@ setup(
         "flax>=0.10",
         "optax",
         "orbax-checkpoint",
+        "tensorstore",  # checkpoint/stream.py writes layer slices through it directly
         "grain",
         "tensorflow-datasets",
         "absl-py",
