@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -260,20 +259,7 @@ def test_config_json_that_is_a_list_is_a_config_error_naming_the_file(vl, tmp_pa
 
 # ---------------------------------------------------------------------------------- temp dirs of killed runs
 
-_KILLED_CONVERT = textwrap.dedent("""
-    import os, signal, sys
-    from viscodex_jax import checkpoint
-    from viscodex_jax.checkpoint import orbax_io
-
-    class Dies:  # stands in for orbax mid-save: a partial file, then kill -9
-        def save(self, path, params):
-            os.makedirs(path)
-            open(os.path.join(path, "partial"), "w").write("half a checkpoint")
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    orbax_io.ocp.StandardCheckpointer = Dies
-    checkpoint.convert_hf_to_orbax(sys.argv[1], sys.argv[2])
-""")
+from test_convert_stream import KILL_9_MID_STREAM as _KILLED_CONVERT  # noqa: E402  (kill -9 mid-stream)
 
 
 def test_kill_9_during_hf_to_orbax_leaves_a_temp_dir_that_the_next_run_removes(hf_checkpoint, tmp_path):
