@@ -15,7 +15,7 @@ setup(
         "jax>=0.4.35",
         "flax>=0.10",
         "optax",
-        "orbax-checkpoint",
+        "orbax-checkpoint>=0.12,<0.13",  # checkpoint/stream.py subclasses its NumpyHandler (a protected write hook)
         "tensorstore",  # checkpoint/stream.py writes layer slices through it directly
         "grain",
         "tensorflow-datasets",
