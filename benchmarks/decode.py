@@ -53,7 +53,18 @@ What it does:
    layer's weight slices out of the stacked arrays (a dynamic-slice fusion)
    before its matmuls.
 
-6. Prints Markdown tables and writes JSON to ``--json_out``.
+6. Mixed-length workload (``--workload mixed``; both by default): 64 prompts
+   whose prompt and output lengths are drawn from heavy-tailed (lognormal)
+   distributions, each with its own output length (no EOS), on a tiny random
+   Qwen2 (``_mixed_checkpoint``). Continuous batching (``sampling.slots``,
+   8 slots: a freed slot takes the next prompt) against our lockstep
+   ``generate_ids`` and transformers' ``generate`` on batches of 8 in
+   submission order (a batch runs until its longest row). Generated tokens/s
+   counts each prompt's own tokens; the three alternate pass by pass in one
+   child, after a warm-up (ours: a whole pass, compiling every program);
+   rows are checked token-equal across the three.
+
+7. Prints Markdown tables and writes JSON to ``--json_out``.
 
 Threads: each child process is pinned (``sched_setaffinity``) to the first
 ``--threads`` CPUs (default: all CPUs this process may use); torch gets
@@ -63,7 +74,8 @@ pool is sized from the affinity mask (with ``--threads 1`` we also pass
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/decode.py              # ~6 min on 2 quiet cores
+    .venv/bin/python benchmarks/decode.py              # ~6 min on 2 quiet cores (+ the mixed workload)
+    .venv/bin/python benchmarks/decode.py --workload mixed --mixed_repeats 3
     .venv/bin/python benchmarks/decode.py --repeats 1 --prefill_repeats 2 --no_ablation  # quicker, noisier
     .venv/bin/python benchmarks/decode.py --retries 2  # rerun a child that other processes disturbed (>20% CPU)
 """
@@ -360,6 +372,175 @@ def task_ablation(ckpt: str, repeats: int) -> dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------- mixed workload
+
+
+MIXED_PROMPTS = 64
+MIXED_BATCH = 8
+MIXED_BUCKET = 32
+MIXED_MODEL = dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.05,
+                   max_position_embeddings=4096)
+
+
+def mixed_workload(seed: int, n: int = MIXED_PROMPTS):
+    """Heavy-tailed prompt and output lengths: lognormal (sigma 1.0 / 1.1), clipped to [4, 400] / [2, 256]."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prompt_lens = np.clip(np.round(rng.lognormal(np.log(32), 1.0, n)), 4, 400).astype(int)
+    new_tokens = np.clip(np.round(rng.lognormal(np.log(24), 1.1, n)), 2, 256).astype(int)
+    prompts = [rng.integers(0, MIXED_MODEL["vocab_size"], k).astype(np.int64) for k in prompt_lens]
+    return prompts, new_tokens
+
+
+def _mixed_checkpoint(work_dir: str) -> str:
+    """A small random Qwen2 text model (saved once; the weights are seeded)."""
+    from viscodex_jax.testing.tiny import hf_text_model
+
+    path = os.path.join(work_dir, "mixed-tiny")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        hf_text_model(MIXED_MODEL, 0).save_pretrained(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def _left_pad(rows):
+    import numpy as np
+
+    t = max(len(r) for r in rows)
+    ids, mask = np.zeros((len(rows), t), np.int64), np.zeros((len(rows), t), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    return ids, mask
+
+
+def task_mixed(ckpt: str, repeats: int, seed: int, threads: int) -> dict[str, Any]:
+    """64 prompts of heavy-tailed lengths, each with its own output length (no EOS): continuous batching
+    (8 slots) against our lockstep loop and transformers' generate on batches of 8 in submission order
+    (each batch runs until its longest row). Implementations alternate, repeat by repeat, after a warm-up
+    pass of each that compiles every program the timed passes use."""
+    import jax
+    import numpy as np
+    import torch
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from viscodex_jax.checkpoint import load_hf_params
+    from viscodex_jax.model.families.qwen2 import text_positions
+    from viscodex_jax.sampling import loop as sampling
+    from viscodex_jax.sampling.slots import Request, SlotSampler, SlotSettings
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    prompts, new_tokens = mixed_workload(seed)
+    useful = int(new_tokens.sum())
+    cfg, params = load_hf_params(ckpt, dtype=np.float32)
+    params = jax.device_put(params)
+    hf = Qwen2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    batches = [list(range(i, min(i + MIXED_BATCH, len(prompts)))) for i in range(0, len(prompts), MIXED_BATCH)]
+    longest = int(max(sampling._round_up(len(p), MIXED_BUCKET) for p in prompts)) + int(new_tokens.max())
+    slot_settings = SlotSettings(slots=MIXED_BATCH, cache_len=2 * longest, max_new_tokens=int(new_tokens.max()),
+                                 prompt_bucket=MIXED_BUCKET, steps_per_call=256, windows=4)
+    requests = [Request(p.astype(np.int32), np.arange(len(p), dtype=np.int32), max_new_tokens=int(k))
+                for p, k in zip(prompts, new_tokens)]
+    no_eos = [NO_EOS]
+    out: dict[str, Any] = {}
+
+    def continuous():
+        engine = SlotSampler(cfg, params, no_eos, settings=slot_settings)
+        got = engine.run(requests)
+        out["continuous"] = [g.tolist() for g in got]
+        out["continuous_stats"] = dict(engine.stats)
+
+    def lockstep():
+        rows = []
+        for idx in batches:
+            ids, mask = _left_pad([prompts[i] for i in idx])
+            batch = {"input_ids": ids, "attention_mask": mask, "positions": text_positions(mask)}
+            new = int(new_tokens[idx].max())
+            o = sampling.generate_ids(cfg, params, batch, no_eos, settings=sampling.DecodeSettings(
+                max_new_tokens=new, prompt_bucket=MIXED_BUCKET))
+            rows += [o[j, :new_tokens[i]].tolist() for j, i in enumerate(idx)]
+        out["lockstep"] = rows
+
+    def transformers_generate():
+        rows = []
+        for idx in batches:
+            ids, mask = _left_pad([prompts[i] for i in idx])
+            new = int(new_tokens[idx].max())
+            gc = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None,
+                                  pad_token_id=0, bos_token_id=None, num_beams=1, use_cache=True)
+            with torch.inference_mode():
+                o = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                generation_config=gc)[:, ids.shape[1]:].numpy()
+            rows += [o[j, :new_tokens[i]].tolist() for j, i in enumerate(idx)]
+        out["hf"] = rows
+
+    def transformers_warmup():  # nothing to compile: one short batch (first-call allocations)
+        ids, mask = _left_pad([prompts[i] for i in batches[0]])
+        gc = GenerationConfig(do_sample=False, max_new_tokens=2, min_new_tokens=2, eos_token_id=None, pad_token_id=0,
+                              bos_token_id=None, num_beams=1, use_cache=True)
+        with torch.inference_mode():
+            hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), generation_config=gc)
+
+    impls = {"continuous": continuous, "lockstep": lockstep, "hf": transformers_generate}
+    warm = {}
+    # ours: a whole pass, which compiles every program the timed passes use
+    for name, fn in (("continuous", continuous), ("lockstep", lockstep), ("hf", transformers_warmup)):
+        t0 = time.perf_counter()
+        fn()
+        warm[name] = time.perf_counter() - t0
+    times = {name: [] for name in impls}
+    for _ in range(repeats):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    res = dict(prompts=len(prompts), batch=MIXED_BATCH, useful_tokens=useful,
+               prompt_lens=[len(p) for p in prompts], new_tokens=new_tokens.tolist(),
+               lockstep_steps=int(sum(new_tokens[idx].max() for idx in batches)), warmup_s=warm, times=times,
+               slot_settings=dataclasses.asdict(slot_settings), stats=out["continuous_stats"],
+               loadavg=list(os.getloadavg()))
+    res["tok_s"] = {k: useful / min(v) for k, v in times.items()}
+    res["tok_s_median"] = {k: useful / statistics.median(v) for k, v in times.items()}
+    res["agreement"] = {k: agreement_rows(out["continuous"], out[k]) for k in ("lockstep", "hf")}
+    return res
+
+
+def agreement_rows(a, b) -> dict[str, Any]:
+    same = sum(x == y for x, y in zip(a, b))
+    return dict(rows_identical=int(same), rows=len(a))
+
+
+def render_mixed(r: dict[str, Any]) -> str:
+    names = {"continuous": f"ours: continuous batching ({r['batch']} slots)",
+             "lockstep": f"ours: lockstep generate_ids (batches of {r['batch']})",
+             "hf": f"transformers generate (batches of {r['batch']})"}
+    cont = r["tok_s"]["continuous"]
+    lines = [
+        f"Mixed-length workload: {r['prompts']} prompts, prompt lengths {min(r['prompt_lens'])}..{max(r['prompt_lens'])} "
+        f"(median {statistics.median(r['prompt_lens']):.0f}), output lengths {min(r['new_tokens'])}.."
+        f"{max(r['new_tokens'])} (median {statistics.median(r['new_tokens']):.0f}), {r['useful_tokens']} tokens to "
+        f"generate (lockstep runs {r['lockstep_steps']} steps per row); tiny random Qwen2 (float32, CPU); "
+        f"best of {len(r['times']['continuous'])} alternating passes after a warm-up; load average "
+        f"{r['loadavg'][0]:.2f} at the end of the child.",
+        "",
+        "| impl | best s | tokens/s (best) | tokens/s (median) | continuous ÷ this (best / median) | rows = continuous |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for k, label in names.items():
+        ratio = "" if k == "continuous" else (f"{cont / r['tok_s'][k]:.2f}× / "
+                                             f"{r['tok_s_median']['continuous'] / r['tok_s_median'][k]:.2f}×")
+        agree = "" if k == "continuous" else f"{r['agreement'][k]['rows_identical']}/{r['agreement'][k]['rows']}"
+        lines.append(f"| {label} | {min(r['times'][k]):.2f} | {r['tok_s'][k]:.0f} | {r['tok_s_median'][k]:.0f} | "
+                     f"{ratio} | {agree} |")
+    lines += ["", f"continuous batching: {r['stats']} (inserts = prefills into a freed slot, rebases = cache rolls, "
+              "decode_calls = jitted decode loops); tokens/s counts each prompt's own output tokens only."]
+    return "\n".join(lines)
+
+
 def run_child(a: dict[str, Any]) -> dict[str, Any]:
     cpus = h.pin(a["threads"])
     if a["task"] == "bandwidth":
@@ -368,6 +549,8 @@ def run_child(a: dict[str, Any]) -> dict[str, Any]:
         res = task_ours(a["ckpt"], a["repeats"], a["prefill_repeats"], a["seed"])
     elif a["task"] == "hf":
         res = task_hf(a["ckpt"], a["repeats"], a["prefill_repeats"], a["seed"], a["threads"])
+    elif a["task"] == "mixed":
+        res = task_mixed(_mixed_checkpoint(a["work_dir"]), a["repeats"], a["seed"], a["threads"])
     elif a["task"] == "ablation":
         res = task_ablation(a["ckpt"], a["repeats"])
     else:
@@ -460,41 +643,11 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--work_dir", default=os.path.join(h.RESULTS_DIR, "ckpts"),
-                   help="where the random checkpoints are cached (shared with convert.py)")
-    p.add_argument("--json_out", default=os.path.join(h.RESULTS_DIR, "decode.json"))
-    p.add_argument("--repeats", type=int, default=3, help="timed generate calls per batch size (best reported)")
-    p.add_argument("--prefill_repeats", type=int, default=5, help="timed prefill calls per batch size (best reported)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="CPUs (affinity) and threads for each implementation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no_ablation", action="store_true",
-                   help="skip timing one decode step with the layers unrolled instead of scanned (~1 min)")
-    p.add_argument("--quiet_wait", type=float, default=30,
-                   help="before each child, wait up to this long for a quiet machine (<15%% busy for 1 s)")
-    p.add_argument("--retries", type=int, default=0,
-                   help="run a child again (at most this many times) when other processes took > --max_bg of the CPU")
-    p.add_argument("--max_bg", type=float, default=0.2)
-    p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
-    a = p.parse_args(argv)
-
-    t_start = time.perf_counter()
-    ckpt = os.path.join(a.work_dir, MODEL)
+def measure_fixed(a: argparse.Namespace, results: dict[str, Any], common: dict[str, Any], ckpt: str) -> None:
+    """The fixed workload (steps 1-5 of the module docstring) into ``results``."""
     ck.ensure(MODEL, ckpt, 0, a.timeout)
     with open(os.path.join(ckpt, "config.json")) as f:
         cfg_json = json.load(f)
-    results: dict[str, Any] = dict(
-        machine=h.machine_info(),
-        config=dict(model=MODEL, ckpt=ckpt, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, batches=list(BATCHES),
-                    repeats=a.repeats, prefill_repeats=a.prefill_repeats, threads=a.threads, seed=a.seed,
-                    prompt_bucket=PROMPT_BUCKET,
-                    quiet_wait=a.quiet_wait, retries=a.retries, max_bg=a.max_bg, compute_dtype="float32",
-                    threads_setup=h.THREADS_SETUP),
-        impls={},
-    )
-    common = dict(ckpt=ckpt, repeats=a.repeats, prefill_repeats=a.prefill_repeats, seed=a.seed, threads=a.threads)
     print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
     results["bandwidth"] = spawn(dict(common, task="bandwidth"), a)
     for key, label in IMPLS:
@@ -526,9 +679,56 @@ def main(argv: list[str]) -> None:
     if not a.no_ablation:
         print("ablation: one decode step, scanned vs unrolled layers ...", file=sys.stderr, flush=True)
         results["ablation"] = spawn(dict(common, task="ablation"), a)
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work_dir", default=os.path.join(h.RESULTS_DIR, "ckpts"),
+                   help="where the random checkpoints are cached (shared with convert.py)")
+    p.add_argument("--json_out", default=os.path.join(h.RESULTS_DIR, "decode.json"))
+    p.add_argument("--repeats", type=int, default=3, help="timed generate calls per batch size (best reported)")
+    p.add_argument("--prefill_repeats", type=int, default=5, help="timed prefill calls per batch size (best reported)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="CPUs (affinity) and threads for each implementation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_ablation", action="store_true",
+                   help="skip timing one decode step with the layers unrolled instead of scanned (~1 min)")
+    p.add_argument("--quiet_wait", type=float, default=30,
+                   help="before each child, wait up to this long for a quiet machine (<15%% busy for 1 s)")
+    p.add_argument("--retries", type=int, default=0,
+                   help="run a child again (at most this many times) when other processes took > --max_bg of the CPU")
+    p.add_argument("--max_bg", type=float, default=0.2)
+    p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    p.add_argument("--workload", choices=("fixed", "mixed", "both"), default="both",
+                   help="fixed: equal prompts, batch 1 and 8, with the bandwidth floor; mixed: 64 prompts of "
+                        "heavy-tailed lengths, continuous batching vs lockstep vs transformers")
+    p.add_argument("--mixed_repeats", type=int, default=3,
+                   help="timed passes of each implementation over the mixed workload (alternating)")
+    a = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    ckpt = os.path.join(a.work_dir, MODEL)
+    results: dict[str, Any] = dict(
+        machine=h.machine_info(),
+        config=dict(model=MODEL, ckpt=ckpt, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, batches=list(BATCHES),
+                    repeats=a.repeats, prefill_repeats=a.prefill_repeats, threads=a.threads, seed=a.seed,
+                    prompt_bucket=PROMPT_BUCKET,
+                    quiet_wait=a.quiet_wait, retries=a.retries, max_bg=a.max_bg, compute_dtype="float32",
+                    threads_setup=h.THREADS_SETUP),
+        impls={},
+    )
+    common = dict(ckpt=ckpt, repeats=a.repeats, prefill_repeats=a.prefill_repeats, seed=a.seed, threads=a.threads)
+    tables = []
+    if a.workload in ("fixed", "both"):
+        measure_fixed(a, results, common, ckpt)
+        tables.append(render(results))
+    if a.workload in ("mixed", "both"):
+        print("mixed-length workload: continuous batching, lockstep, transformers ...", file=sys.stderr, flush=True)
+        results["mixed"] = spawn(dict(common, task="mixed", work_dir=a.work_dir, repeats=a.mixed_repeats), a)
+        tables.append(render_mixed(results["mixed"]))
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - t_start
-    h.publish(results, render(results), a.json_out)
+    h.publish(results, "\n\n".join(tables), a.json_out)
 
 
 if __name__ == "__main__":
