@@ -19,7 +19,6 @@ from viscodex_jax.data.mcd import ImageStore, load_images, read_records
 from viscodex_jax.data.mcd_sample import make_mcd_sample
 from viscodex_jax.data.encode import encode_record
 from viscodex_jax.data.packing import Packer
-from viscodex_jax.testing.tiny import make_tiny_checkpoints
 from viscodex_jax.train.loop import read_metrics
 from viscodex_jax.train.step import batch_loss
 
@@ -27,9 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_checkpoints):
     root = tmp_path_factory.mktemp("train")
-    paths = make_tiny_checkpoints(str(root / "tiny"), seed=5)
+    paths = tiny_checkpoints(5)
     sample = make_mcd_sample(str(root / "mcd"), n_per_category=3)
     return paths, sample, root
 
@@ -83,6 +82,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_kill_minus_9_and_resume_equals_uninterrupted_run(tiny):
     paths, sample, root = tiny
     full, killed = str(root / "full"), str(root / "killed")
@@ -103,6 +103,7 @@ def test_kill_minus_9_and_resume_equals_uninterrupted_run(tiny):
         assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits(tiny):
     paths, sample, root = tiny
     work = str(root / "term")
@@ -118,6 +119,7 @@ def test_sigterm_saves_and_exits(tiny):
     assert saved and saved[-1] == last  # saved at the step it stopped, not at the 100-step interval
 
 
+@pytest.mark.slow
 def test_overfit_a_few_records(tiny):
     paths, sample, root = tiny
     recs = read_records(sample["train"])
@@ -144,6 +146,7 @@ def _free_port() -> int:
     return port
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(hf_checkpoint):
     path = hf_checkpoint("qwen2_untied")
     worker = os.path.join(ROOT, "tests", "dist_worker.py")
