@@ -20,6 +20,7 @@ inside the merge). Warnings about the base (see ``report``) are logged here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import tqdm
 
 from viscodex_jax.checkpoint import hf_map
 from viscodex_jax.checkpoint.hf import copy_side_files, iter_hf_tensors
-from viscodex_jax.checkpoint.safetensors_io import ShardedWriter
+from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, ShardedWriter
 from viscodex_jax.checkpoint.validate import count_nonfinite, is_float_dtype
 from viscodex_jax.merge.report import MergeReport
 from viscodex_jax.merge.spec import MergeError, MergeSpec
@@ -72,7 +73,13 @@ class TensorSource:
 def hf_dir_source(ckpt_dir: str, expected: dict[Key, Any]) -> TensorSource:
     """The tensors of a HF checkpoint dir (indexed now, read later); ``expected`` maps names onto params."""
     tensors: dict[str, _Tensor] = {}
+    files: dict[str, SafetensorsFile] = {}
     for file, name, _, read in iter_hf_tensors(ckpt_dir):
+        if file.endswith(".safetensors"):
+            # A memory map of the page cache instead of a copy into fresh memory (whose page faults were most of
+            # the merge's system time); the merge only reads it.
+            f = files.get(file) or files.setdefault(file, SafetensorsFile(file))
+            read = functools.partial(f.view, name)
         canon = hf_map.canonical_name(name)
         if canon in tensors:
             raise MergeError(f"{file}: tensor {name!r} appears twice in {ckpt_dir}")

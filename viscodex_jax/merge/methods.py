@@ -64,11 +64,15 @@ class Sparsify:
     so row chunks see the thresholds of the whole tensor.
 
     ``whole_tensor(spec)``: True when ``keep`` must see the whole tensor at once.
+
+    ``keyed``: ``keep`` draws from ``key``, so its result depends on how a tensor is cut into chunks
+    (each chunk has its own key); such methods keep the coarse chunking (``tensor.CHUNK_ELEMENTS``).
     """
 
     keep: Callable[..., Any]
     ranks: Callable[[Any, int], Sequence[int]] | None = None
     whole_tensor: Callable[[Any], bool] = _never
+    keyed: bool = False
 
 
 def _topk_ranks(spec, numel: int) -> tuple[int, ...]:
@@ -122,7 +126,7 @@ def breadcrumbs(d, thresholds, key, spec):
 
 
 TOPK = Sparsify(topk, ranks=_topk_ranks)
-DARE = Sparsify(dare, whole_tensor=_dare_l1_is_per_tensor)
+DARE = Sparsify(dare, whole_tensor=_dare_l1_is_per_tensor, keyed=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,21 +32,62 @@ def _over_models(x: jax.Array) -> jax.Array:
     return total
 
 
+def _name_hash(name: str) -> np.uint32:
+    return np.uint32(int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little"))
+
+
 def tensor_key(seed: int, name: str) -> jax.Array:
     """A PRNG key per (seed, tensor name): the same draw whatever order tensors come in."""
-    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
-    return jax.random.fold_in(jax.random.PRNGKey(seed), h)
+    return jax.random.fold_in(jax.random.PRNGKey(seed), _name_hash(name))
+
+
+class _Staging:
+    """Reused 64-byte-aligned host buffers, one per input slot, that chunks are copied into before the jitted call.
+
+    XLA:CPU takes a numpy argument without a copy only when it is 64-byte aligned; safetensors data (and a
+    memory map of it) is only 8-byte aligned, so every call used to copy each input into a freshly allocated
+    buffer, page-faulting it in (most of the merge's system time). One memcpy into a warm buffer replaces that.
+    """
+
+    def __init__(self):
+        self._bufs: dict[int, np.ndarray] = {}
+
+    def put(self, slot: int, x: np.ndarray) -> np.ndarray:
+        if x.ctypes.data % 64 == 0 and x.flags.c_contiguous:
+            return x
+        buf = self._bufs.get(slot)
+        if buf is None or buf.size < x.nbytes + 64:
+            buf = self._bufs[slot] = np.empty(x.nbytes + 64, np.uint8)
+        off = (-buf.ctypes.data) % 64
+        out = buf[off:off + x.nbytes].view(x.dtype).reshape(x.shape)
+        np.copyto(out, x)
+        return out
+
+
+_STAGING = _Staging()
 
 
 # Big tensors (embeddings, lm_head) are merged in row chunks of at most this many elements, so the
 # float32 temporaries stay a few hundred MB whatever the vocab and hidden size.
 CHUNK_ELEMENTS = 1 << 24
+# Methods whose result does not depend on the chunking (no random draw) use chunks of at most this many
+# elements: XLA:CPU's temporaries then stay under glibc's 32 MB mmap threshold and are reused from the heap,
+# instead of being mapped, page-faulted in and unmapped on every call (that was most of the merge's sys time).
+UNKEYED_CHUNK_ELEMENTS = 1 << 20
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "out_dtype"))
-def _merge_core(base, thetas, weights, key, thresh, spec: MergeSpec, out_dtype):
-    """Merges one tensor (or a row chunk of it); returns it and sums for the report."""
+@functools.partial(jax.jit, static_argnames=("spec", "out_dtype", "chunked"))
+def _merge_core(base, thetas, weights, name_hash, chunk, thresh, spec: MergeSpec, out_dtype, chunked: bool):
+    """Merges one tensor (or a row chunk of it); returns it and sums for the report.
+
+    ``thetas`` is a tuple (stacked here, inside the fusion, not on the host). The tensor's PRNG key is
+    derived here from ``name_hash`` (and ``chunk`` for a row chunk), as ``tensor_key`` does eagerly.
+    """
     method = spec.method_pieces
+    key = jax.random.fold_in(jax.random.PRNGKey(spec.seed), name_hash)
+    if chunked:
+        key = jax.random.fold_in(key, chunk)
+    thetas = jnp.stack(thetas)
     base32 = base.astype(jnp.float32)
     d = thetas.astype(jnp.float32) - base32[None]  # [n, ...]
     n = d.shape[0]
@@ -78,13 +119,17 @@ def _merge_core(base, thetas, weights, key, thresh, spec: MergeSpec, out_dtype):
             denom = _over_models(jnp.where(contrib, w, 0.0))  # disjoint mean: only contributors count
             total = jnp.where(denom != 0, total / jnp.where(denom != 0, denom, 1.0), 0.0)
         merged = base32 + spec.lam * total
-    raw = (thetas.astype(jnp.float32) - base32[None]).reshape(n, -1)
-    flat = d.reshape(n, -1)
+    # Per-model and pairwise sums of products rather than axis reductions and ``flat @ flat.T``: XLA:CPU runs
+    # those on materialised float32 copies of the task vectors (3-4x the merge's own time and memory).
+    raw = d if sparsified is None else thetas.astype(jnp.float32) - base32[None]
+    numel = int(np.prod(d.shape[1:]))
+    gram = [[jnp.sum(d[i] * d[j]) if j >= i else None for j in range(n)] for i in range(n)]
     sums = {
-        "sq_norms": jnp.sum(raw * raw, axis=1),
-        "gram": flat @ flat.T,
-        "kept": jnp.sum(keep.reshape(n, -1), axis=1),
-        "flipped": flipped * flat.shape[1],
+        "sq_norms": jnp.stack([gram[i][i] if sparsified is None else jnp.sum(raw[i] * raw[i]) for i in range(n)]),
+        "gram": jnp.stack([jnp.stack([gram[min(i, j)][max(i, j)] for j in range(n)]) for i in range(n)]),
+        "kept": (jnp.full((n,), numel, jnp.int32) if sparsified is None
+                 else jnp.stack([jnp.sum(keep[i], dtype=jnp.int32) for i in range(n)])),
+        "flipped": flipped * numel,
         "nonfinite": jnp.sum(~jnp.isfinite(merged)),
     }
     return merged.astype(out_dtype), sums
@@ -116,24 +161,29 @@ def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, p
     ranks = tuple(sparsify.ranks(spec, numel)) if sparsify and sparsify.ranks else ()
     thresh = kth_largest_magnitudes(base, thetas, ranks) if ranks else np.zeros((n, 0), np.float32)
     row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // max(row, 1))
+    limit = CHUNK_ELEMENTS if sparsify and sparsify.keyed else min(CHUNK_ELEMENTS, UNKEYED_CHUNK_ELEMENTS)
+    rows_per_chunk = max(1, limit // max(row, 1))
     whole = len(shape) < 2 or shape[0] <= rows_per_chunk or bool(sparsify and sparsify.whole_tensor(spec))
     bounds = [(0, shape[0] if shape else 1)] if whole else [
         (i, min(i + rows_per_chunk, shape[0])) for i in range(0, shape[0], rows_per_chunk)]
-    key = tensor_key(spec.seed, name)
-    w = jnp.asarray(weights, jnp.float32)
+    name_hash = _name_hash(name)
+    w = np.asarray(weights, np.float32)
+    thresh = np.asarray(thresh, np.float32)
     out = None
     total: dict[str, np.ndarray] = {}
     for c, (lo, hi) in enumerate(bounds):
-        sl = (lambda x: x) if whole else (lambda x: x[lo:hi])
-        merged, sums = _merge_core(jnp.asarray(sl(base)), jnp.stack([jnp.asarray(sl(t)) for t in thetas]), w,
-                                   key if whole else jax.random.fold_in(key, c), jnp.asarray(thresh), spec, out_dtype)
+        ins = [np.asarray(x) if whole else np.asarray(x[lo:hi]) for x in [base, *thetas]]
+        # Staged inputs are borrowed by XLA (no copy): the call must finish before the buffers are reused.
+        ins = [_STAGING.put(i, x) for i, x in enumerate(ins)]
+        merged, sums = _merge_core(ins[0], tuple(ins[1:]), w, name_hash, np.int32(c), thresh, spec, out_dtype,
+                                   chunked=not whole)
+        merged, sums = jax.device_get((merged, sums))
         if whole:
             out = merged
         else:
             if out is None:
                 out = np.empty(shape, out_dtype)
-            out[lo:hi] = np.asarray(merged)
+            out[lo:hi] = merged
         for k, v in sums.items():
             total[k] = total.get(k, 0) + np.asarray(v, np.float64)
     if total["nonfinite"]:
