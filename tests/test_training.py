@@ -82,16 +82,21 @@ def _env():
     return env
 
 
+def _train_until(cmd: list[str], workdir: str, step: int) -> subprocess.Popen:
+    """Starts a training command; returns the process once its metrics reach ``step`` (or after 240 s)."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(m["step"] >= step for m in read_metrics(workdir)):
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.slow
 def test_kill_minus_9_and_resume_equals_uninterrupted_run(tiny):
     paths, sample, root = tiny
     full, killed = str(root / "full"), str(root / "killed")
     subprocess.run(_train_cmd(paths, sample, full, 8, 2), check=True, env=_env(), capture_output=True)
-    proc = subprocess.Popen(_train_cmd(paths, sample, killed, 8, 2), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(m["step"] >= 5 for m in read_metrics(killed)):
-        time.sleep(0.2)
+    proc = _train_until(_train_cmd(paths, sample, killed, 8, 2), killed, 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     seen = max(m["step"] for m in read_metrics(killed))
@@ -107,11 +112,7 @@ def test_kill_minus_9_and_resume_equals_uninterrupted_run(tiny):
 def test_sigterm_saves_and_exits(tiny):
     paths, sample, root = tiny
     work = str(root / "term")
-    proc = subprocess.Popen(_train_cmd(paths, sample, work, 50, 100), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(m["step"] >= 2 for m in read_metrics(work)):
-        time.sleep(0.2)
+    proc = _train_until(_train_cmd(paths, sample, work, 50, 100), work, 2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143
     last = max(m["step"] for m in read_metrics(work))

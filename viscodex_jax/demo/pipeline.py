@@ -29,6 +29,7 @@ import numpy as np
 
 from viscodex_jax.demo.report import MODELS
 from viscodex_jax.testing.images import demo_chart
+from viscodex_jax.testing.reference import transformers_logits
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,7 @@ def parity_check(tiny_vlm: str, workdir: str) -> dict[str, Any]:
     batch = model.processor([messages], images=[[demo_chart()]])
     ours = np.asarray(model.logits(batch))
     hf = AutoModelForImageTextToText.from_pretrained(tiny_vlm, attn_implementation="eager").eval()
-    with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(batch["input_ids"]).long(), attention_mask=torch.tensor(batch["attention_mask"]),
-                 position_ids=torch.tensor(batch["positions"]).long(), pixel_values=torch.tensor(batch["pixel_values"]),
-                 image_grid_thw=torch.tensor(batch["image_grid_thw"])).logits.numpy()
+    ref = transformers_logits(hf, batch)
     export_dir = os.path.join(workdir, "vlm_export_hf")
     checkpoint.convert_orbax_to_hf(orbax_dir, export_dir, overwrite=True)
     reloaded = AutoModelForImageTextToText.from_pretrained(export_dir).eval()
