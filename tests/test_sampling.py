@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from viscodex_jax.testing.models import IMG
-from viscodex_jax.testing.prompts import left_padded_prompts
+from viscodex_jax.testing.models import IMG, load_cached
+from viscodex_jax.testing.prompts import inference_batch, left_padded_prompts
 
-from viscodex_jax.checkpoint import load_hf_params
 from viscodex_jax.model.causal_lm import CausalLM
-from viscodex_jax.model.families.qwen2 import text_positions
 from viscodex_jax.model.families.qwen2_5_vl import get_rope_index
 from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 from viscodex_jax.sampling.loop import DecodeSettings, generate_ids
@@ -33,28 +30,14 @@ CASES = {
 def _batch(model_name, grids, lens, seed=0):
     rng = np.random.default_rng(seed)
     ids, mask = left_padded_prompts(grids, lens, rng)
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if model_name.startswith("vl"):
-        batch["positions"], _ = get_rope_index(ids, grids, IMG, 2, mask)
-    else:
-        batch["positions"] = text_positions(mask)
-    if grids:
-        n = sum(a * b * c for a, b, c in grids)
-        batch["pixel_values"] = rng.standard_normal((n, 1176)).astype(np.float32)
-        batch["image_grid_thw"] = np.asarray(grids)
-    return batch
-
-
-@functools.lru_cache(maxsize=None)
-def _load(path):
-    return load_hf_params(path)
+    return inference_batch(ids, mask, grids, rng, multimodal=model_name.startswith("vl"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_equals_transformers_generate(hf_checkpoint, case):
     model_name, grids, lens = CASES[case]
     path = hf_checkpoint(model_name)
-    cfg, params = _load(path)
+    cfg, params = load_cached(path)
     batch = _batch(model_name, grids, lens)
     ours = generate_ids(cfg, params, batch, eos_ids=[319], pad_id=0,
                         settings=DecodeSettings(max_new_tokens=NEW, prompt_bucket=16, patch_bucket=64))
@@ -76,7 +59,7 @@ def test_greedy_equals_transformers_generate(hf_checkpoint, case):
 
 def test_cached_decode_equals_full_recompute_every_step(hf_checkpoint):
     path = hf_checkpoint("vl_a")
-    cfg, params = _load(path)
+    cfg, params = load_cached(path)
     grids = [(1, 6, 8)]
     batch = _batch("vl_a", grids, [[4, 3], [9, 0]][:1])
     out = generate_ids(cfg, params, batch, eos_ids=[319], settings=DecodeSettings(max_new_tokens=6, prompt_bucket=8))
@@ -93,7 +76,7 @@ def test_cached_decode_equals_full_recompute_every_step(hf_checkpoint):
 
 def test_stop_on_any_eos_per_row_and_pad_after(hf_checkpoint):
     path = hf_checkpoint("qwen2_untied")
-    cfg, params = _load(path)
+    cfg, params = load_cached(path)
     batch = _batch("qwen2_untied", [], [[7], [11]])
     free = generate_ids(cfg, params, batch, eos_ids=[10**6], settings=DecodeSettings(max_new_tokens=8, prompt_bucket=8))
     eos = [int(free[0, 2]), int(free[1, 4])]  # make each row stop at a different step
@@ -107,7 +90,7 @@ def test_stop_on_any_eos_per_row_and_pad_after(hf_checkpoint):
 
 def test_streaming_gives_the_same_tokens(hf_checkpoint):
     path = hf_checkpoint("vl_a")
-    cfg, params = _load(path)
+    cfg, params = load_cached(path)
     batch = _batch("vl_a", [(1, 4, 4)], [[3, 5]])
     settings = DecodeSettings(max_new_tokens=6, prompt_bucket=8)
     seen = []
@@ -120,7 +103,7 @@ def test_streaming_gives_the_same_tokens(hf_checkpoint):
 
 def test_fixed_key_is_reproducible_and_topk1_is_greedy(hf_checkpoint):
     path = hf_checkpoint("qwen2_tied_gqa3")
-    cfg, params = _load(path)
+    cfg, params = load_cached(path)
     batch = _batch("qwen2", [], [[6], [10]])
     s = DecodeSettings(max_new_tokens=8, prompt_bucket=8)
     run = lambda sampler, seed: generate_ids(cfg, params, batch, [10**6], sampler=sampler, key=jax.random.PRNGKey(seed),
