@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from viscodex_jax.testing.models import IMG, TEXT_CONFIGS, VL_CONFIGS
-from viscodex_jax.testing.prompts import vl_prompt
+from viscodex_jax.testing.models import TEXT_CONFIGS, VL_CONFIGS, load_cached
+from viscodex_jax.testing.prompts import inference_batch, pad_rows, vl_prompt
+from viscodex_jax.testing.reference import transformers_logits
 
 from viscodex_jax.model.causal_lm import CausalLM
-from viscodex_jax.model.families.qwen2 import text_positions
-from viscodex_jax.model.families.qwen2_5_vl import get_rope_index
 from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 
 # Grids in patches (t, h, w): several sizes, incl. ones that do not fill a window.
@@ -35,23 +34,8 @@ def _batch(scenario: str, cfg, seed: int = 0):
         rows.append(vl_prompt(grids[k : k + n_img], row_lens, rng) if cfg.is_multimodal else
                     list(rng.integers(0, 290, sum(row_lens) + 6)))
         k += n_img
-    t = max(map(len, rows))
-    ids = np.zeros((len(rows), t), np.int64)
-    mask = np.zeros((len(rows), t), np.int64)
-    for i, r in enumerate(rows):  # left padding, as for generation
-        ids[i, t - len(r):] = r
-        mask[i, t - len(r):] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if cfg.is_multimodal:
-        grids = grids if grids else np.zeros((0, 3), np.int64)
-        batch["positions"], _ = get_rope_index(ids, grids, IMG, 2, mask)
-        if len(grids):
-            n = sum(g[0] * g[1] * g[2] for g in grids)
-            batch["pixel_values"] = rng.standard_normal((n, cfg.vision.patch_dim)).astype(np.float32)
-            batch["image_grid_thw"] = np.asarray(grids, np.int64)
-    else:
-        batch["positions"] = text_positions(mask)
-    return batch
+    ids, mask = pad_rows(rows, "left")  # left padding, as for generation
+    return inference_batch(ids, mask, grids, rng, cfg.is_multimodal)
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,19 +47,11 @@ def _hf_model(path: str, dtype: str):
 
 
 def _hf_logits(path: str, batch, dtype: str) -> np.ndarray:
-    model = _hf_model(path, dtype)
-    ids = torch.tensor(batch["input_ids"])
-    kw = dict(input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"]),
-              position_ids=torch.tensor(np.asarray(batch["positions"]), dtype=torch.long))
-    if "pixel_values" in batch:
-        kw.update(pixel_values=torch.tensor(batch["pixel_values"]).to(getattr(torch, dtype)),
-                  image_grid_thw=torch.tensor(batch["image_grid_thw"]))
-    with torch.no_grad():
-        return model(**kw).logits.float().numpy()
+    return transformers_logits(_hf_model(path, dtype), batch)
 
 
 def _our_logits(path: str, batch, dtype: str, impl: str = "xla") -> np.ndarray:
-    cfg, params = _load(path, dtype)
+    cfg, params = load_cached(path, dtype)
     cfg = cfg.replace(attention_impl=impl)
     kw = {}
     if "pixel_values" in batch:
@@ -84,16 +60,6 @@ def _our_logits(path: str, batch, dtype: str, impl: str = "xla") -> np.ndarray:
     fn = jax.jit(lambda p, ids, pos, m, kw: CausalLM(cfg).apply({"params": p}, ids, pos, m, **kw))
     out = fn(params, batch["input_ids"], batch["positions"], batch["attention_mask"], kw)
     return np.asarray(out.astype(jnp.float32))
-
-
-@functools.lru_cache(maxsize=None)
-def _load(path: str, dtype: str):
-    from viscodex_jax.checkpoint import load_hf_params
-    from viscodex_jax.model.config import load_config
-
-    cfg = load_config(path, dtype=dtype)
-    _, params = load_hf_params(path, cfg, dtype=jnp.dtype(dtype))
-    return cfg, params
 
 
 CASES = [(m, s) for m in VL_CONFIGS for s in SCENARIOS] + [(m, "batch_padded") for m in TEXT_CONFIGS] + \
@@ -109,7 +75,7 @@ KERNEL_CASES = [(impl, m, s) for impl in ("blockwise", "splash_interpret")
 @pytest.mark.parametrize("impl,model_name,scenario", [("xla", m, s) for m, s in CASES] + KERNEL_CASES)
 def test_fp32_logits_match_transformers(hf_checkpoint, impl, model_name, scenario):
     path = hf_checkpoint(model_name)
-    cfg, _ = _load(path, "float32")
+    cfg, _ = load_cached(path, "float32")
     batch = _batch(scenario, cfg)
     ours = _our_logits(path, batch, "float32", impl)
     ref = _hf_logits(path, batch, "float32")
@@ -129,7 +95,7 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("model_name,scenario", [("vl_a", s) for s in SCENARIOS] + [("qwen2_tied_gqa3", "batch_padded")])
 def test_bf16_kl_to_transformers(hf_checkpoint, model_name, scenario):
     path = hf_checkpoint(model_name)
-    cfg, _ = _load(path, "bfloat16")
+    cfg, _ = load_cached(path, "bfloat16")
     batch = _batch(scenario, cfg)
     ours = _our_logits(path, batch, "bfloat16")
     ref = _hf_logits(path, batch, "bfloat16")
@@ -146,7 +112,7 @@ def test_parity_test_detects_wrong_positions(hf_checkpoint):
     the h and w axes on a non-square image changes relative positions.
     """
     path = hf_checkpoint("vl_a")
-    cfg, _ = _load(path, "float32")
+    cfg, _ = load_cached(path, "float32")
     batch = _batch("one_image", cfg)
     ref = _hf_logits(path, batch, "float32")
     wrong = dict(batch, positions=np.asarray(batch["positions"]).copy())
