@@ -21,7 +21,7 @@ import viscodex_jax as vx
 from viscodex_jax.data import mcd
 from viscodex_jax.data import encode
 from viscodex_jax.data.image_processor import ImageProcessorConfig
-from viscodex_jax.data.mcd_sample import make_mcd_sample
+from viscodex_jax.testing.mcd_sample import make_mcd_sample
 from viscodex_jax.data.pipeline import MCDEncode, MCDJsonSource, PipelineConfig, make_dataset
 from viscodex_jax.data.tokenizer import build_qwen2_tokenizer, special_token_ids
 from viscodex_jax.model.config import ConfigError, ModelConfig, TextConfig, VisionConfig

@@ -17,7 +17,7 @@ from viscodex_jax.data import mcd
 from viscodex_jax.data.chat import IGNORE_INDEX, num_image_tokens
 from viscodex_jax.data.encode import encode_record
 from viscodex_jax.data.image_processor import ImageProcessorConfig
-from viscodex_jax.data.mcd_sample import CATEGORIES, make_mcd_sample
+from viscodex_jax.testing.mcd_sample import CATEGORIES, make_mcd_sample
 from viscodex_jax.data.packing import Packer, pack_records
 from viscodex_jax.data.pipeline import MCDEncode, MCDJsonSource, PipelineConfig, host_shard, make_dataset
 from viscodex_jax.data.tokenizer import build_qwen2_tokenizer, special_token_ids

@@ -16,7 +16,7 @@ import pytest
 from viscodex_jax.checkpoint import load_hf_params
 from viscodex_jax.data.image_processor import ImageProcessorConfig
 from viscodex_jax.data.mcd import ImageStore, load_images, read_records
-from viscodex_jax.data.mcd_sample import make_mcd_sample
+from viscodex_jax.testing.mcd_sample import make_mcd_sample
 from viscodex_jax.data.encode import encode_record
 from viscodex_jax.data.packing import Packer
 from viscodex_jax.train.loop import read_metrics

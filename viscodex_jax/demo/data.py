@@ -1,7 +1,7 @@
 """Data for the paper-in-miniature demo, all generated here and seeded.
 
 * MCD-format SFT data (charts from matplotlib code we write, HTML pages, code QA,
-  algorithm problems) with a held-out split: ``data.mcd_sample``.
+  algorithm problems) with a held-out split: ``testing.mcd_sample``.
 * "Describe" data for the tiny VLM: the same images with short descriptions,
   as a general VLM knows images but not visual coding.
 * Programming problems (stdin -> stdout) with test cases: solutions for the
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from viscodex_jax.data.mcd_sample import make_mcd_sample
+from viscodex_jax.testing.mcd_sample import make_mcd_sample
 from viscodex_jax.eval.chartmimic.benchmark import direct_mimic_prompt
 from viscodex_jax.eval.mmcode.benchmark import SYSTEM_PROMPT as MMCODE_SYSTEM_PROMPT
 from viscodex_jax.eval.mmcode.benchmark import prompt_text as mmcode_prompt_text
@@ -106,7 +106,7 @@ def _simple_chart(rng: np.random.Generator) -> str:
 
 def _simple_charts(records: list[dict[str, Any]], base: str, tag: str, rng: np.random.Generator) -> None:
     """Replaces the chart records' code and images with simple charts (same count, same prompt shape)."""
-    from viscodex_jax.data.mcd_sample import draw_chart
+    from viscodex_jax.testing.mcd_sample import draw_chart
 
     for i, r in enumerate(x for x in records if x["category"] == "chart"):
         code = _simple_chart(rng)

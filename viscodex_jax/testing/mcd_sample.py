@@ -321,7 +321,7 @@ def make_mcd_sample(
     return {**paths, "counts": counts}
 
 
-def _describe(sample: dict[str, Any]) -> str:  # for `python -m viscodex_jax.data.mcd_sample`
+def _describe(sample: dict[str, Any]) -> str:  # for `python -m viscodex_jax.testing.mcd_sample`
     return textwrap.dedent(f"""\
         train:   {sample['train']} {sample['counts']['train']}
         heldout: {sample['heldout']} {sample['counts']['heldout']}
