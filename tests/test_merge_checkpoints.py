@@ -8,10 +8,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from viscodex_jax import checkpoint
 from viscodex_jax.merge import MergeError, MergeSpec, merge_checkpoints, merge_params
+from viscodex_jax.testing.asserts import assert_no_output
 from viscodex_jax.testing.checkpoints import hf_tensors, reshard
 from viscodex_jax.utils import flatten
 
@@ -76,16 +76,14 @@ def test_merged_checkpoint_loads_in_transformers_with_our_logits(tiny, tmp_path)
 
     import viscodex_jax as vx
     from viscodex_jax.testing.images import demo_chart
+    from viscodex_jax.testing.reference import transformers_logits
 
     model = vx.load(out)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "plot it"}]}]
     batch = model.processor([msgs], images=[[demo_chart()]])
     ours = np.asarray(model.logits(batch))
     hf = AutoModelForImageTextToText.from_pretrained(out, attn_implementation="eager").eval()
-    with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(batch["input_ids"]).long(), attention_mask=torch.tensor(batch["attention_mask"]),
-                 position_ids=torch.tensor(batch["positions"]).long(), pixel_values=torch.tensor(batch["pixel_values"]),
-                 image_grid_thw=torch.tensor(batch["image_grid_thw"])).logits.numpy()
+    ref = transformers_logits(hf, batch)
     assert np.abs(ours - ref).max() <= 1e-4
 
 
@@ -122,17 +120,12 @@ def test_vocab_mismatch_merges_shared_rows_and_keeps_vlm_extra_rows(tiny):
     del cfg, be
 
 
-def _no_output(tmp_path, name):
-    assert not os.path.exists(tmp_path / name)
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(f".{name}.tmp-")]
-
-
 def test_error_missing_tensor(tiny, tmp_path):
     coder = str(tmp_path / "coder_missing")
     reshard(tiny["coder"], coder, 10**9, drop=("model.layers.1.self_attn.k_proj.bias",))
     with pytest.raises(MergeError, match=r"model.layers.1.self_attn.k_proj.bias.*not in .*coder_missing"):
         merge_checkpoints(tiny["base"], [tiny["vlm"], coder], str(tmp_path / "out"), MergeSpec())
-    _no_output(tmp_path, "out")
+    assert_no_output(tmp_path, "out")
 
 
 def test_error_shape_mismatch(tiny, tmp_path):
@@ -141,7 +134,7 @@ def test_error_shape_mismatch(tiny, tmp_path):
              edit=lambda n, a: a[:, :-2] if n == "model.layers.0.mlp.down_proj.weight" else a)
     with pytest.raises(MergeError, match=r"model.layers.0.mlp.down_proj.weight: model 2 has shape \[64, 126\]"):
         merge_checkpoints(tiny["base"], [tiny["vlm"], coder], str(tmp_path / "out"), MergeSpec())
-    _no_output(tmp_path, "out")
+    assert_no_output(tmp_path, "out")
 
 
 def test_error_dtype_cannot_be_merged(tiny, tmp_path):
@@ -150,14 +143,14 @@ def test_error_dtype_cannot_be_merged(tiny, tmp_path):
              edit=lambda n, a: a.astype(np.int32) if n == "model.norm.weight" else a)
     with pytest.raises(MergeError, match=r"model.norm.weight: dtype int32"):
         merge_checkpoints(tiny["base"], [tiny["vlm"], coder], str(tmp_path / "out"), MergeSpec())
-    _no_output(tmp_path, "out")
+    assert_no_output(tmp_path, "out")
 
 
 def test_error_weights_wrong_length(tiny, tmp_path):
     with pytest.raises(MergeError, match="2 models to merge but 3 weights"):
         merge_checkpoints(tiny["base"], [tiny["vlm"], tiny["coder"]], str(tmp_path / "out"),
                           MergeSpec(weights=(0.5, 0.3, 0.2)))
-    _no_output(tmp_path, "out")
+    assert_no_output(tmp_path, "out")
 
 
 def test_error_unwritable_output(tiny, tmp_path):
@@ -185,7 +178,7 @@ def test_error_disk_full_leaves_nothing(tiny, tmp_path, monkeypatch):
         merge_checkpoints(tiny["base"], [tiny["vlm"], tiny["coder"]], str(tmp_path / "out"), MergeSpec(),
                           max_shard_bytes=300_000)
     assert calls["n"] == 2
-    _no_output(tmp_path, "out")
+    assert_no_output(tmp_path, "out")
 
 
 def test_config_recipe_and_lambda_sweep(tiny, tmp_path):
