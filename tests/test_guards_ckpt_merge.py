@@ -28,17 +28,10 @@ from viscodex_jax.merge.tensor import merge_tensor
 from viscodex_jax.merge.recipe import run_merge, spec_from_config
 from viscodex_jax.merge.sweep import lambda_sweep, parse_sweep_lams
 from viscodex_jax.model.config import ConfigError, config_from_dict, read_config_json
-from viscodex_jax.testing.tiny import make_tiny_checkpoints
+from viscodex_jax.testing.asserts import assert_no_output
+from viscodex_jax.testing.checkpoints import rewrite_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _nothing_left(parent, name: str):
-    parent = str(parent)
-    assert not os.path.exists(os.path.join(parent, name)), f"{name} was written"
-    assert not [f for f in os.listdir(parent) if f.startswith(f".{name}.tmp-")], os.listdir(parent)
-
-from viscodex_jax.testing.checkpoints import rewrite_tensors as _rewrite  # noqa: E402
 
 
 def _copy(src: str, dst) -> str:
@@ -72,7 +65,7 @@ def _convert_fails(src: str, tmp_path, exc, *patterns: str, **kw):
         checkpoint.convert_hf_to_orbax(src, str(tmp_path / "out"), **kw)
     for p in patterns:
         assert p in str(e.value), f"{p!r} not in: {e.value}"
-    _nothing_left(tmp_path, "out")
+    assert_no_output(tmp_path, "out")
     return e.value
 
 
@@ -88,7 +81,7 @@ def vl(hf_checkpoint, tmp_path):
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_tensor_is_refused_by_the_converter_and_named(vl, tmp_path, value):
     name = "model.layers.1.mlp.up_proj.weight"
-    path = _rewrite(vl, _set_value(name, value, index=7))
+    path = rewrite_tensors(vl, _set_value(name, value, index=7))
     _convert_fails(vl, tmp_path, CheckpointError, path, repr(name), "1 of", "NaN/Inf")
     # the option is real: off, the same file loads (plain loading keeps it off by default)
     _, params = checkpoint.load_hf_params(vl, check_finite=False)
@@ -98,27 +91,27 @@ def test_non_finite_tensor_is_refused_by_the_converter_and_named(vl, tmp_path, v
 
 
 def test_cast_overflow_is_named_as_such(vl, tmp_path):
-    _rewrite(vl, _set_value("model.norm.weight", 1e6))
+    rewrite_tensors(vl, _set_value("model.norm.weight", 1e6))
     _convert_fails(vl, tmp_path, CheckpointError, "'model.norm.weight'", "after casting to float16",
                    dtype=np.float16)
 
 
 def test_orbax_to_hf_refuses_non_finite_params_naming_the_param(vl, tmp_path):
-    _rewrite(vl, _set_value("visual.blocks.0.attn.qkv.weight", np.nan))
+    rewrite_tensors(vl, _set_value("visual.blocks.0.attn.qkv.weight", np.nan))
     orbax = str(tmp_path / "orbax")
     checkpoint.convert_hf_to_orbax(vl, orbax, check_finite=False)  # explicitly let it through once
     with pytest.raises(CheckpointError, match=r"orbax/params: param visual/blocks/attn/qkv/kernel: 1 of"):
         checkpoint.convert_orbax_to_hf(orbax, str(tmp_path / "hf"))
-    _nothing_left(tmp_path, "hf")
+    assert_no_output(tmp_path, "hf")
 
 
 def test_orbax_to_hf_refuses_a_cast_that_overflows(vl, tmp_path):
-    _rewrite(vl, _set_value("model.norm.weight", 1e6))
+    rewrite_tensors(vl, _set_value("model.norm.weight", 1e6))
     orbax = str(tmp_path / "orbax")
     checkpoint.convert_hf_to_orbax(vl, orbax)  # finite in float32
     with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' cast to float16: 1 of 64 values are NaN/Inf"):
         checkpoint.convert_orbax_to_hf(orbax, str(tmp_path / "hf"), dtype=np.float16)
-    _nothing_left(tmp_path, "hf")
+    assert_no_output(tmp_path, "hf")
 
 
 # ---------------------------------------------------------------------------------- loading: headers
@@ -372,8 +365,8 @@ def test_merge_config_allow_unusual_weights(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_checkpoints(str(tmp_path_factory.mktemp("guards") / "t"), seed=21)
+def tiny(tiny_checkpoints):
+    return tiny_checkpoints(21)
 
 
 def _merge_fails(tiny_set, tmp_path, exc, *patterns, vlm=None, coder=None, base=None, **kw):
@@ -382,7 +375,7 @@ def _merge_fails(tiny_set, tmp_path, exc, *patterns, vlm=None, coder=None, base=
                           str(tmp_path / "merged"), MergeSpec(), **kw)
     for p in patterns:
         assert p in str(e.value), f"{p!r} not in: {e.value}"
-    _nothing_left(tmp_path, "merged")
+    assert_no_output(tmp_path, "merged")
 
 
 @pytest.mark.parametrize("case", ["swapped", "base_as_vlm"])
@@ -392,20 +385,20 @@ def test_vlm_without_a_vision_tower_is_refused(tiny, tmp_path, case):
     with pytest.raises(MergeError) as e:
         run_merge(c)
     assert f"--config.vlm_dir={vlm!r}" in str(e.value) and "no vision tower" in str(e.value)
-    _nothing_left(tmp_path, "hf")
+    assert_no_output(tmp_path, "hf")
     # the library driver refuses it too when asked to (the recipe always asks)
     _merge_fails(tiny, tmp_path, MergeError, vlm, "no vision tower", vlm=vlm, coder=coder, require_vision=True)
 
 
 def test_vlm_missing_part_of_its_vision_tower_is_refused(tiny, tmp_path):
     vlm = _copy(tiny["vlm"], tmp_path / "vlm_cut")
-    _rewrite(vlm, lambda t: t.pop("visual.blocks.2.mlp.down_proj.weight"))
+    rewrite_tensors(vlm, lambda t: t.pop("visual.blocks.2.mlp.down_proj.weight"))
     _merge_fails(tiny, tmp_path, MergeError, vlm, "'visual.blocks.2.mlp.down_proj.weight'", vlm=vlm)
 
 
 def test_non_finite_copied_vision_tensor_is_refused(tiny, tmp_path):
     vlm = _copy(tiny["vlm"], tmp_path / "vlm_nan")
-    path = _rewrite(vlm, _set_value("visual.blocks.0.mlp.up_proj.weight", np.inf, index=3))
+    path = rewrite_tensors(vlm, _set_value("visual.blocks.0.mlp.up_proj.weight", np.inf, index=3))
     _merge_fails(tiny, tmp_path, MergeError, path, "'visual.blocks.0.mlp.up_proj.weight'", "NaN/Inf: 1 of", vlm=vlm)
     # in memory too
     cfg, v = checkpoint.load_hf_params(vlm)
@@ -426,7 +419,7 @@ def test_unrelated_base_warns_with_the_numbers(tiny, tmp_path, caplog):
     assert normal["warnings"] == [] and abs(normal["summary"]["mean_cosine_model1_model2"]) < 0.05
     rng = np.random.default_rng(0)
     other = _copy(tiny["base"], tmp_path / "other_base")  # shares nothing: the same offset lands in both task vectors
-    _rewrite(other, lambda t: t.update({k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in t.items()}))
+    rewrite_tensors(other, lambda t: t.update({k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in t.items()}))
     with caplog.at_level(logging.WARNING, logger="viscodex_jax.merge.drivers"):
         report = merge_checkpoints(other, [tiny["vlm"], tiny["coder"]], str(tmp_path / "odd"), MergeSpec())
     cos = report["summary"]["mean_cosine_model1_model2"]
@@ -454,7 +447,7 @@ def test_existing_orbax_dir_is_refused_before_anything_is_written(tiny, tmp_path
     c = _merge_config(tiny, tmp_path, orbax_dir=str(orbax))
     with pytest.raises(FileExistsError, match=r"--config.orbax_dir=.*orbax' already exists"):
         run_merge(c)
-    _nothing_left(tmp_path, "hf")
+    assert_no_output(tmp_path, "hf")
     assert os.listdir(orbax) == []
 
 
@@ -468,8 +461,8 @@ def test_failed_orbax_conversion_removes_the_hf_output(tiny, tmp_path, monkeypat
     c = _merge_config(tiny, tmp_path, orbax_dir=str(tmp_path / "orbax"))
     with pytest.raises(OSError, match="No space left"):
         run_merge(c)
-    _nothing_left(tmp_path, "hf")
-    _nothing_left(tmp_path, "orbax")
+    assert_no_output(tmp_path, "hf")
+    assert_no_output(tmp_path, "orbax")
 
 
 @pytest.mark.parametrize("lams,pattern", [
@@ -498,7 +491,7 @@ def test_sweep_refuses_an_existing_lam_dir_up_front(tiny, tmp_path):
 def test_non_positive_shard_size_is_refused_before_any_work(tiny, tmp_path):
     with pytest.raises(MergeError, match="--config.max_shard_mb must be > 0, got 0"):
         run_merge(_merge_config(tiny, tmp_path, max_shard_mb=0))
-    _nothing_left(tmp_path, "hf")
+    assert_no_output(tmp_path, "hf")
 
 
 def test_parse_sweep_lams_names_the_bad_entry():
