@@ -9,6 +9,7 @@ import sys
 from absl import app, flags
 
 import viscodex_jax as vx
+from viscodex_jax.data.chat import user_conversation
 from viscodex_jax.utils import quiet_third_party
 from viscodex_jax.model.config import ConfigError
 
@@ -31,12 +32,11 @@ def main(argv):
 
     model = vx.load(CKPT.value, dtype=DTYPE.value)
     images = [Image.open(p) for p in IMAGES.value]
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": PROMPT.value}]
-    messages = ([{"role": "system", "content": SYSTEM.value}] if SYSTEM.value else []) + [
-        {"role": "user", "content": content}]
+    messages = user_conversation(PROMPT.value, len(images), SYSTEM.value)
     try:
-        vx.generate(model, [messages], images=[images], max_new_tokens=MAX_NEW.value, sampler=vx.sampler_from_settings(TEMP.value, TOP_P.value, TOP_K.value),
-                    seed=SEED.value, stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        sampler = vx.sampler_from_settings(TEMP.value, TOP_P.value, TOP_K.value)
+        vx.generate(model, [messages], images=[images], max_new_tokens=MAX_NEW.value, sampler=sampler, seed=SEED.value,
+                    stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     except ConfigError as e:  # names the setting, which is the flag of the same name
         raise app.UsageError(f"--{e}") from None
     print()

@@ -19,7 +19,7 @@ if nproc > 1:
 
 from viscodex_jax.checkpoint import load_hf_params  # noqa: E402
 from viscodex_jax.sharding import DEFAULT_RULES, make_mesh  # noqa: E402
-from viscodex_jax.train.loop import _to_global  # noqa: E402
+from viscodex_jax.train.loop import to_global  # noqa: E402
 from viscodex_jax.train.step import (OptimConfig, batch_shardings, init_state, make_optimizer,  # noqa: E402
                                      make_train_step, state_shardings, trainable_keys)
 
@@ -41,6 +41,6 @@ state = jax.jit(lambda: init_state(params, opt, keys), out_shardings=ssh)()
 step = jax.jit(make_train_step(cfg, opt, keys, vocab_chunk=128), in_shardings=(ssh, bsh), out_shardings=(ssh, None))
 out = []
 for _ in range(2):
-    state, m = step(state, _to_global(local, bsh))
+    state, m = step(state, to_global(local, bsh))
     out.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])})
 print("RESULT " + json.dumps({"devices": jax.device_count(), "processes": jax.process_count(), "steps": out}))

@@ -411,3 +411,6 @@ def test_generate_cli_names_the_flag(train_env):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "--max_new_tokens=-5: expected a positive integer" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cmd[:-1] + ["--temperature=0.7", "--top_p=1.5"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+    assert r.returncode == 1 and "--top_p=1.5: expected a probability mass" in r.stderr, r.stderr[-2000:]

@@ -81,6 +81,13 @@ class Rendered(NamedTuple):
     label_spans: list[tuple[int, int]]
 
 
+def user_conversation(text: str, num_images: int = 0, system: str | None = None) -> list[dict[str, Any]]:
+    """One user turn (its images first, then the text, as the benchmarks' prompts put them), after an
+    optional system turn: the message list ``vx.generate`` and the Processor take."""
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+
+
 def _is_image(part: Mapping[str, Any]) -> bool:
     return part.get("type") == "image" or "image" in part or "image_url" in part
 

@@ -72,7 +72,7 @@ def _stack(batches: list[dict[str, Any]]) -> dict[str, Any]:
     return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
-def _to_global(local: dict[str, Any], shardings: dict[str, Any]) -> dict[str, Any]:
+def to_global(local: dict[str, Any], shardings: dict[str, Any]) -> dict[str, Any]:
     """Each process holds its rows of the global batch; assemble the global arrays."""
     return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), local, shardings)
 
@@ -192,7 +192,7 @@ def run_training(c) -> dict[str, Any]:
     try:
         for step in range(start, c.train.steps):
             t0 = time.time()
-            state, m = jitted(state, _to_global(local, bsh))
+            state, m = jitted(state, to_global(local, bsh))
             m = jax.device_get(m)
             dt = time.time() - t0
             steps_run += 1
