@@ -30,7 +30,7 @@ import _harness as h
 PLAN = {
     "convert": ([], ["--quick", "--repeats", "1", "--warmup", "0"]),
     "merge": ([], ["--cases", "0.5b", "--methods", "task_arithmetic"]),
-    "decode": ([], ["--repeats", "1", "--prefill_repeats", "1", "--no_ablation"]),
+    "decode": ([], ["--repeats", "1", "--prefill_repeats", "1", "--no_ablation", "--workload", "fixed"]),
     "train_step": ([], ["--quick"]),
     "compile_check": (["--runs", "configs/viscodex_8b.py:v5p-8", "--train_only"], None),
 }

@@ -32,7 +32,8 @@ from viscodex_jax.model.config import ConfigError  # noqa: E402
 CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config (with --config.* overrides).")
 TOPOLOGY = flags.DEFINE_list("topology", [], "TPU slices: v5p:2x2x1, v5e:2x4, v6e:4x4 or v5p-8, v6e-8 "
                              "(comma-separated: one table each); default: the preset's --config.topology.")
-PROGRAMS_FLAG = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile: train, prefill, decode.")
+PROGRAMS_FLAG = flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile: {', '.join(PROGRAMS)} "
+                                  "(slots: the continuous-batching decode step).")
 MODEL = flags.DEFINE_string("model_config", "", "Built-in shape (" + ", ".join(builtin_names()) + "), a config.json "
                             "or a checkpoint dir; default: --config.model.init_checkpoint.")
 ROWS = flags.DEFINE_integer("rows_per_chip", 0, "Train rows of data.max_len tokens per chip (global batch = this x "
