@@ -25,9 +25,10 @@ What it does:
    * ``ours``      ``merge_checkpoints(base, [model1, model2], out, MergeSpec(...),
                    max_shard_bytes=500e6)`` (bf16 out, fp32 compute);
    * ``mergekit``  ``mergekit-yaml`` (its CLI, from a separate venv, ``--mergekit``)
-                   on the same three text checkpoints, ``dtype: float32`` (compute) and
-                   ``out_dtype: bfloat16``, ``--out-shard-size 250M`` (parameters, =
-                   500 MB bf16), ``--lazy-unpickle``; text cases only;
+                   on the same three text checkpoints in two settings (``--mergekit_dtypes``):
+                   ``dtype: float32`` (compute, as ours) with ``out_dtype: bfloat16``, and
+                   ``dtype: bfloat16`` (the setting most configs use); ``--out-shard-size 250M``
+                   (parameters, = 500 MB bf16), ``--lazy-unpickle``; text cases only;
    * ``floor``     every tensor of the three inputs read with our safetensors reader
                    and one model's worth (the primary's tensors) written with our
                    ``ShardedWriter`` (500 MB shards): what any streaming merge must pay.
@@ -47,6 +48,10 @@ What it does:
    mergekit once without and once with ``--allow-crimes`` and records what it says.
    The machine may be shared: before each task it waits (up to ``--quiet_wait`` s) for
    other load to drop, and reports the share of CPU that other processes used meanwhile.
+
+   Ours and each mergekit setting alternate (ours, mk fp32, mk bf16, ours, ...) over ``--repeats``
+   rounds, so load changes on a shared machine hit them alike; each row is the median, and the
+   ratios are ours' median over each setting's median.
 
 3. Prints a Markdown table and writes JSON to ``--json_out``.
 
@@ -73,12 +78,12 @@ each task (mergekit's after comparison with ours).
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import os
 import re
 import shutil
+import statistics
 import sys
 import time
 import zlib
@@ -107,18 +112,22 @@ DERIVED_VERSION = 1
 YNN_REDUCE_OFF = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 
 
-# The merge code under test: every module of these packages (it may be edited, or moved, between runs).
-CODE_DIRS = ("viscodex_jax/merge", "viscodex_jax/checkpoint")
+# The merge code under test (it may be edited between runs): the methods table, the per-tensor pipeline, the
+# driver over tensor sources and the spec, plus the safetensors reader/writer the driver streams through.
+CODE_FILES = ("viscodex_jax/merge/methods.py", "viscodex_jax/merge/tensor.py", "viscodex_jax/merge/drivers.py",
+              "viscodex_jax/merge/spec.py", "viscodex_jax/checkpoint/safetensors_io.py")
+# mergekit's two settings: fp32 compute as ours (dtype float32, out_dtype bfloat16), and the bf16 compute most
+# users write (dtype bfloat16).
+MERGEKIT_SETTINGS = {"float32": "mergekit fp32→bf16", "bfloat16": "mergekit bf16"}
 
 
 def code_hash() -> str:
     """A short hash of the merge code under test."""
     hsh = hashlib.sha256()
-    for d in CODE_DIRS:
-        for f in sorted(glob.glob(os.path.join(REPO, d, "*.py"))):
-            hsh.update(os.path.relpath(f, REPO).encode())
-            with open(f, "rb") as fh:
-                hsh.update(fh.read())
+    for f in CODE_FILES:
+        hsh.update(f.encode())
+        with open(os.path.join(REPO, f), "rb") as fh:
+            hsh.update(fh.read())
     return hsh.hexdigest()[:12]
 
 
@@ -218,8 +227,7 @@ def prepare(work: str, text: str, vl: str | None, a: argparse.Namespace) -> dict
 def task_ours(base: str, models: list[str], out: str, method: str, density: float) -> dict[str, Any]:
     import jax
 
-    from viscodex_jax.merge.tensor import MergeSpec
-    from viscodex_jax.merge.drivers import merge_checkpoints
+    from viscodex_jax.merge import MergeSpec, merge_checkpoints
 
     jax.devices()
     code = code_hash()  # read right after the imports: the code this child runs
@@ -286,11 +294,12 @@ def mergekit_yaml(method: str, density: float, dirs: dict[str, str], compute_dty
             f"parameters: {shared}\ndtype: {compute_dtype}\nout_dtype: bfloat16\n")
 
 
-def run_mergekit(a, method: str, dirs: dict[str, str], out: str, extra: list[str] = ()) -> dict[str, Any]:
+def run_mergekit(a, method: str, dirs: dict[str, str], out: str, compute_dtype: str,
+                 extra: list[str] = ()) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = out.rstrip("/") + ".yml"
     with open(cfg, "w") as f:
-        f.write(mergekit_yaml(method, a.density, dirs, a.mergekit_dtype))
+        f.write(mergekit_yaml(method, a.density, dirs, compute_dtype))
     cmd = [a.mergekit, cfg, out, "--out-shard-size", "250M", "--lazy-unpickle", "--no-copy-tokenizer",
            "--no-write-model-card", "--random-seed", str(a.seed), "--quiet", *extra]
     p = h.run_proc(cmd, a.timeout, env={"HF_HUB_OFFLINE": "1"})
@@ -298,6 +307,69 @@ def run_mergekit(a, method: str, dirs: dict[str, str], out: str, extra: list[str
                 bg_cpu_frac=p["bg_cpu_frac"], peak_rss=p["maxrss"],
                 timed_out=p["timed_out"], stderr_tail=p["stderr"][-4000:],
                 out_bytes=ck.ckpt_bytes(out) if os.path.isdir(out) else 0)
+
+
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median wall time, with every run's wall s, work s and peak RSS kept alongside."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    med = dict(ordered[(len(ordered) - 1) // 2])
+    med.update(walls=[r["wall_s"] for r in runs], works=[r.get("work_s") for r in runs],
+               peak_rsss=[r["peak_rss"] for r in runs], wall_s=statistics.median(r["wall_s"] for r in runs),
+               peak_rss=statistics.median(r["peak_rss"] for r in runs))
+    if all(r.get("work_s") is not None for r in runs):
+        med["work_s"] = statistics.median(r["work_s"] for r in runs)
+    return med
+
+
+def run_method(a, cname: str, method: str, dirs: dict[str, str], models: list[str], out: dict[str, str],
+               floor: dict[str, Any], ours_env: dict[str, str], default_xla: bool, with_mk: bool, row, quiet
+               ) -> list[dict[str, Any]]:
+    """Ours and each mergekit setting, alternating over ``a.repeats`` rounds (A B C A B C); one median row each.
+
+    Ours' output of the first round is compared with each mergekit setting's first output.
+    """
+    impls = [("ours", ours_env)] + ([("ours, default XLA", {})] if default_xla else [])
+    mk_impls = [(MERGEKIT_SETTINGS[d], d) for d in a.mergekit_dtypes] if with_mk else []
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in impls + mk_impls}
+    compares: dict[str, dict[str, Any]] = {}
+    for rnd in range(a.repeats):
+        for impl, env in impls:
+            w = quiet()
+            r = spawn(dict(task="ours", base=dirs["base"], models=models, out=out["ours"], method=method,
+                           density=a.density), a.timeout, env)
+            runs[impl].append(row(r, method, impl, w))
+        for impl, dtype in mk_impls:
+            w = quiet()
+            mk = row(run_mergekit(a, method, dirs, out["mergekit"], dtype), method, impl, w)
+            runs[impl].append(mk)
+            if mk["rc"] != 0:
+                print(f"[{cname}] {impl} failed:\n{mk['stderr_tail']}", file=sys.stderr)
+            elif rnd == 0 and not a.no_compare:
+                compares[impl] = compare(out["ours"], out["mergekit"])
+                print(f"[{cname}]   ours vs {impl}: {compares[impl]}", file=sys.stderr, flush=True)
+            shutil.rmtree(out["mergekit"], ignore_errors=True)
+    shutil.rmtree(out["ours"], ignore_errors=True)
+    rows = []
+    for impl, _ in impls:
+        r = _median_row(runs[impl])
+        r["x_floor"] = r["work_s"] / floor["work_s"]
+        rows.append(r)
+    for impl, _ in mk_impls:
+        failed = [r for r in runs[impl] if r["rc"] != 0]
+        if failed:
+            rows.append(dict(failed[0], failed=True))
+            continue
+        mk = _median_row(runs[impl])
+        mk["compare"] = compares.get(impl)
+        for r in rows[:len(impls)]:
+            r.setdefault("x_mergekit", {})[impl] = dict(time=r["wall_s"] / mk["wall_s"],
+                                                        rss=r["peak_rss"] / mk["peak_rss"])
+        rows.append(mk)
+    for impl, _ in impls:
+        for mk_impl, x in rows[0].get("x_mergekit", {}).items():
+            print(f"[{cname}] {method}: {impl} / {mk_impl}: time {x['time']:.2f}x, peak RSS {x['rss']:.2f}x "
+                  f"(medians of {a.repeats})", file=sys.stderr, flush=True)
+    return rows
 
 
 def compare(ours: str, theirs: str) -> dict[str, Any]:
@@ -328,12 +400,13 @@ def render(results: dict[str, Any]) -> str:
         f"Checkpoint merge: base + 2 models, weights {list(WEIGHTS)}, density {cfg['density']} (ties, dare_ties), "
         f"bf16 in/out, 500 MB shards; {m['cpu_count']} CPUs ({m['cpu_model']}), jax {m['versions']['jax']}, "
         f"mergekit {v.get('mergekit', '—')} (torch {v.get('mergekit_torch', '—')}); warm page cache; "
-        f"one fresh process per row; merge code {cfg['code']}.",
+        f"one fresh process per run; ours and mergekit alternate over {cfg['repeats']} rounds and each row is "
+        f"the median; merge code {cfg['code']}.",
         f"'ours' runs with XLA_FLAGS={cfg['ours_xla_flags'] or '(none)'}"
         + ("; 'ours, default XLA' without it." if cfg["ours_default_xla"] else "."),
         "",
-        "| case | method | impl | wall s | work s | CPU s | input GB/s | peak RSS GB | ours ÷ mergekit (time / RSS) "
-        "| ours ÷ floor (work s) | = mergekit: bit-equal / max abs diff | other load |",
+        "| case | method | impl | wall s | work s | CPU s | input GB/s | peak RSS GB | ours ÷ this mergekit "
+        "(time / RSS) | ours ÷ floor (work s) | = ours: bit-equal / max abs diff | other load |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cname, c in results["cases"].items():
@@ -345,7 +418,9 @@ def render(results: dict[str, Any]) -> str:
             cm = r.get("compare") or {}
             cmp_s = (f"{cm['bit_equal_fraction'] * 100:.2f}% / {cm['max_abs_diff']:.2g}"
                      if cm.get("bit_equal_fraction") is not None else "")
-            vs_mk = (f"{r['x_mergekit_time']:.2f}× / {r['x_mergekit_rss']:.2f}×" if r.get("x_mergekit_time") else "")
+            ours = next((o for o in c["rows"] if o["method"] == r["method"] and o["impl"] == "ours"), {})
+            x = ours.get("x_mergekit", {}).get(r["impl"])
+            vs_mk = f"{x['time']:.2f}× / {x['rss']:.2f}×" if x else ""
             lines.append(
                 f"| {label} | {r['method']} | {r['impl']} | {r['wall_s']:.1f} | {h.fmt(r.get('work_s'), '.1f')} | "
                 f"{r['cpu_s']:.1f} | {r['gb_per_s']:.3f} | {r['peak_rss'] / 1e9:.2f} | {vs_mk} | "
@@ -358,7 +433,8 @@ def render(results: dict[str, Any]) -> str:
         "bytes of the three input checkpoints / wall s. Peak RSS: the child's ru_maxrss (imports included; for "
         "mergekit also the mmap'd input pages it touched). ours ÷ mergekit: wall s and peak RSS; ours ÷ floor: "
         "work s. floor: every tensor of the three inputs read + the primary's tensors written (500 MB shards). "
-        f"mergekit: dtype {cfg['mergekit_dtype']} (compute), out_dtype bfloat16. dare_ties draws differ (torch vs "
+        "mergekit fp32→bf16: dtype float32 (compute, as ours), out_dtype bfloat16; mergekit bf16: dtype bfloat16 "
+        "(what most configs say). dare_ties draws differ (torch vs "
         "JAX RNG), so its bit-equal share is that of tensors where nothing is dropped. other load: the share of "
         "the machine's CPU used by other processes during the row (this machine is shared).",
     ]
@@ -391,7 +467,10 @@ def main(argv: list[str]) -> None:
                    help="methods for the vl case (VisCodex uses task_arithmetic; the others add text-only work)")
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--mergekit", default="/tmp/mk/bin/mergekit-yaml", help="mergekit-yaml path ('' to skip)")
-    p.add_argument("--mergekit_dtype", default="float32", help="mergekit's compute dtype (ours computes in float32)")
+    p.add_argument("--mergekit_dtypes", default="float32,bfloat16",
+                   help="mergekit compute dtypes to run, each with out_dtype bfloat16 (ours computes in float32)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="rounds of ours and each mergekit setting, alternating (A B A B); medians are reported")
     p.add_argument("--ours_xla_flags", default="",
                    help="XLA_FLAGS for ours ('' for none); the default avoids a >100x slow XLA CPU reduction path")
     p.add_argument("--ours_default_xla", default="",
@@ -404,6 +483,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--recreate", action="store_true", help="rebuild the cached input checkpoints")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     a = p.parse_args(argv)
+    a.mergekit_dtypes = [d for d in a.mergekit_dtypes.split(",") if d]
+    for bad in set(a.mergekit_dtypes) - set(MERGEKIT_SETTINGS):
+        p.error(f"--mergekit_dtypes: {bad!r} is not one of {', '.join(MERGEKIT_SETTINGS)}")
+    if a.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {a.repeats}")
     cases = [c for c in a.cases.split(",") if c]
     methods = [m for m in a.methods.split(",") if m]
     vl_methods = [m for m in a.vl_methods.split(",") if m]
@@ -427,7 +511,8 @@ def main(argv: list[str]) -> None:
     results: dict[str, Any] = dict(
         machine=h.machine_info(), versions=versions,
         config=dict(cases=cases, methods=methods, vl_methods=vl_methods, weights=list(WEIGHTS), density=a.density,
-                    shard_bytes=SHARD_BYTES, seed=a.seed, noise_std=a.noise_std, mergekit_dtype=a.mergekit_dtype,
+                    shard_bytes=SHARD_BYTES, seed=a.seed, noise_std=a.noise_std, mergekit_dtypes=a.mergekit_dtypes,
+                    repeats=a.repeats,
                     ours_xla_flags=ours_env["XLA_FLAGS"], ours_default_xla=default_xla, code=code_hash(),
                     ours_specs={m: spec_kwargs(m, a.density) for m in METHODS}),
         cases={})
@@ -463,38 +548,13 @@ def main(argv: list[str]) -> None:
                     "(any)", "floor", w)
         shutil.rmtree(out["floor"], ignore_errors=True)
         for method in (vl_methods if vl else methods):
-            rows = []
-            for impl, env in (("ours", ours_env), ("ours, default XLA", {})):
-                if impl != "ours" and method not in default_xla:
-                    continue
-                w = quiet()
-                r = row(spawn(dict(task="ours", base=dirs["base"], models=models, out=out["ours"],
-                                         method=method, density=a.density), a.timeout, env), method, impl, w)
-                r["x_floor"] = r["work_s"] / floor["work_s"]
-                rows.append(r)
-                if impl != "ours":
-                    shutil.rmtree(out["ours"], ignore_errors=True)
-            if use_mk and not vl:
-                w = quiet()
-                mk = row(run_mergekit(a, method, dirs, out["mergekit"]), method, "mergekit", w)
-                if mk["rc"] != 0:
-                    mk["failed"] = True
-                    print(f"[{cname}] mergekit failed:\n{mk['stderr_tail']}", file=sys.stderr)
-                else:
-                    for r in rows:
-                        r.update(x_mergekit_time=r["wall_s"] / mk["wall_s"], x_mergekit_rss=r["peak_rss"] / mk["peak_rss"])
-                    if not a.no_compare and os.path.isdir(out["ours"]):
-                        rows[0]["compare"] = compare(out["ours"], out["mergekit"])
-                        print(f"[{cname}]   ours vs mergekit: {rows[0]['compare']}", file=sys.stderr, flush=True)
-                rows.append(mk)
-                shutil.rmtree(out["mergekit"], ignore_errors=True)
-            shutil.rmtree(out["ours"], ignore_errors=True)
-            c["rows"].extend(rows)
+            c["rows"].extend(run_method(a, cname, method, dirs, models, out, floor, ours_env,
+                                        method in default_xla, use_mk and not vl, row, quiet))
         c["rows"].append(floor)
         if use_mk and vl:
             for tag, extra in (("without --allow-crimes", []), ("with --allow-crimes", ["--allow-crimes"])):
                 quiet()
-                mk = run_mergekit(a, "task_arithmetic", dirs, out["mergekit"], extra)
+                mk = run_mergekit(a, "task_arithmetic", dirs, out["mergekit"], a.mergekit_dtypes[0], extra)
                 if mk["rc"]:
                     mk["summary"] = _summary_line(mk["stderr_tail"])
                 else:

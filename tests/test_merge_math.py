@@ -193,3 +193,66 @@ def test_bfloat16_inputs_merge_like_their_float32_values():
     got, _ = merge_tensor("w", bf(base), [bf(t) for t in thetas], spec)
     want, _ = merge_tensor("w", bf(base).astype(np.float32), [bf(t).astype(np.float32) for t in thetas], spec)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def _bf16_steps(x, y):
+    """How many bfloat16 values apart x and y are (both bf16, finite): their bit patterns on one ordered line."""
+    def ordered(a):
+        i = np.asarray(a).view(np.uint16).astype(np.int32)
+        return np.where(i & 0x8000, 0x8000 - i, i)  # negatives mirrored below zero, -0 == +0
+    return np.abs(ordered(x) - ordered(y))
+
+
+def test_task_arithmetic_bf16_output_is_the_rounded_float64_reference(monkeypatch):
+    """Every bf16 output element of a bf16 task_arithmetic merge is the bf16 rounding of the float64 result,
+    or one step from it (the float32 compute rounds once before the final cast), in whole and in chunks."""
+    import ml_dtypes
+
+    from viscodex_jax.merge import tensor as merge_mod
+
+    rng = np.random.default_rng(21)
+    bf = ml_dtypes.bfloat16
+    base = (rng.standard_normal((96, 40)) * 0.02).astype(bf)
+    thetas = [(base.astype(np.float32) + rng.standard_normal(base.shape).astype(np.float32) * 2e-3).astype(bf)
+              for _ in range(2)]
+    spec = MergeSpec(method="task_arithmetic", weights=(0.7, 0.3))
+    b64 = base.astype(np.float64)
+    ref = b64 + sum(w * (t.astype(np.float64) - b64) for w, t in zip((0.7, 0.3), thetas))
+    # float64 -> bfloat16 in one rounding (to nearest, ties to even), not through float32: of the two bf16
+    # values around it (float32's bits cut to 16, and the next one out), the nearer in float64
+    lo_bits = (ref.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    lo = lo_bits.view(bf).astype(np.float64)
+    hi = (lo_bits + np.uint16(1)).view(bf).astype(np.float64)
+    d_lo, d_hi = np.abs(ref - lo), np.abs(hi - ref)
+    up = (d_hi < d_lo) | ((d_hi == d_lo) & (lo_bits % 2 == 1))
+    rounded = (lo_bits + up.astype(np.uint16)).view(bf)
+    for chunk in (None, 40 * 7):
+        if chunk:
+            monkeypatch.setattr(merge_mod, "UNKEYED_CHUNK_ELEMENTS", chunk)
+        out, _ = merge_tensor("w", base, thetas, spec)
+        out = np.asarray(out)
+        assert out.dtype == bf
+        steps = _bf16_steps(out, rounded)
+        assert steps.max() <= 1, f"{int((steps > 1).sum())} elements more than one bf16 step from float64"
+        assert (steps == 0).mean() >= 0.99  # a step off is the rare double-rounding case, not the rule
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_l1_in_row_chunks_rescales_by_the_whole_tensor(monkeypatch, method):
+    """A big tensor's DARE-l1 merge runs in row chunks (memory bounded like the other methods): each chunk
+    draws its own mask, and the rescale still uses the L1 norms of the whole tensor."""
+    from viscodex_jax.merge import tensor as merge_mod
+
+    base, thetas = _rand(31, shape=(40, 9), n=2)
+    spec = MergeSpec(method=method, weights=(0.6, 0.4), density=0.5, dare_rescale="l1", out_dtype="float32")
+    monkeypatch.setattr(merge_mod, "CHUNK_ELEMENTS", 9 * 7)  # 7 rows per chunk, 6 chunks
+    out, stats = merge_tensor("emb", base, thetas, spec)
+    masks = [np.zeros((40, 9), bool) for _ in thetas]
+    for c, lo in enumerate(range(0, 40, 7)):
+        keys = jax.random.split(jax.random.fold_in(tensor_key(spec.seed, "emb"), c), len(thetas))
+        for m, k in zip(masks, keys):
+            m[lo:lo + 7] = np.asarray(jax.random.bernoulli(k, spec.density, (min(7, 40 - lo), 9)))
+    ref = _ref(base, thetas, spec.weights, method, density=0.5, masks=masks, rescale="l1")
+    assert np.abs(np.asarray(out, np.float64) - ref).max() <= 1e-6
+    np.testing.assert_allclose(stats["kept_fraction"], [m.mean() for m in masks])
+    assert 0.3 < min(stats["kept_fraction"]) and max(stats["kept_fraction"]) < 0.7

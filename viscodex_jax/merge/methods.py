@@ -63,7 +63,10 @@ class Sparsify:
     magnitude of the k-th largest ``|d|`` entry of the whole tensor (0 -> +inf),
     so row chunks see the thresholds of the whole tensor.
 
-    ``whole_tensor(spec)``: True when ``keep`` must see the whole tensor at once.
+    ``needs_totals(spec)``: True when ``keep`` needs sums over the whole tensor. For a tensor cut into row
+    chunks the host first runs ``totals(d, key, spec)`` (float32 [n_models, k]) on every chunk, adds them up
+    in float64 and hands ``from_totals(sums)`` to ``keep`` as ``thresholds``; a whole tensor gets an empty
+    ``thresholds`` and ``keep`` sums itself. Memory stays one chunk's either way.
 
     ``keyed``: ``keep`` draws from ``key``, so its result depends on how a tensor is cut into chunks
     (each chunk has its own key); such methods keep the coarse chunking (``tensor.CHUNK_ELEMENTS``).
@@ -71,8 +74,10 @@ class Sparsify:
 
     keep: Callable[..., Any]
     ranks: Callable[[Any, int], Sequence[int]] | None = None
-    whole_tensor: Callable[[Any], bool] = _never
     keyed: bool = False
+    needs_totals: Callable[[Any], bool] = _never
+    totals: Callable[..., Any] | None = None
+    from_totals: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def _topk_ranks(spec, numel: int) -> tuple[int, ...]:
@@ -88,16 +93,25 @@ def topk(d, thresholds, key, spec):
     return jnp.where(keep, d, 0.0), keep
 
 
+def _dare_mask(d, key, spec):
+    keys = jax.random.split(key, d.shape[0])
+    return jax.vmap(lambda k: jax.random.bernoulli(k, spec.density, d.shape[1:]))(keys)
+
+
 def dare(d, thresholds, key, spec):
-    """DARE: keep each entry with probability ``density`` (mask keyed by seed and tensor), then rescale."""
-    del thresholds
+    """DARE: keep each entry with probability ``density`` (mask keyed by seed and tensor), then rescale.
+
+    For ``l1`` on a row-chunked tensor, ``thresholds[:, 0]`` is each model's whole-tensor ratio
+    L1(d) / L1(kept d) (see ``dare_l1_totals``); otherwise the ratio is summed here.
+    """
     if spec.density >= 1.0:
         return None
-    keys = jax.random.split(key, d.shape[0])
-    keep = jax.vmap(lambda k: jax.random.bernoulli(k, spec.density, d.shape[1:]))(keys)
+    keep = _dare_mask(d, key, spec)
     dropped = jnp.where(keep, d, 0.0)
     if spec.dare_rescale == "inverse_p":
         return dropped / spec.density, keep
+    if thresholds.shape[1]:
+        return dropped * _per_model(thresholds[:, 0], d), keep
     axes = tuple(range(1, d.ndim))
     l1_all = jnp.sum(jnp.abs(d), axis=axes, keepdims=True)
     l1_kept = jnp.sum(jnp.abs(dropped), axis=axes, keepdims=True)
@@ -106,6 +120,21 @@ def dare(d, thresholds, key, spec):
 
 def _dare_l1_is_per_tensor(spec) -> bool:
     return spec.dare_rescale == "l1" and spec.density < 1.0
+
+
+def dare_l1_totals(d, key, spec):
+    """One chunk's L1 norm of each task vector and of its kept entries: float32 [n, 2]."""
+    mag = jnp.abs(d)
+    keep = _dare_mask(d, key, spec)
+    axes = tuple(range(1, d.ndim))
+    return jnp.stack([jnp.sum(mag, axis=axes), jnp.sum(jnp.where(keep, mag, 0.0), axis=axes)], axis=1)
+
+
+def dare_l1_ratio(sums: np.ndarray) -> np.ndarray:
+    """The whole tensor's L1(d) / L1(kept d) per model (0 when nothing was kept): float32 [n, 1]."""
+    l1_all, l1_kept = sums[:, 0], sums[:, 1]
+    ratio = np.where(l1_kept > 0, l1_all / np.where(l1_kept > 0, l1_kept, 1.0), 0.0)
+    return ratio.astype(np.float32)[:, None]
 
 
 def _band_ranks(spec, numel: int) -> tuple[int, ...]:
@@ -126,7 +155,8 @@ def breadcrumbs(d, thresholds, key, spec):
 
 
 TOPK = Sparsify(topk, ranks=_topk_ranks)
-DARE = Sparsify(dare, whole_tensor=_dare_l1_is_per_tensor, keyed=True)
+DARE = Sparsify(dare, keyed=True, needs_totals=_dare_l1_is_per_tensor, totals=dare_l1_totals,
+                from_totals=dare_l1_ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +183,18 @@ def kth_largest_magnitudes(base: Any, thetas: Sequence[Any], ranks: Sequence[int
     150k x 3584 embedding is the slow part of TIES otherwise). Rank 0 gives
     +inf, a rank past the tensor's size -inf.
     """
-    base32 = np.asarray(base, np.float32)
+    base = np.asarray(base).reshape(-1)
     out = np.empty((len(thetas), len(ranks)), np.float32)
+    mag = np.empty(base.size, np.float32)  # one float32 copy of the tensor, filled and partitioned in place
+    step = 1 << 20
     for i, t in enumerate(thetas):
-        mag = np.abs(np.asarray(t, np.float32) - base32).reshape(-1)
+        t = np.asarray(t).reshape(-1)
+        for lo in range(0, base.size, step):
+            np.subtract(t[lo:lo + step], base[lo:lo + step], out=mag[lo:lo + step], dtype=np.float32)
+        np.abs(mag, out=mag)
         kth = sorted({mag.size - k for k in ranks if 1 <= k <= mag.size})
-        part = np.partition(mag, kth) if kth else mag
+        if kth:
+            mag.partition(kth)
         for j, k in enumerate(ranks):
-            out[i, j] = np.inf if k < 1 else -np.inf if k > mag.size else part[mag.size - k]
+            out[i, j] = np.inf if k < 1 else -np.inf if k > mag.size else mag[mag.size - k]
     return out

@@ -76,6 +76,19 @@ CHUNK_ELEMENTS = 1 << 24
 UNKEYED_CHUNK_ELEMENTS = 1 << 20
 
 
+def _chunk_key(spec: MergeSpec, name_hash, chunk, chunked: bool) -> jax.Array:
+    key = jax.random.fold_in(jax.random.PRNGKey(spec.seed), name_hash)
+    return jax.random.fold_in(key, chunk) if chunked else key
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _totals_core(base, thetas, name_hash, chunk, spec: MergeSpec):
+    """The sparsifier's whole-tensor sums (``Sparsify.totals``) over one row chunk, keyed as ``_merge_core``."""
+    base32 = base.astype(jnp.float32)
+    d = jnp.stack(thetas).astype(jnp.float32) - base32[None]
+    return spec.method_pieces.sparsify.totals(d, _chunk_key(spec, name_hash, chunk, True), spec)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "out_dtype", "chunked"))
 def _merge_core(base, thetas, weights, name_hash, chunk, thresh, spec: MergeSpec, out_dtype, chunked: bool):
     """Merges one tensor (or a row chunk of it); returns it and sums for the report.
@@ -84,9 +97,7 @@ def _merge_core(base, thetas, weights, name_hash, chunk, thresh, spec: MergeSpec
     derived here from ``name_hash`` (and ``chunk`` for a row chunk), as ``tensor_key`` does eagerly.
     """
     method = spec.method_pieces
-    key = jax.random.fold_in(jax.random.PRNGKey(spec.seed), name_hash)
-    if chunked:
-        key = jax.random.fold_in(key, chunk)
+    key = _chunk_key(spec, name_hash, chunk, chunked)
     thetas = jnp.stack(thetas)
     base32 = base.astype(jnp.float32)
     d = thetas.astype(jnp.float32) - base32[None]  # [n, ...]
@@ -163,18 +174,29 @@ def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, p
     row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     limit = CHUNK_ELEMENTS if sparsify and sparsify.keyed else min(CHUNK_ELEMENTS, UNKEYED_CHUNK_ELEMENTS)
     rows_per_chunk = max(1, limit // max(row, 1))
-    whole = len(shape) < 2 or shape[0] <= rows_per_chunk or bool(sparsify and sparsify.whole_tensor(spec))
+    whole = len(shape) < 2 or shape[0] <= rows_per_chunk
     bounds = [(0, shape[0] if shape else 1)] if whole else [
         (i, min(i + rows_per_chunk, shape[0])) for i in range(0, shape[0], rows_per_chunk)]
     name_hash = _name_hash(name)
     w = np.asarray(weights, np.float32)
+
+    def staged(lo, hi):
+        # Staged inputs are borrowed by XLA (no copy): each call must finish before the buffers are reused.
+        return [_STAGING.put(i, np.asarray(x) if whole else np.asarray(x[lo:hi]))
+                for i, x in enumerate([base, *thetas])]
+
+    if not whole and sparsify and sparsify.needs_totals(spec):
+        sums = 0.0
+        for c, (lo, hi) in enumerate(bounds):
+            ins = staged(lo, hi)
+            sums = sums + np.asarray(jax.device_get(_totals_core(ins[0], tuple(ins[1:]), name_hash, np.int32(c),
+                                                                 spec)), np.float64)
+        thresh = sparsify.from_totals(sums)
     thresh = np.asarray(thresh, np.float32)
     out = None
     total: dict[str, np.ndarray] = {}
     for c, (lo, hi) in enumerate(bounds):
-        ins = [np.asarray(x) if whole else np.asarray(x[lo:hi]) for x in [base, *thetas]]
-        # Staged inputs are borrowed by XLA (no copy): the call must finish before the buffers are reused.
-        ins = [_STAGING.put(i, x) for i, x in enumerate(ins)]
+        ins = staged(lo, hi)
         merged, sums = _merge_core(ins[0], tuple(ins[1:]), w, name_hash, np.int32(c), thresh, spec, out_dtype,
                                    chunked=not whole)
         merged, sums = jax.device_get((merged, sums))
