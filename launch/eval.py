@@ -4,6 +4,9 @@
         --chartmimic_root=/data/ChartMimic/dataset/direct_600 --mmcode_root=/data/MMCode/mmcode_test.jsonl.gz \
         --out_dir=runs/eval/8b
 
+Many prompts of mixed lengths generate faster with continuous batching (``--slots=8``); a model too big
+for one device shards over a mesh (``--mesh=1,8,1``, with the blockwise attention).
+
 Writes <out_dir>/summary.{json,md}, report.html and per-item <benchmark>_items.jsonl; generations are
 cached, so re-running re-scores without re-generating and an interrupted run resumes. The benchmarks, their
 ``--<name>_root`` flags and their own flags (``--clip_path``, ``--judge_endpoint``, ...) come from
@@ -47,6 +50,24 @@ CHECK = flags.DEFINE_string("check_against", None, "Folder of (item, candidate, 
 CHECK_BENCH = flags.DEFINE_string("check_benchmark", None, "Benchmark of --check_against (default: from the "
                                   "folder name, e.g. .../mmcode).")
 WORKERS = flags.DEFINE_integer("check_workers", None, "Triples scored at once (default: the benchmark's).")
+MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor: shard the model over this many devices (e.g. 1,8,1; "
+                           "-1 takes the rest; default: one device).")
+SLOTS = flags.DEFINE_integer("slots", 0, "Continuous batching with this many slots (0: lockstep batches of "
+                             "--batch_size). On a mesh, a multiple of data x fsdp.")
+CACHE_LEN = flags.DEFINE_integer("cache_len", None, "With --slots: KV-cache slots per row, prompt plus generated "
+                                 "tokens (default: 4096 + --max_new_tokens, rounded up to 256).")
+
+
+def _mesh_shape(text):
+    if not text:
+        return None
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or any(x == 0 or x < -1 for x in shape):
+        raise app.UsageError(f"--mesh={text!r}: expected three positive integers data,fsdp,tensor (one may be -1)")
+    return shape
 
 
 def main(argv):
@@ -67,7 +88,8 @@ def main(argv):
                             limit=LIMIT.value)
     try:
         evaluate(CKPT.value, BENCH.value, {name: flag.value for name, flag in ROOTS.items()}, OUT.value, settings,
-                 options, ON_BAD.value, DTYPE.value, NAME.value)
+                 options, ON_BAD.value, DTYPE.value, NAME.value, _mesh_shape(MESH.value), SLOTS.value,
+                 CACHE_LEN.value)
     except registry.UsageError as e:
         raise app.UsageError(str(e)) from e
     with open(os.path.join(OUT.value, "summary.md")) as f:

@@ -5,9 +5,11 @@ index, sampling settings), appended and flushed as they finish: re-scoring never
 interrupted run resumes where it stopped.
 
 Generation takes either a ``GenerateFn`` (a batch of one benchmark's items at a time) or a ``QueueFn``
-(every missing generation of every benchmark at once, for a continuous-batching sampler). In a
-multi-process JAX run (``eval.hosts``) each process generates and scores its share of the items with its
-own model, and the first process writes the reports from everyone's rows.
+(every missing generation of every benchmark at once, for a continuous-batching sampler); built in are
+``model_generate_fn`` (lockstep batches) and ``slot_queue_fn`` (``sampling.slots``), each on a ``vx.Model``
+(maybe on a mesh) or a checkpoint path. In a multi-process JAX run (``eval.hosts``) each process generates
+and scores its share of the items with its own model, and the first process writes the reports from
+everyone's rows.
 
 Scoring is guarded per item: a scorer that raises scores that item 0, with the reason in its row
 (``score_error``), and the run goes on, so a resumed run cannot crash again on the same cached item.
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -29,7 +32,7 @@ import tqdm
 from viscodex_jax.eval.base import Benchmark, Item, UnreadableItem
 from viscodex_jax.eval.cache import GenerationCache, fingerprint
 from viscodex_jax.eval.hosts import Hosts
-from viscodex_jax.eval.registry import build_benchmarks, make_benchmark, select_roots
+from viscodex_jax.eval.registry import UsageError, build_benchmarks, make_benchmark, select_roots
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +71,26 @@ QueueFn = Callable[[Sequence[Request]], Iterable[tuple[int, str]]]
 (index into the requests, text) as each one finishes, in any order."""
 
 
-def model_generate_fn(checkpoint: str, settings: EvalSettings, dtype: str = "float32") -> GenerateFn:
-    """Batched generation with our JAX sampler."""
+ModelLike = Any  # a ``vx.Model`` (maybe on a mesh) or a checkpoint path to load
+
+
+def load_model(checkpoint: ModelLike, dtype: str = "float32", mesh: Any = None) -> Any:
+    """A ``vx.Model`` as given, or loaded from a path; on a ``mesh`` with the blockwise attention (a kernel
+    that runs per shard, as sampling on a mesh needs)."""
     import viscodex_jax as vx
 
-    model = vx.load(checkpoint, dtype=dtype)
+    if not isinstance(checkpoint, str):
+        return checkpoint
+    if mesh is None:
+        return vx.load(checkpoint, dtype=dtype)
+    return vx.load(checkpoint, mesh=mesh, dtype=dtype, attention_impl="blockwise")
+
+
+def model_generate_fn(model: ModelLike, settings: EvalSettings, dtype: str = "float32", mesh: Any = None) -> GenerateFn:
+    """Lockstep batches with our JAX sampler, on a ``vx.Model`` or a checkpoint path (loaded now)."""
+    import viscodex_jax as vx
+
+    model = load_model(model, dtype, mesh)
     sampler = vx.sampler_from_settings(settings.temperature, settings.top_p, settings.top_k)
 
     def fn(items: Sequence[Item], sample: int) -> list[str]:
@@ -82,17 +100,73 @@ def model_generate_fn(checkpoint: str, settings: EvalSettings, dtype: str = "flo
     return fn
 
 
-def lazy_generate_fn(checkpoint: str, settings: EvalSettings, dtype: str = "float32") -> GenerateFn:
+def lazy_generate_fn(checkpoint: ModelLike, settings: EvalSettings, dtype: str = "float32",
+                     mesh: Any = None) -> GenerateFn:
     """``model_generate_fn`` that loads the model only when something actually needs generating
     (a fully cached re-score never loads it)."""
     state: dict[str, GenerateFn] = {}
 
     def fn(items: Sequence[Item], sample: int) -> list[str]:
         if "f" not in state:
-            state["f"] = model_generate_fn(checkpoint, settings, dtype)
+            state["f"] = model_generate_fn(checkpoint, settings, dtype, mesh)
         return state["f"](items, sample)
 
     return fn
+
+
+def slot_queue_fn(model: ModelLike, settings: EvalSettings, slots: Any, dtype: str = "float32",
+                  mesh: Any = None) -> QueueFn:
+    """A ``QueueFn`` on the continuous-batching sampler (``sampling.slots``): ``slots`` is a ``SlotSettings``
+    (its ``max_new_tokens`` at least ``settings.max_new_tokens``). A path is loaded at the first call.
+
+    Requests run grouped by seed (sample index), in chunks of ``max(batch_size, 4 * slots)``: a chunk is
+    one ``SlotSampler`` run, and its generations are yielded when it ends, so an interrupted run loses at
+    most one chunk. A sampled (temperature > 0) request's key is its seed folded with its place in its
+    chunk; greedy generations equal the lockstep path's.
+    """
+    import viscodex_jax as vx
+    from viscodex_jax.model.config import ConfigError
+
+    if slots.max_new_tokens < settings.max_new_tokens:
+        raise ConfigError(f"SlotSettings.max_new_tokens={slots.max_new_tokens} is below the eval's "
+                          f"max_new_tokens={settings.max_new_tokens}")
+    sampler = vx.sampler_from_settings(settings.temperature, settings.top_p, settings.top_k)
+    chunk = max(settings.batch_size, 4 * slots.slots)
+    state: dict[str, Any] = {}
+
+    def fn(requests: Sequence[Request]) -> Iterable[tuple[int, str]]:
+        if "model" not in state:
+            state["model"] = load_model(model, dtype, mesh)
+        by_seed: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_seed.setdefault(r.seed, []).append(i)
+        for seed, idx in by_seed.items():
+            for c in range(0, len(idx), chunk):
+                part = idx[c:c + chunk]
+                items = [requests[i].item for i in part]
+                try:
+                    texts = vx.generate(state["model"], [it.messages for it in items],
+                                        images=[it.images for it in items], max_new_tokens=settings.max_new_tokens,
+                                        sampler=sampler, seed=seed, settings=slots)
+                except ConfigError as e:  # "request <i>: ..." counts within the chunk: name the item instead
+                    m = re.match(r"request (\d+): (.*)", str(e), re.S)
+                    if m is None:
+                        raise
+                    r = requests[part[int(m.group(1))]]
+                    raise ConfigError(f"{r.benchmark} item {r.item.id!r}: {m.group(2)}") from e
+                yield from zip(part, texts)
+
+    return fn
+
+
+def slot_settings(settings: EvalSettings, slots: int, cache_len: int | None = None) -> Any:
+    """The ``SlotSettings`` an eval with ``slots`` slots runs on (``cache_len`` default: 4096 prompt tokens
+    plus ``max_new_tokens``, rounded up to 256)."""
+    from viscodex_jax.sampling.slots import SlotSettings
+
+    if cache_len is None:
+        cache_len = -(-(4096 + settings.max_new_tokens) // 256) * 256
+    return SlotSettings(slots=slots, cache_len=cache_len, max_new_tokens=settings.max_new_tokens)
 
 
 def score_guarded(bench: Benchmark, item: Item, generation: str | None) -> dict[str, Any]:
@@ -174,6 +248,9 @@ def run_eval(
     queue_fn: QueueFn | None = None,
     model_fingerprint: str | None = None,
     hosts: Hosts | None = None,
+    mesh: Any = None,
+    slots: int = 0,
+    cache_len: int | None = None,
 ) -> dict[str, Any]:
     """Generates (or reuses cached generations), scores, and writes per-item JSONL and the summary.
 
@@ -183,10 +260,20 @@ def run_eval(
     yet. ``model_fingerprint``: the weights' identity in the cache key (default: a hash of the checkpoint's
     files; give one for a model that lives only in memory). ``hosts``: this process's share (default: from
     ``jax.distributed``); every process gets the same summary, the first writes the files.
+
+    Without a ``generate_fn``/``queue_fn``: ``slots`` > 0 generates on the continuous-batching sampler
+    (``slot_queue_fn``, ``cache_len`` cache slots per row), 0 in lockstep batches; ``mesh`` (a
+    ``jax.sharding.Mesh``) loads the model sharded over it (one process only: every process would have
+    to run the same requests).
     """
     if generate_fn is not None and queue_fn is not None:
         raise ValueError("run_eval: pass generate_fn or queue_fn, not both")
     hosts = hosts or Hosts.from_jax()
+    if mesh is not None and hosts.count > 1:
+        raise ValueError(f"run_eval: a mesh with {hosts.count} processes: each process generates its own share "
+                         "of the items, so the model cannot be sharded across processes; run one process")
+    if slots and generate_fn is None and queue_fn is None:
+        queue_fn = slot_queue_fn(checkpoint, settings, slot_settings(settings, slots, cache_len), dtype, mesh)
     os.makedirs(out_dir, exist_ok=True)
     fp = model_fingerprint or fingerprint(checkpoint, os.path.join(out_dir, ".fingerprints.json"))
     cache = GenerationCache.in_dir(out_dir, hosts.index, hosts.count)
@@ -213,8 +300,8 @@ def run_eval(
     if mine and queue_fn is not None:
         _generate_queue(queue_fn, mine, settings.batch_size, record)
     elif mine:
-        _generate_batches(generate_fn or lazy_generate_fn(checkpoint, settings, dtype), mine, settings.batch_size,
-                          record)
+        _generate_batches(generate_fn or lazy_generate_fn(checkpoint, settings, dtype, mesh), mine,
+                          settings.batch_size, record)
     hosts.barrier("eval: generated")
     cache.reload()  # the other processes' generations
 
@@ -260,10 +347,30 @@ def run_eval(
 
 def evaluate(checkpoint: str, benchmarks: Sequence[str], roots: Mapping[str, str | None], out_dir: str,
              settings: EvalSettings = EvalSettings(), options: Mapping[str, Any] | None = None,
-             on_error: str = "raise", dtype: str = "float32", model_name: str | None = None) -> dict[str, Any]:
+             on_error: str = "raise", dtype: str = "float32", model_name: str | None = None,
+             mesh: Sequence[int] | None = None, slots: int = 0, cache_len: int | None = None) -> dict[str, Any]:
     """``launch/eval.py``: the named benchmarks (data roots and launch flag values by name, as
-    ``registry.root_flags``/``option_flags`` name them) on a checkpoint; see ``run_eval``. A name, root or
-    option that does not fit is a ``registry.UsageError``."""
+    ``registry.root_flags``/``option_flags`` name them) on a checkpoint; see ``run_eval``. ``mesh``: a
+    (data, fsdp, tensor) shape to shard the model over (None: one device). A name, root, option, mesh or
+    slot setting that does not fit is a ``registry.UsageError``."""
+    from viscodex_jax.model.config import ConfigError
+
     chosen = select_roots(benchmarks, roots)
     benches = build_benchmarks(list(chosen), options, on_error)
-    return run_eval(checkpoint, chosen, out_dir, settings, benchmarks=benches, model_name=model_name, dtype=dtype)
+    if slots < 0:
+        raise UsageError(f"--slots={slots}: expected 0 (lockstep batches) or a number of slots")
+    on = None
+    if mesh is not None:
+        from viscodex_jax.sharding import make_mesh
+
+        try:
+            on = make_mesh(mesh)
+        except ValueError as e:
+            raise UsageError(f"--mesh={','.join(map(str, mesh))}: {e}") from None
+    if slots:
+        try:  # refuse bad slot settings before any benchmark loads or the model reads
+            slot_settings(settings, slots, cache_len)
+        except ConfigError as e:
+            raise UsageError(f"--slots={slots} --cache_len={cache_len}: {e}") from None
+    return run_eval(checkpoint, chosen, out_dir, settings, benchmarks=benches, model_name=model_name, dtype=dtype,
+                    mesh=on, slots=slots, cache_len=cache_len)
