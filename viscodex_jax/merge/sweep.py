@@ -170,8 +170,7 @@ def _mmcode_score(c) -> Callable[[Any, float, MergeSpec], float]:
     defines the merge (the MergeSpec and the inputs' stamps, also written to merge_spec.json there),
     so a rerun of the same sweep reuses its generations and a changed one does not.
     """
-    from viscodex_jax.eval.runner import EvalSettings, run_eval
-    from viscodex_jax.sampling.methods import from_settings
+    from viscodex_jax.eval.runner import EvalSettings, model_generate_fn, run_eval
 
     if not c.mmcode_root or not os.path.isdir(c.mmcode_root):
         raise MergeError(f"--config.mmcode_root={c.mmcode_root!r} is not a directory (--config.score=mmcode "
@@ -186,20 +185,12 @@ def _mmcode_score(c) -> Callable[[Any, float, MergeSpec], float]:
     stamp = _inputs_stamp(c)
 
     def score(model, lam: float, spec: MergeSpec) -> float:
-        import viscodex_jax as vx
-
         out = os.path.join(c.out_dir, "eval", f"lam_{lam:g}")
         os.makedirs(out, exist_ok=True)
         ident = json.dumps({"spec": repr(spec), "inputs": stamp}, indent=1, sort_keys=True)
         _write_atomic(os.path.join(out, "merge_spec.json"), ident.encode())
-        sampler = from_settings(settings.temperature, settings.top_p, settings.top_k)
-
-        def generate(items, sample):
-            return vx.generate(model, [it.messages for it in items], images=[it.images for it in items],
-                               max_new_tokens=settings.max_new_tokens, sampler=sampler, seed=settings.seed + sample)
-
         summary = run_eval(os.path.join(c.out_dir, f"lam_{lam:g}"), {"mmcode": c.mmcode_root}, out, settings,
-                           generate_fn=generate, model_name=f"merged, lam={lam:g}",
+                           generate_fn=model_generate_fn(model, settings), model_name=f"merged, lam={lam:g}",
                            model_fingerprint=hashlib.sha256(ident.encode()).hexdigest()[:16])
         return float(summary["benchmarks"]["mmcode"]["score"])
 
