@@ -244,3 +244,13 @@ def publish(results: dict[str, Any], table: str, json_out: str) -> None:
     os.replace(tmp, json_out)  # run_all never reads half a file
     print(table)
     print(f"\nwrote {json_out} ({results['wall_s']:.0f}s)", file=sys.stderr)
+
+
+def add_child_args(p) -> None:
+    """The argparse options of ``spawn_retry``'s children, shared by the scripts that use it."""
+    p.add_argument("--quiet_wait", type=float, default=30,
+                   help="before each child, wait up to this long for a quiet machine (<15%% busy for 1 s)")
+    p.add_argument("--retries", type=int, default=0,
+                   help="run a child again (at most this many times) when other processes took > --max_bg of the CPU")
+    p.add_argument("--max_bg", type=float, default=0.2)
+    p.add_argument("--timeout", type=float, default=900, help="seconds per child process")

@@ -693,12 +693,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_ablation", action="store_true",
                    help="skip timing one decode step with the layers unrolled instead of scanned (~1 min)")
-    p.add_argument("--quiet_wait", type=float, default=30,
-                   help="before each child, wait up to this long for a quiet machine (<15%% busy for 1 s)")
-    p.add_argument("--retries", type=int, default=0,
-                   help="run a child again (at most this many times) when other processes took > --max_bg of the CPU")
-    p.add_argument("--max_bg", type=float, default=0.2)
-    p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    h.add_child_args(p)
     p.add_argument("--workload", choices=("fixed", "mixed", "both"), default="both",
                    help="fixed: equal prompts, batch 1 and 8, with the bandwidth floor; mixed: 64 prompts of "
                         "heavy-tailed lengths, continuous batching vs lockstep vs transformers")

@@ -245,12 +245,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPUs (affinity) and threads for each implementation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet_wait", type=float, default=30,
-                   help="before each child, wait up to this long for a quiet machine (<15%% busy for 1 s)")
-    p.add_argument("--retries", type=int, default=0,
-                   help="run a child again (at most this many times) when other processes took > --max_bg of the CPU")
-    p.add_argument("--max_bg", type=float, default=0.2)
-    p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    h.add_child_args(p)
     a = p.parse_args(argv)
     for k, v in (QUICK if a.quick else dict(models=",".join(MODELS), rounds=ROUNDS)).items():
         if getattr(a, k) is None:
