@@ -114,12 +114,7 @@ def _read_leaf(src, sharding) -> jax.Array:
 
     def read(part):
         value = hf_map.to_flax(src.key, part.file.read(part.name), src.slot_shape).astype(src.dtype)
-        if src.tied_lm_head is not None:
-            tied = src.tied_lm_head
-            if not np.array_equal(tied.file.read(tied.name).astype(src.dtype), value):
-                raise checkpoint.CheckpointError(
-                    f"{tied.file.path}: tensor {tied.name!r} differs from model.embed_tokens.weight but "
-                    "config.json sets tie_word_embeddings")
+        src.check_tied(value)
         return value
 
     for part in src.parts:

@@ -149,6 +149,11 @@ class ParamSource:
             value = out
         if self.check_finite and not all_finite(value):
             check_tensor_finite(value, part.where, raw)  # counts them and names the tensor
+        self.check_tied(value)
+        return value, held
+
+    def check_tied(self, value: np.ndarray) -> None:
+        """A tied checkpoint's stored lm_head must equal the embedding it is tied to (``value``)."""
         if self.tied_lm_head is not None:
             tied = self.tied_lm_head
             if not np.array_equal(tied.file.view(tied.name).astype(value.dtype), value):
@@ -156,7 +161,6 @@ class ParamSource:
                     f"{tied.file.path}: tensor {tied.name!r} differs from model.embed_tokens.weight "
                     "but config.json sets tie_word_embeddings"
                 )
-        return value, held
 
 
 def all_finite(array: np.ndarray, block: int = 2**20) -> bool:
