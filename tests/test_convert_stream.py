@@ -18,7 +18,7 @@ import pytest
 import tensorstore as ts
 
 from viscodex_jax import checkpoint
-from viscodex_jax.checkpoint import CheckpointError, stream
+from viscodex_jax.checkpoint import CheckpointError, stream, validate
 from viscodex_jax.checkpoint.orbax_io import PARAMS_SUBDIR, load_orbax_params
 from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from viscodex_jax.model.causal_lm import param_shapes
@@ -227,12 +227,12 @@ def test_legacy_bin_checkpoint_takes_the_in_memory_path_to_the_same_checkpoint(h
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
 def test_blockwise_finite_check_finds_a_nan_or_inf_anywhere(dtype):
     a = np.ones(5 * 1024 + 3, dtype)
-    assert stream.all_finite(a, block=1024) and stream.all_finite(a[:0], block=1024)
+    assert validate.all_finite(a, block=1024) and validate.all_finite(a[:0], block=1024)
     for i in (0, 1023, 1024, a.size - 1):  # block edges and the short last block
         for bad in (np.nan, np.inf, -np.inf):
             b = a.copy()
             b[i] = bad
-            assert not stream.all_finite(b.reshape(-1, 1), block=1024), (i, bad)
+            assert not validate.all_finite(b.reshape(-1, 1), block=1024), (i, bad)
 
 
 def test_uncompressed_conversion_restores_the_same_arrays(hf_checkpoint, tmp_path):

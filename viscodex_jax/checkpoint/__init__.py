@@ -7,7 +7,8 @@ from typing import Any
 
 import jax
 
-from viscodex_jax.checkpoint.hf import check_tensor_finite, load_hf_params, save_hf
+from viscodex_jax.checkpoint.hf import load_hf_params, save_hf
+from viscodex_jax.checkpoint.validate import check_tensor_finite
 from viscodex_jax.utils import flatten
 from viscodex_jax.checkpoint.orbax_io import PARAMS_SUBDIR, is_orbax_dir, load_orbax_params, save_orbax
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError

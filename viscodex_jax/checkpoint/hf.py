@@ -15,8 +15,8 @@ import tqdm
 
 from viscodex_jax.checkpoint import hf_map
 from viscodex_jax.utils import atomic_dir, flatten, unflatten
-from viscodex_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, ShardedWriter, iter_index
-from viscodex_jax.checkpoint.validate import count_nonfinite, is_float_dtype
+from viscodex_jax.checkpoint.safetensors_io import CheckpointError, ShardedWriter
+from viscodex_jax.checkpoint.validate import check_tensor_finite
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 from viscodex_jax.model.causal_lm import param_shapes
 
@@ -34,141 +34,43 @@ SIDE_FILES = (
 
 
 
-def _read_bin(path: str) -> dict[str, np.ndarray]:
-    import torch  # legacy .bin only; weights_only forbids arbitrary pickles
-
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"{path}: cannot read PyTorch weights ({type(e).__name__}: {e})") from e
-    return sd
-
-
-def _torch_to_numpy(t) -> np.ndarray:
-    import ml_dtypes
-    import torch
-
-    if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.contiguous().numpy()
-
-
 def iter_hf_tensors(ckpt_dir: str) -> Iterator[tuple[str, str, tuple[int, ...], Any]]:
     """Yields (file, name, shape, read()) for every tensor in a HF checkpoint directory."""
-    for path, listed in iter_index(ckpt_dir):
-        if path.endswith(".safetensors"):
-            f = SafetensorsFile(path)
-            for name in listed:
-                if name not in f:
-                    raise CheckpointError(f"{path}: missing tensor {name!r} (listed in the index)")
-            for name in f.keys():
-                yield path, name, f.shape(name), (lambda f=f, n=name: f.read(n))
-        else:
-            sd = _read_bin(path)
-            for name in listed:
-                if name not in sd:
-                    raise CheckpointError(f"{path}: missing tensor {name!r} (listed in the index)")
-            for name, t in sd.items():
-                yield path, name, tuple(t.shape), (lambda t=t: _torch_to_numpy(t))
+    from viscodex_jax.checkpoint.stream import tensor_files  # not at the top: stream -> orbax_io -> this module
 
-
-def check_tensor_finite(array: np.ndarray, where: str, source: np.ndarray | None = None) -> None:
-    """Raises CheckpointError naming ``where`` if ``array`` holds NaN/Inf.
-
-    ``source`` is the array before a dtype cast: when it was finite, the cast overflowed.
-    """
-    bad = count_nonfinite(array)
-    if bad:
-        cause = (f" after casting to {array.dtype} (the values overflow it)"
-                 if source is not None and source.dtype != array.dtype and not count_nonfinite(source) else "")
-        raise CheckpointError(f"{where}: {bad} of {array.size} values are NaN/Inf{cause} "
-                              "(pass check_finite=False / --nocheck_finite to load it anyway)")
+    for f in tensor_files(ckpt_dir):
+        for name in f.keys():
+            yield f.path, name, f.shape(name), (lambda f=f, n=name: f.read(n))
 
 
 def load_hf_params(ckpt_dir: str, cfg: ModelConfig | None = None, dtype: Any = None,
                    check_finite: bool = False) -> tuple[ModelConfig, dict]:
-    """Reads a HF checkpoint into a params pytree of numpy arrays.
+    """Reads a HF checkpoint (safetensors or ``.bin``) into a params pytree of numpy arrays.
 
-    Tensors are read one at a time and written into preallocated (stacked)
-    outputs, so peak host memory is the output plus about one tensor.
-    ``dtype`` None keeps each tensor's checkpoint dtype. ``check_finite``
-    rejects NaN/Inf (after the cast, so an overflowing cast is caught too);
-    it costs one pass over each tensor, so it is on in the converters and
-    opt-in for plain loading.
+    Every name, shape and dtype is checked from the headers first (``stream.plan_hf_params``); then each
+    tensor is cast and transposed straight into its slot of the preallocated (stacked) outputs, so peak
+    host memory is the output alone. ``dtype`` None keeps each param's checkpoint dtype. ``check_finite``
+    rejects NaN/Inf (after the cast, so an overflowing cast is caught too); it costs one pass over each
+    tensor, so it is on in the converters and opt-in for plain loading.
     """
+    from viscodex_jax.checkpoint.stream import plan_hf_params
+
     if cfg is None:
         cfg = config_from_dict(read_config_json(ckpt_dir), os.path.join(ckpt_dir, "config.json"))
-    expected = {k: v for k, v in flatten(param_shapes(cfg)).items()}
-    out: dict[tuple[str, ...], np.ndarray] = {}
-    filled: dict[tuple[str, ...], np.ndarray] = {}
-    source: dict[tuple[tuple[str, ...], int | None], str] = {}
-    tied_lm_head = None
-    t0, nbytes = time.time(), 0
-    total = sum(os.path.getsize(p) for p, _ in iter_index(ckpt_dir))
+    plan = flatten(plan_hf_params(ckpt_dir, cfg, dtype, check_finite))
+    total = sum(p.file.nbytes(p.name) for src in plan.values() for p in src.parts)
     bar = tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"read {os.path.basename(os.path.normpath(ckpt_dir))}",
                     disable=total < 2**28, mininterval=2.0)  # only for checkpoints big enough to wait on
-    for path, name, shape, read in iter_hf_tensors(ckpt_dir):
-        canon = hf_map.canonical_name(name)
-        if canon == "lm_head.weight" and cfg.text.tie_word_embeddings:
-            tied_lm_head = (path, name, read)  # checked against the embedding once that is loaded
-            continue
-        hit = hf_map.hf_to_path(name, expected)
-        if hit is None:
-            raise CheckpointError(f"{path}: unexpected tensor {name!r}: no parameter of a {cfg.model_type} model maps to it")
-        key, layer = hit
-        full = expected[key].shape
-        slot_shape = full[1:] if layer is not None else full
-        if layer is not None and layer >= full[0]:
-            raise CheckpointError(
-                f"{path}: tensor {name!r}: layer {layer} but config.json has {full[0]} layers"
-            )
-        want = hf_map.hf_shape(key, slot_shape, cfg)
-        if tuple(shape) != want:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {list(shape)} but config.json implies {list(want)}"
-            )
-        if (key, layer) in source:
-            raise CheckpointError(f"{path}: tensor {name!r} duplicates {source[(key, layer)]!r}")
-        source[(key, layer)] = name
-        arr = read()
-        if not is_float_dtype(arr.dtype):  # a header can claim I32 for float bits; every param is float
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {arr.dtype}, but {'/'.join(key)} is a floating-point parameter"
-            )
-        if key not in out:
-            out[key] = np.empty(full, dtype or arr.dtype)
-            filled[key] = np.zeros(full[0] if layer is not None else 1, bool)
-        value = hf_map.to_flax(key, arr, slot_shape)
-        if layer is None:
-            out[key][...] = value
-            filled[key][0] = True
-        else:
-            out[key][layer] = value
-            filled[key][layer] = True
-        if check_finite:
-            check_tensor_finite(out[key][layer] if layer is not None else out[key], f"{path}: tensor {name!r}", arr)
-        nbytes += arr.nbytes
-        bar.update(arr.nbytes)
-        del arr, value
+    t0, out = time.time(), {}
+    for key, src in plan.items():
+        out[key] = np.empty(src.shape, src.dtype)
+        for p in src.parts:
+            src.read_into(p, out[key] if p.layer is None else out[key][p.layer])
+            bar.update(p.file.nbytes(p.name))
     bar.close()
-    missing = [
-        hf_map.path_to_hf(k, i if hf_map.is_stacked(k) else None)
-        for k in expected
-        for i in (np.flatnonzero(~filled[k]) if k in filled else range(expected[k].shape[0] if hf_map.is_stacked(k) else 1))
-    ]
-    if missing:
-        raise CheckpointError(
-            f"{ckpt_dir}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    if tied_lm_head is not None:
-        path, name, read = tied_lm_head
-        emb = out[("model", "embed_tokens", "embedding")]
-        if not np.array_equal(read().astype(emb.dtype), emb):
-            raise CheckpointError(
-                f"{path}: tensor {name!r} differs from model.embed_tokens.weight but config.json sets tie_word_embeddings"
-            )
     dt = max(time.time() - t0, 1e-9)
-    log.info("read %d tensors, %.2f GB in %.1fs (%.2f GB/s) from %s", len(source), nbytes / 1e9, dt, nbytes / 1e9 / dt, ckpt_dir)
+    log.info("read %d params, %.2f GB in %.1fs (%.2f GB/s) from %s", len(out), total / 1e9, dt, total / 1e9 / dt,
+             ckpt_dir)
     return cfg, unflatten(out)
 
 

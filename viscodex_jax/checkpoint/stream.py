@@ -20,10 +20,11 @@ params keep orbax's default single chunk. Readers see the chunking only in the
 zarr metadata; ``load_orbax_params`` and ``StandardCheckpointer().restore``
 return the same arrays as for the in-memory save.
 
-Every check ``load_hf_params`` makes on names, shapes, dtypes, layer indices,
-duplicates and missing tensors is made here from the safetensors headers
-before anything is written; NaN/Inf and the tied ``lm_head`` are checked as the
-data streams, and any error removes the partial output (``atomic_dir``).
+Every check on names, shapes, dtypes, layer indices, duplicates and missing
+tensors is made by ``plan_hf_params`` (which ``load_hf_params`` uses too) from
+the headers before anything is written; NaN/Inf and the tied ``lm_head`` are
+checked as the data streams, and any error removes the partial output
+(``atomic_dir``).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from viscodex_jax.checkpoint import hf_map
-from viscodex_jax.checkpoint.hf import check_tensor_finite
 from viscodex_jax.checkpoint.orbax_io import write_checkpoint_dir
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, iter_index
-from viscodex_jax.checkpoint.validate import is_float_dtype
+from viscodex_jax.checkpoint.torch_bin import BinFile
+from viscodex_jax.checkpoint.validate import all_finite, check_tensor_finite, is_float_dtype
 from viscodex_jax.model.causal_lm import param_shapes
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 from viscodex_jax.utils import flatten, unflatten
@@ -147,10 +148,19 @@ class ParamSource:
             out = held[0].view(self.dtype).reshape(self.slot_shape)
             np.copyto(out, value, casting="unsafe")
             value = out
+        self._check(value, part, raw)
+        return value, held
+
+    def read_into(self, part: Part, out: np.ndarray) -> None:
+        """The part's tensor in our layout, cast into ``out`` (its slot of a preallocated param)."""
+        raw = part.file.view(part.name)
+        np.copyto(out, hf_map.to_flax(self.key, raw, self.slot_shape), casting="unsafe")
+        self._check(out, part, raw)
+
+    def _check(self, value: np.ndarray, part: Part, raw: np.ndarray) -> None:
         if self.check_finite and not all_finite(value):
             check_tensor_finite(value, part.where, raw)  # counts them and names the tensor
         self.check_tied(value)
-        return value, held
 
     def check_tied(self, value: np.ndarray) -> None:
         """A tied checkpoint's stored lm_head must equal the embedding it is tied to (``value``)."""
@@ -161,21 +171,6 @@ class ParamSource:
                     f"{tied.file.path}: tensor {tied.name!r} differs from model.embed_tokens.weight "
                     "but config.json sets tie_word_embeddings"
                 )
-
-
-def all_finite(array: np.ndarray, block: int = 2**20) -> bool:
-    """No NaN/Inf in a float array, tested a block at a time into one small mask.
-
-    A whole-array ``np.isfinite`` allocates a fresh mask as large as the tensor: its page faults
-    cost several times the test itself.
-    """
-    flat = array.reshape(-1)
-    mask = np.empty(min(block, flat.size), bool)
-    for i in range(0, flat.size, block):
-        part = flat[i:i + block]
-        if not np.isfinite(part, out=mask[:part.size]).all():
-            return False
-    return True
 
 
 class Buffers:
@@ -201,16 +196,15 @@ class Buffers:
                 self._free[b.nbytes].append(b)
 
 
-def _safetensors_files(ckpt_dir: str) -> list[tuple[SafetensorsFile, list[str]]]:
+def tensor_files(ckpt_dir: str) -> list[SafetensorsFile | BinFile]:
+    """The checkpoint's weight files, each checked to hold every tensor its index lists."""
     files = []
     for path, listed in iter_index(ckpt_dir):
-        if not path.endswith(".safetensors"):
-            raise CheckpointError(f"{path}: streamed conversion reads safetensors only")
-        f = SafetensorsFile(path)
+        f = SafetensorsFile(path) if path.endswith(".safetensors") else BinFile(path)
         for name in listed:
             if name not in f:
                 raise CheckpointError(f"{path}: missing tensor {name!r} (listed in the index)")
-        files.append((f, listed))
+        files.append(f)
     return files
 
 
@@ -220,17 +214,19 @@ def is_safetensors_dir(ckpt_dir: str) -> bool:
 
 def plan_hf_params(ckpt_dir: str, cfg: ModelConfig, dtype: Any = None,
                    check_finite: bool = False) -> dict[str, Any]:
-    """A params tree of :class:`ParamSource` leaves, from the safetensors headers alone (no tensor data read).
+    """A params tree of :class:`ParamSource` leaves, from the file headers alone (no tensor data read; a
+    ``.bin`` shard is memory-mapped).
 
-    Raises the same errors as ``load_hf_params`` for an unexpected, misshaped, non-float, duplicate,
-    out-of-range or missing tensor. A param's dtype is ``dtype``, else that of its first tensor.
+    The one place that checks a checkpoint against its config: an unexpected, misshaped, non-float,
+    duplicate, out-of-range or missing tensor is refused, naming file and tensor, before any data is read.
+    A param's dtype is ``dtype``, else that of its first tensor.
     """
     expected = flatten(param_shapes(cfg))
     parts: dict[tuple[str, ...], list[Part]] = {}
     first_dtype: dict[tuple[str, ...], np.dtype] = {}
     source: dict[tuple[tuple[str, ...], int | None], str] = {}
     tied = None
-    for f, _ in _safetensors_files(ckpt_dir):
+    for f in tensor_files(ckpt_dir):
         path = f.path
         for name in f.keys():
             if hf_map.canonical_name(name) == "lm_head.weight" and cfg.text.tie_word_embeddings:
