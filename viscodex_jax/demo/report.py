@@ -1,127 +1,358 @@
-"""The demo's report: stage timings, loss curves, the three models' scores next to the paper, examples."""
+"""The demo's report: what the toy models did, next to the paper, as a page people would rather look at.
+
+``write_report`` reads the run directory and writes ``report.html`` (one self-contained file, images
+as data URIs) and ``report.md`` (images under ``report_files/``) from the same blocks (``demo.html``).
+Sections whose inputs the run lacks (no ablation, no sweep, a model never evaluated) are left out;
+an input that exists but does not have its expected layout is an error naming the file.
+
+Inputs under the run directory:
+
+    eval/<model>/summary.json, <bench>_items.jsonl   the eval runner's outputs (launch/eval.py layout)
+    train/<run>/metrics.jsonl                         loss curves
+    data/heldout_chartmimic/<folder>/<id>.png         reference charts
+    ablation.json                                     {"benchmark", "rows": [{"model", "n_items", "score",
+                                                       "score_shuffled", "drop"}]}
+    sweep/sweep.png, sweep/sweep.json                 merge.sweep.lambda_sweep's outputs
+    sweep/per_benchmark.json                          {"rows": [{"lam", "chartmimic", "mmcode", "n_chartmimic",
+                                                       "n_mmcode"}], "paper_lam", "scored_model"}
+"""
 
 from __future__ import annotations
 
-import base64
-import html
+import glob
 import json
+import math
 import os
 from typing import Any
 
+from viscodex_jax.demo import html as H
+from viscodex_jax.demo.figures import draw_generation, loss_plot, sweep_plot
+from viscodex_jax.demo.recipe_table import HOW_TO_MAKE, TableError, read_compile_check
 from viscodex_jax.eval.paper import RESULTS
-from viscodex_jax.eval.report import markdown_table
 
 MODELS = {"vlm": "tiny VLM (no SFT)", "vlm_sft": "tiny VLM + SFT (no merge)", "merged_sft": "tiny VisCodex (merge + SFT)"}
+LABELS = {**MODELS, "coder": "tiny coder (text only)"}
 PAPER_ANALOGUE = {"vlm": "Qwen2.5-VL-7B-Instruct", "vlm_sft": "VisCodex-8B, no merge", "merged_sft": "VisCodex-8B"}
 COLUMNS = ("chartmimic", "mmcode")
+TITLE = "VisCodex in miniature"
+N_BEST = N_WORST = 3
 
 
-def _loss_plot(workdir: str, out_png: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from viscodex_jax.train.loop import read_metrics
-
-    names = []
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    for name in ("vlm", "coder", "merged_sft", "vlm_sft"):
-        m = read_metrics(os.path.join(workdir, "train", name))
-        if m:
-            ax.plot([x["step"] for x in m], [x["loss"] for x in m], label=name)
-            names.append(name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("token-mean cross-entropy")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("training loss")
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return names
+def label(key: str) -> str:
+    return LABELS.get(key, key)
 
 
-def _b64(path: str) -> str:
-    with open(path, "rb") as f:
-        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+# ------------------------------------------------------------------------------------------------ inputs
+
+def _load_json(path: str, what: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e}); expected {what}") from None
 
 
-def _examples(workdir: str, files: str, n: int = 3) -> list[dict[str, Any]]:
-    from viscodex_jax.eval.base import extract_code
-    from viscodex_jax.eval.chartmimic.programs import run_chart
+def _require(rec: Any, keys: tuple[str, ...], path: str, what: str) -> None:
+    missing = [k for k in keys if not isinstance(rec, dict) or k not in rec]
+    if missing:
+        raise ValueError(f"{path}: {what} lacks {missing}")
 
-    path = os.path.join(workdir, "eval", "merged_sft", "chartmimic_items.jsonl")
-    cm_root = os.path.join(workdir, "data", "heldout_chartmimic", "direct_demo")
-    out = []
+
+def _items(path: str) -> list[dict[str, Any]]:
+    """A runner's ``<bench>_items.jsonl``, first sample of each item ([] without the file)."""
     if not os.path.isfile(path):
-        return out
+        return []
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f][:n]
-    for r in rows:
-        _, _, png = run_chart(extract_code(r["generation"]), render="chart.png")
-        drawn = None
-        if png:
-            drawn = os.path.join(files, f"{r['id']}_generated.png")
-            with open(drawn, "wb") as g:
-                g.write(png)
-        out.append({"id": r["id"], "image": os.path.join(cm_root, f"{r['id']}.png"), "code": r["generation"],
-                    "drawn": drawn, "score": r["score"]})
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                r = json.loads(line)
+                _require(r, ("id", "score"), f"{path} line {n}", "an item row")
+                if r.get("sample", 0) == 0:
+                    rows.append(r)
+    return rows
+
+
+def _num(v: Any) -> float | None:
+    """A score as a float (JSON writes 50.0 as 50), so every score prints with the same digits."""
+    return None if v is None else float(v)
+
+
+def _eval_models(wd: str) -> dict[str, dict[str, Any]]:
+    """model key -> its eval summary's benchmarks, for every ``eval/<key>/summary.json`` (pipeline order first)."""
+    found = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(wd, "eval", "*", "summary.json")))
+    order = [k for k in LABELS if k in found] + [k for k in found if k not in LABELS]
+    out = {}
+    for k in order:
+        path = os.path.join(wd, "eval", k, "summary.json")
+        s = _load_json(path, "the eval runner's summary")
+        _require(s, ("benchmarks",), path, "an eval summary")
+        out[k] = s["benchmarks"]
     return out
 
 
+def _passes(wd: str, model: str, benches: dict[str, Any]) -> tuple[dict[str, bool], int, int] | None:
+    """MMCode (per-item passed, passes, items) of a model; per-item only when its items file exists."""
+    if "mmcode" not in benches:
+        return None
+    rows = _items(os.path.join(wd, "eval", model, "mmcode_items.jsonl"))
+    if rows:
+        per = {str(r["id"]): bool(r.get("passed", r["score"] > 0)) for r in rows}
+        return per, sum(per.values()), len(per)
+    b = benches["mmcode"]
+    n = int(b.get("n_items", 0))
+    return {}, round(b["score"] * n / 100), n
+
+
+def _model_shape(wd: str) -> str:
+    for m in ("merged_sft", "vlm_sft", "vlm"):
+        path = os.path.join(wd, "models", m, "config.json")
+        if os.path.isfile(path):
+            c = _load_json(path, "an HF config")
+            t, v = c.get("text_config", c), c.get("vision_config", {})
+            return (f"{t.get('num_hidden_layers', '?')} decoder layers of width {t.get('hidden_size', '?')}, "
+                    f"a {v.get('depth', '?')}-layer vision tower")
+    return "tiny models"
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+def _scores_section(evals: dict[str, dict[str, Any]]) -> list[H.Block]:
+    ours = []
+    for k, b in evals.items():
+        cm, mm = b.get("chartmimic", {}), b.get("mmcode", {})
+        ours.append([label(k), PAPER_ANALOGUE.get(k, "-"), cm.get("score"), cm.get("n_items"), mm.get("score"),
+                     mm.get("n_items")])
+    paper = [[f"{k} (paper)", v[2], v[4]] for k, v in RESULTS.items()]
+    return [H.Heading("Scores on held-out items, next to the paper's"),
+            H.Para("ChartMimic: the low-level score (mean of the Text, Layout, Type and Colour F1) on held-out "
+                   "charts; MMCode: pass@1 on held-out programming problems. Our numbers are toy models on "
+                   "generated data; the paper's are 8B-72B models on the real benchmarks. Compare the ordering of "
+                   "the rows, not the values."),
+            H.Row([H.Table(["model (ours)", "paper analogue", "ChartMimic", "charts", "MMCode pass@1", "problems"],
+                           ours, numeric=[False, False, True, True, True, True]),
+                   H.Table(["model (paper)", "ChartMimic", "MMCode pass@1"], paper, numeric=[False, True, True],
+                           caption="Jiang et al., ICLR 2026, main table")])]
+
+
+def _mcnemar_p(a: dict[str, bool], b: dict[str, bool]) -> float | None:
+    """Exact two-sided McNemar test on the items both models were scored on (None without per-item rows)."""
+    common = set(a) & set(b)
+    if not common:
+        return None
+    x = sum(a[i] and not b[i] for i in common)
+    y = sum(b[i] and not a[i] for i in common)
+    n = x + y
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(x, y) + 1)) / 2 ** n)
+
+
+def _transfer_section(wd: str, evals: dict[str, dict[str, Any]]) -> tuple[list[H.Block], dict[str, Any]]:
+    got = {m: _passes(wd, m, evals[m]) for m in ("merged_sft", "vlm_sft", "coder") if m in evals}
+    got = {m: v for m, v in got.items() if v is not None}
+    if "merged_sft" not in got or "vlm_sft" not in got:
+        return [], {}
+    (pm, a, n), (pv, b, nv) = got["merged_sft"], got["vlm_sft"]
+    p = _mcnemar_p(pm, pv)
+    ptxt = f" (exact paired test on the {len(set(pm) & set(pv))} shared problems: p = {p:.2g})" if p is not None else ""
+    counts = (f"merged + SFT passes {a} of {n} held-out problems ({100 * a / max(n, 1):.1f}%), "
+              f"VLM + SFT (no merge) {b} of {nv} ({100 * b / max(nv, 1):.1f}%)")
+    if a > b and p is not None and p < 0.05:
+        verdict, text = "yes", f"Yes: merging transferred coding ability at this scale. {counts}{ptxt}."
+    elif a > b:
+        verdict, text = "not shown", (f"Not shown: {counts}{ptxt}; with this few problems the difference is "
+                                      "within chance, so this run does not show that merging transferred coding "
+                                      "ability.")
+    else:
+        verdict, text = "no", f"No: merging did not transfer coding ability at this scale. {counts}{ptxt}."
+    blocks = [H.Heading("Did merging transfer coding ability?"), H.Para(text, strong=True)]
+    rows = [[label(m), v[1], v[2], 100 * v[1] / max(v[2], 1)] for m, v in got.items()]
+    blocks.append(H.Table(["model", "problems passed", "problems", "MMCode pass@1"], rows))
+    if "coder" in got:
+        c = got["coder"]
+        blocks.append(H.Para(f"The coder alone passes {c[1]} of {c[2]}: that is the coding ability the merge "
+                             "had to transfer."))
+    return blocks, {"verdict": verdict, "merged_sft": [a, n], "vlm_sft": [b, nv], "p_value": p}
+
+
+def _ablation_section(wd: str) -> tuple[list[H.Block], list[dict[str, Any]]]:
+    path = os.path.join(wd, "ablation.json")
+    if not os.path.isfile(path):
+        return [], []
+    rec = _load_json(path, "the image ablation")
+    _require(rec, ("rows",), path, "the image ablation")
+    rows = rec["rows"]
+    for i, r in enumerate(rows):
+        _require(r, ("model", "n_items", "score", "score_shuffled", "drop"), path, f"ablation row {i}")
+    bench = rec.get("benchmark", "chartmimic")
+    blocks = [H.Heading("Does the model look at the image?"),
+              H.Para(f"The held-out {bench} items scored again with each item's image swapped for another item's "
+                     "(the same images, shuffled). A model that reads its image loses points; a model that writes "
+                     "the same chart whatever it sees does not.")]
+    for r in rows:
+        blocks.append(H.Para(f"{label(r['model'])}: shuffling the images {'drops' if r['drop'] > 0 else 'changes'} "
+                             f"its score by {r['drop']:.1f} points ({r['score']:.1f} -> {r['score_shuffled']:.1f} "
+                             f"on {r['n_items']} items).", strong=True))
+    blocks.append(H.Table(["model", "items", "score", "score, images shuffled", "drop"],
+                          [[label(r["model"]), r["n_items"], _num(r["score"]), _num(r["score_shuffled"]),
+                            _num(r["drop"])] for r in rows]))
+    return blocks, rows
+
+
+def _sweep_section(wd: str, files: str) -> list[H.Block]:
+    d = os.path.join(wd, "sweep")
+    if not os.path.isdir(d):
+        return []
+    blocks: list[H.Block] = [H.Heading("Merge weight sweep"),
+                             H.Para("merged = base + lam * (VLM - base) + (1 - lam) * (coder - base), vision tower "
+                                    "from the VLM: lam = 1 is the VLM alone, lam = 0 puts the coder's task vector "
+                                    "in its place.")]
+    per = os.path.join(d, "per_benchmark.json")
+    if os.path.isfile(per):
+        rec = _load_json(per, "the sweep's per-benchmark scores")
+        _require(rec, ("rows",), per, "the sweep's per-benchmark scores")
+        rows = sorted(rec["rows"], key=lambda r: r.get("lam", 0))
+        for i, r in enumerate(rows):
+            _require(r, ("lam", "chartmimic", "mmcode"), per, f"sweep row {i}")
+        paper_lam = rec.get("paper_lam")
+        png = os.path.join(files, "sweep_benchmarks.png")
+        sweep_plot(rows, paper_lam, png)
+        if rec.get("scored_model"):
+            blocks.append(H.Para(f"Scored model at each lam: {rec['scored_model']}."))
+        blocks.append(H.Image(png, "ChartMimic and MMCode against lam"))
+        mark = lambda lam: f"{lam:g} (paper)" if paper_lam is not None and lam == paper_lam else f"{lam:g}"  # noqa: E731
+        blocks.append(H.Table(["lam", "ChartMimic", "charts", "MMCode pass@1", "problems"],
+                              [[mark(r["lam"]), _num(r["chartmimic"]), r.get("n_chartmimic"), _num(r["mmcode"]),
+                                r.get("n_mmcode")]
+                               for r in rows], numeric=[False, True, True, True, True]))
+    summ = os.path.join(d, "sweep.json")
+    if os.path.isfile(summ):
+        s = _load_json(summ, "lambda_sweep's sweep.json")
+        _require(s, ("best_lam", "metric"), summ, "lambda_sweep's sweep.json")
+        blocks.append(H.Para(f"The sweep command (merge.sweep.lambda_sweep) picks lam = {s['best_lam']:g} by "
+                             f"{s['metric']}{' (higher is better)' if s.get('higher_is_better') else ' (lower is better)'}."))
+    if os.path.isfile(os.path.join(d, "sweep.png")):
+        blocks.append(H.Image(os.path.join(d, "sweep.png"), "the sweep command's plot"))
+    return blocks if len(blocks) > 2 else []
+
+
+def _reference_png(wd: str, item_id: str) -> str | None:
+    hits = sorted(glob.glob(os.path.join(wd, "data", "heldout_chartmimic", "*", f"{glob.escape(item_id)}.png")))
+    return hits[0] if hits else None
+
+
+def _examples(wd: str, files: str) -> tuple[list[H.Block], list[str]]:
+    """Best and worst held-out charts of merged + SFT (else the first model with ChartMimic items), with what
+    its code and the no-merge model's code draw."""
+    models = [m for m in ("merged_sft", "vlm_sft", "vlm") if os.path.isfile(
+        os.path.join(wd, "eval", m, "chartmimic_items.jsonl"))]
+    if not models:
+        return [], []
+    shown = models[:2]
+    items = {m: {str(r["id"]): r for r in _items(os.path.join(wd, "eval", m, "chartmimic_items.jsonl"))} for m in shown}
+    ranked = sorted(items[shown[0]].values(), key=lambda r: (-r["score"], str(r["id"])))
+    pick = ranked[:N_BEST] + [r for r in ranked[max(N_BEST, len(ranked) - N_WORST):]]
+    blocks: list[H.Block] = [
+        H.Heading(f"Held-out charts: the best and worst of {label(shown[0])}"),
+        H.Para(f"Up to {N_BEST} best and {N_WORST} worst of the {len(ranked)} held-out charts by {label(shown[0])}'s "
+               "score. Each row: the reference chart, then what each model's answer draws when run as the scorer "
+               "runs it (in the sandbox), with its ChartMimic score. The answers are under 'code'.")]
+    for rank, r in enumerate(pick):
+        rid = str(r["id"])
+        ref = _reference_png(wd, rid)
+        tiles = [H.Tile("reference", ref, "reference image not found")]
+        code = []
+        for m in shown:
+            row = items[m].get(rid)
+            if row is None:
+                continue
+            out = os.path.join(files, f"{m}_{rid}.png")
+            why = draw_generation(row.get("generation", ""), out)
+            tiles.append(H.Tile(f"{label(m)}: {row['score']:.1f}", None if why else out, why))
+            code.append((f"code: {label(m)}", row.get("generation", "")))
+        kind = "best" if rank < N_BEST else "worst"
+        blocks.append(H.SideBySide(f"{rid} ({kind})", tiles, code))
+    return blocks, [str(r["id"]) for r in pick]
+
+
+def _timing_section(seconds: dict[str, float], parity: dict[str, Any]) -> list[H.Block]:
+    total = sum(seconds.values()) or 1.0
+    rows = [[k, v, 100 * v / total] for k, v in seconds.items()] + [["total", total, 100.0]]
+    blocks: list[H.Block] = [H.Heading("Pipeline"),
+                             H.Table(["stage", "seconds", "% of the run"], rows)]
+    if parity:
+        diff = parity.get("max_abs_logit_diff")
+        prows = [["max |logit difference|, our Flax forward vs transformers (fp32, chat prompt with an image)",
+                  "-" if diff is None else f"{diff:.2e}"],
+                 ["HF -> orbax -> HF round trip bit-identical", H.fmt(parity.get("roundtrip_bit_identical"))]]
+        if "prompt_tokens" in parity:
+            prows.append(["prompt tokens", str(parity["prompt_tokens"])])
+        for k, name in (("top5_ours", "next-token top 5, ours"), ("top5_transformers", "next-token top 5, transformers")):
+            if k in parity:
+                prows.append([name, " ".join(repr(t) for t in parity[k])])
+        blocks += [H.Heading("Parity with transformers", 3), H.Table(["check", "result"], prows)]
+    return blocks
+
+
+def _recipe_section() -> tuple[list[H.Block], int]:
+    blocks: list[H.Block] = [H.Heading("What the real recipe needs")]
+    try:
+        t = read_compile_check()
+    except (FileNotFoundError, TableError) as e:
+        blocks.append(H.Para(f"No committed compile_check table could be read ({e}). It is made by {HOW_TO_MAKE}."))
+        return blocks, 0
+    blocks.append(H.Para(f"The 8B and 33B presets' SFT step on TPU slices, as committed in {t['source']} "
+                         "(section compile_check): " + t["note"].replace("`", "")))
+    numeric = [False, False, False, True, True, True, True, False, True, True, False]
+    blocks.append(H.Table(t["header"], t["rows"], numeric=numeric[:len(t["header"])]))
+    return blocks, len(t["rows"])
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[list[str]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append([f"{prefix}{k}", json.dumps(v) if not isinstance(v, str) else v])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
 def write_report(workdir: str, seconds: dict[str, float], parity: dict[str, Any], config: dict[str, Any]):
-    files = os.path.join(workdir, "report_files")
+    """Writes ``<workdir>/report.html`` and ``report.md``; returns what they show (JSON-serialisable)."""
+    wd = workdir
+    files = os.path.join(wd, "report_files")
     os.makedirs(files, exist_ok=True)
-    scores: dict[str, dict[str, float]] = {}
-    for m in MODELS:
-        with open(os.path.join(workdir, "eval", m, "summary.json")) as f:
-            b = json.load(f)["benchmarks"]
-        scores[m] = {c: b[c]["score"] for c in COLUMNS if c in b}
+    evals = _eval_models(wd)
+    scores = {k: {c: b[c]["score"] for c in COLUMNS if c in b} for k, b in evals.items()}
+
+    transfer, verdict = _transfer_section(wd, evals)
+    ablation, ablation_rows = _ablation_section(wd)
+    sweep = _sweep_section(wd, files)
+    examples, example_ids = _examples(wd, files)
     loss_png = os.path.join(files, "loss.png")
-    curves = _loss_plot(workdir, loss_png)
-    examples = _examples(workdir, files)
+    curves = loss_plot(wd, loss_png)
+    recipe, n_recipe = _recipe_section()
 
-    ours = {f"{MODELS[m]} ~ {PAPER_ANALOGUE[m]}": scores[m] for m in MODELS}
-    paper = {f"{k} (paper)": {"chartmimic": v[2], "mmcode": v[4]} for k, v in RESULTS.items()
-             if k in PAPER_ANALOGUE.values()}
-    table = markdown_table({**ours, **paper}, columns=COLUMNS)
-    timing = "\n".join(["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in seconds.items()])
-    md = ["# VisCodex in miniature", "",
-          "Tiny models (2 layers, hidden 64, 4-layer vision tower) on generated data, CPU. The numbers say what "
-          "these toy models did; they are not the paper's models and are not tuned to make the merge win.", "",
-          "## Scores on held-out items", "", table, "",
-          "ChartMimic: low-level score (mean of Text, Layout, Type, Color F1) on held-out charts; MMCode: pass@1 "
-          "on held-out programming problems (new statements of task families seen in training).", "",
-          "## Pipeline", "", timing, "",
-          f"Parity (fp32, our Flax forward vs transformers, chat prompt with an image): max |logit diff| "
-          f"{parity['max_abs_logit_diff']:.2e}; HF -> orbax -> HF round trip bit-identical: "
-          f"{parity['roundtrip_bit_identical']}.", "",
-          "## Training loss", "", "![loss](report_files/loss.png)", "",
-          "## Held-out charts: reference, generated code (merged + SFT), and what that code draws", ""]
-    for e in examples:
-        md += [f"### {e['id']} (score {e['score']:.1f})", "", f"![reference]({os.path.relpath(e['image'], workdir)})",
-               "", "```python", e["code"].strip(), "```", ""]
-        md += [f"![generated]({os.path.relpath(e['drawn'], workdir)})" if e["drawn"] else "(the code drew nothing)", ""]
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    blocks: list[H.Block] = [H.Para(
+        f"The whole VisCodex recipe (merge a VLM with a coder, then fine-tune on visual coding) on {_model_shape(wd)}, "
+        "trained on generated data on CPU. The numbers say what these toy models did; they are not the paper's "
+        "models and nothing is tuned to make the merge win.")]
+    if evals:
+        blocks += _scores_section(evals)
+    blocks += transfer + ablation + sweep + examples
+    if curves:
+        blocks += [H.Heading("Training loss"), H.Image(loss_png, "training loss")]
+    blocks += _timing_section(seconds, parity) + recipe
+    if config:
+        blocks.append(H.Details("Settings of this run", [H.Table(["setting", "value"], _flatten(dict(config)))]))
 
-    h = ["<html><head><meta charset='utf-8'><title>VisCodex in miniature</title><style>body{font-family:sans-serif;"
-         "max-width:1000px} pre{background:#f6f6f6;padding:6px;overflow:auto} td{vertical-align:top;padding:6px}"
-         "</style></head><body><h1>VisCodex in miniature</h1>",
-         "<p>Tiny models on generated data (CPU). Honest toy numbers, next to the paper's.</p>",
-         "<h2>Scores</h2><pre>" + html.escape(table) + "</pre>",
-         "<h2>Pipeline</h2><pre>" + html.escape(timing) + "</pre>",
-         f"<p>Parity max |logit diff| {parity['max_abs_logit_diff']:.2e}; round trip bit-identical "
-         f"{parity['roundtrip_bit_identical']}.</p>",
-         f"<h2>Training loss</h2><img src='{_b64(loss_png)}'>", "<h2>Held-out charts</h2><table>"]
-    for e in examples:
-        drawn = f"<img src='{_b64(e['drawn'])}' width=224>" if e["drawn"] else "(nothing drawn)"
-        h.append(f"<tr><td><b>{html.escape(e['id'])}</b><br>score {e['score']:.1f}<br>"
-                 f"<img src='{_b64(e['image'])}' width=224></td><td><pre>{html.escape(e['code'])}</pre></td>"
-                 f"<td>{drawn}</td></tr>")
-    h.append("</table></body></html>")
-    with open(os.path.join(workdir, "report.html"), "w") as f:
-        f.write("\n".join(h))
+    H.write_atomic(os.path.join(wd, "report.md"), H.to_markdown(TITLE, blocks, wd))
+    H.write_atomic(os.path.join(wd, "report.html"), H.to_html(TITLE, blocks))
+    sections = [b.text for b in blocks if isinstance(b, H.Heading)]
     return {"scores": scores, "stage_seconds": seconds, "parity": parity, "loss_curves": curves,
-            "examples": [e["id"] for e in examples]}
+            "examples": example_ids, "merge_transfer": verdict, "ablation": ablation_rows,
+            "recipe_rows": n_recipe, "sections": sections}
