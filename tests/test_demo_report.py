@@ -130,7 +130,8 @@ def run_dir(tmp_path_factory):
     with open(os.path.join(wd, "ablation.json"), "w") as f:
         json.dump({"benchmark": "chartmimic", "rows": [
             {"model": "vlm_sft", "n_items": 4, "score": 55.0, "score_shuffled": 15.0, "drop": 40.0},
-            {"model": "merged_sft", "n_items": 4, "score": 50.0, "score_shuffled": 45.5, "drop": 4.5}]}, f)
+            {"model": "merged_sft", "n_items": 4, "score": 50.0, "score_shuffled": 45.5, "drop": 4.5},
+            {"model": "vlm", "n_items": 4, "score": 10, "score_shuffled": 12, "drop": -2}]}, f)
     os.makedirs(os.path.join(wd, "sweep"))
     _png(os.path.join(wd, "sweep", "sweep.png"), "sweep")  # stands for merge.sweep.lambda_sweep's plot
     with open(os.path.join(wd, "sweep", "sweep.json"), "w") as f:
@@ -231,9 +232,14 @@ def test_report_in_browser(run_dir, browser):
     assert summary["merge_transfer"]["merged_sft"] == [3, 4] and summary["merge_transfer"]["vlm_sft"] == [1, 4]
     assert "Not shown: merged + SFT passes 3 of 4 held-out problems (75.0%), VLM + SFT (no merge) 1 of 4" in info["text"]
     assert "The coder alone passes 4 of 4" in info["text"]
+    assert ("In the sweep (merged, before SFT), MMCode pass@1 is 0.0 at lam = 1 (the VLM alone), 50.0 at best "
+            "(lam = 0), 15.0 at the paper's lam = 0.7, on 4 problems.") in info["text"]
 
     assert "tiny VLM + SFT (no merge): shuffling the images drops its score by 40.0 points (55.0 -> 15.0 on 4 items)" \
         in info["text"]
+    assert ("tiny VLM (no SFT): shuffling the images does not lower its score (10.0 -> 12.0 on 4 items): no sign that "
+            "it uses the image.") in info["text"]
+    assert _table(info, "model", "items")["rows"][2] == ["tiny VLM (no SFT)", "4", "10.0", "12.0", "-2.0"]
     assert _table(info, "model", "problems passed")["rows"][0][:2] == ["tiny VisCodex (merge + SFT)", "3"]
     sweep = _table(info, "lam")
     assert [r[0] for r in sweep["rows"]] == ["0", "0.3", "0.5", "0.7 (paper)", "0.85", "1"]
@@ -262,15 +268,18 @@ def test_report_without_optional_inputs(run_dir, browser, tmp_path):
     still whole; an empty run directory still gives a page (pipeline and recipe sections only)."""
     src, _ = run_dir
     wd = str(tmp_path / "run")
-    for rel in ("eval/merged_sft", "eval/vlm", "data"):
+    for rel in ("eval/vlm", "eval/coder", "data"):  # vlm's answers have no code: nothing to draw
         shutil.copytree(os.path.join(src, rel), os.path.join(wd, rel))
     summary = write_report(wd, SECONDS, {}, {})
     info = _open(browser, wd)
     _check_page(info)
     assert info["h2"] == ["Scores on held-out items, next to the paper's",
-                          "Held-out charts: the best and worst of tiny VisCodex (merge + SFT)", "Pipeline",
+                          "Held-out charts: the best and worst of tiny VLM (no SFT)", "Pipeline",
                           "What the real recipe needs"]
     assert summary["merge_transfer"] == {} and summary["ablation"] == [] and summary["loss_curves"] == []
+    assert [im["alt"] for im in info["images"]] == ["reference"] * 4  # the answers drew nothing: notes instead
+    assert info["text"].count("no ```python block (scored 0)") == 4
+    assert [r[0] for r in _table(info, "model (ours)")["rows"]] == ["tiny VLM (no SFT)", "tiny coder (text only)"]
     assert not os.path.exists(os.path.join(wd, "report_files", "loss.png"))
 
     empty = str(tmp_path / "empty")

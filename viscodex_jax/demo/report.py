@@ -19,10 +19,12 @@ Inputs under the run directory:
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import json
 import math
 import os
+import re
 from typing import Any
 
 from viscodex_jax.demo import html as H
@@ -148,7 +150,22 @@ def _mcnemar_p(a: dict[str, bool], b: dict[str, bool]) -> float | None:
     return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(x, y) + 1)) / 2 ** n)
 
 
-def _transfer_section(wd: str, evals: dict[str, dict[str, Any]]) -> tuple[list[H.Block], dict[str, Any]]:
+def _sweep_sentence(rec: dict[str, Any]) -> str:
+    """MMCode along the sweep: the VLM alone (lam = 1) against the best lam and the paper's."""
+    rows = {r["lam"]: r for r in rec["rows"]}
+    best = max(rec["rows"], key=lambda r: (r["mmcode"], -r["lam"]))
+    parts = [f"In the sweep ({rec.get('scored_model') or 'merged model'}), MMCode pass@1 is "
+             + (f"{float(rows[1]['mmcode']):.1f} at lam = 1 (the VLM alone), " if 1 in rows else "")
+             + f"{float(best['mmcode']):.1f} at best (lam = {best['lam']:g})"]
+    paper = rec.get("paper_lam")
+    if paper in rows:
+        parts.append(f"{float(rows[paper]['mmcode']):.1f} at the paper's lam = {paper:g}")
+    n = rec["rows"][0].get("n_mmcode")
+    return ", ".join(parts) + (f", on {n} problems." if n else ".")
+
+
+def _transfer_section(wd: str, evals: dict[str, dict[str, Any]],
+                      sweep: dict[str, Any] | None) -> tuple[list[H.Block], dict[str, Any]]:
     got = {m: _passes(wd, m, evals[m]) for m in ("merged_sft", "vlm_sft", "coder") if m in evals}
     got = {m: v for m, v in got.items() if v is not None}
     if "merged_sft" not in got or "vlm_sft" not in got:
@@ -173,6 +190,8 @@ def _transfer_section(wd: str, evals: dict[str, dict[str, Any]]) -> tuple[list[H
         c = got["coder"]
         blocks.append(H.Para(f"The coder alone passes {c[1]} of {c[2]}: that is the coding ability the merge "
                              "had to transfer."))
+    if sweep is not None:
+        blocks.append(H.Para(_sweep_sentence(sweep)))
     return blocks, {"verdict": verdict, "merged_sft": [a, n], "vlm_sft": [b, nv], "p_value": p}
 
 
@@ -191,16 +210,29 @@ def _ablation_section(wd: str) -> tuple[list[H.Block], list[dict[str, Any]]]:
                      "(the same images, shuffled). A model that reads its image loses points; a model that writes "
                      "the same chart whatever it sees does not.")]
     for r in rows:
-        blocks.append(H.Para(f"{label(r['model'])}: shuffling the images {'drops' if r['drop'] > 0 else 'changes'} "
-                             f"its score by {r['drop']:.1f} points ({r['score']:.1f} -> {r['score_shuffled']:.1f} "
-                             f"on {r['n_items']} items).", strong=True))
+        change = f"drops its score by {r['drop']:.1f} points" if r["drop"] > 0 else "does not lower its score"
+        tail = "" if r["drop"] > 0 else ": no sign that it uses the image"
+        blocks.append(H.Para(f"{label(r['model'])}: shuffling the images {change} ({float(r['score']):.1f} -> "
+                             f"{float(r['score_shuffled']):.1f} on {r['n_items']} items){tail}.", strong=True))
     blocks.append(H.Table(["model", "items", "score", "score, images shuffled", "drop"],
                           [[label(r["model"]), r["n_items"], _num(r["score"]), _num(r["score_shuffled"]),
                             _num(r["drop"])] for r in rows]))
     return blocks, rows
 
 
-def _sweep_section(wd: str, files: str) -> list[H.Block]:
+def _sweep_scores(wd: str) -> dict[str, Any] | None:
+    """``sweep/per_benchmark.json`` with its rows sorted by lam (None without the file)."""
+    per = os.path.join(wd, "sweep", "per_benchmark.json")
+    if not os.path.isfile(per):
+        return None
+    rec = _load_json(per, "the sweep's per-benchmark scores")
+    _require(rec, ("rows",), per, "the sweep's per-benchmark scores")
+    for i, r in enumerate(rec["rows"]):
+        _require(r, ("lam", "chartmimic", "mmcode"), per, f"sweep row {i}")
+    return {**rec, "rows": sorted(rec["rows"], key=lambda r: r["lam"])}
+
+
+def _sweep_section(wd: str, files: str, rec: dict[str, Any] | None) -> list[H.Block]:
     d = os.path.join(wd, "sweep")
     if not os.path.isdir(d):
         return []
@@ -208,14 +240,8 @@ def _sweep_section(wd: str, files: str) -> list[H.Block]:
                              H.Para("merged = base + lam * (VLM - base) + (1 - lam) * (coder - base), vision tower "
                                     "from the VLM: lam = 1 is the VLM alone, lam = 0 puts the coder's task vector "
                                     "in its place.")]
-    per = os.path.join(d, "per_benchmark.json")
-    if os.path.isfile(per):
-        rec = _load_json(per, "the sweep's per-benchmark scores")
-        _require(rec, ("rows",), per, "the sweep's per-benchmark scores")
-        rows = sorted(rec["rows"], key=lambda r: r.get("lam", 0))
-        for i, r in enumerate(rows):
-            _require(r, ("lam", "chartmimic", "mmcode"), per, f"sweep row {i}")
-        paper_lam = rec.get("paper_lam")
+    if rec is not None:
+        rows, paper_lam = rec["rows"], rec.get("paper_lam")
         png = os.path.join(files, "sweep_benchmarks.png")
         sweep_plot(rows, paper_lam, png)
         if rec.get("scored_model"):
@@ -257,22 +283,24 @@ def _examples(wd: str, files: str) -> tuple[list[H.Block], list[str]]:
         H.Heading(f"Held-out charts: the best and worst of {label(shown[0])}"),
         H.Para(f"Up to {N_BEST} best and {N_WORST} worst of the {len(ranked)} held-out charts by {label(shown[0])}'s "
                "score. Each row: the reference chart, then what each model's answer draws when run as the scorer "
-               "runs it (in the sandbox), with its ChartMimic score. The answers are under 'code'.")]
+               "runs it (in the sandbox, tick labels cleared as the scorer's text metric does), with its ChartMimic "
+               "score. The answers are under 'code'.")]
+    jobs = [(str(r["id"]), m, items[m][str(r["id"])]) for r in pick for m in shown if str(r["id"]) in items[m]]
+    outs = [os.path.join(files, re.sub(r"[^A-Za-z0-9_.-]", "_", f"{m}_{rid}") + ".png") for rid, m, _ in jobs]
+    # each drawing is one sandbox process: a few at a time
+    with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        whys = list(pool.map(lambda j: draw_generation(j[0][2].get("generation", ""), j[1]), zip(jobs, outs)))
+    drawn = {(rid, m): (row, out, why) for (rid, m, row), out, why in zip(jobs, outs, whys)}
     for rank, r in enumerate(pick):
         rid = str(r["id"])
-        ref = _reference_png(wd, rid)
-        tiles = [H.Tile("reference", ref, "reference image not found")]
+        tiles = [H.Tile("reference", _reference_png(wd, rid), "reference image not found")]
         code = []
         for m in shown:
-            row = items[m].get(rid)
-            if row is None:
-                continue
-            out = os.path.join(files, f"{m}_{rid}.png")
-            why = draw_generation(row.get("generation", ""), out)
-            tiles.append(H.Tile(f"{label(m)}: {row['score']:.1f}", None if why else out, why))
-            code.append((f"code: {label(m)}", row.get("generation", "")))
-        kind = "best" if rank < N_BEST else "worst"
-        blocks.append(H.SideBySide(f"{rid} ({kind})", tiles, code))
+            if (rid, m) in drawn:
+                row, out, why = drawn[(rid, m)]
+                tiles.append(H.Tile(f"{label(m)}: {row['score']:.1f}", None if why else out, why))
+                code.append((f"code: {label(m)}", row.get("generation", "")))
+        blocks.append(H.SideBySide(f"{rid} ({'best' if rank < N_BEST else 'worst'})", tiles, code))
     return blocks, [str(r["id"]) for r in pick]
 
 
@@ -329,9 +357,10 @@ def write_report(workdir: str, seconds: dict[str, float], parity: dict[str, Any]
     evals = _eval_models(wd)
     scores = {k: {c: b[c]["score"] for c in COLUMNS if c in b} for k, b in evals.items()}
 
-    transfer, verdict = _transfer_section(wd, evals)
+    sweep_scores = _sweep_scores(wd)
+    transfer, verdict = _transfer_section(wd, evals, sweep_scores)
     ablation, ablation_rows = _ablation_section(wd)
-    sweep = _sweep_section(wd, files)
+    sweep = _sweep_section(wd, files, sweep_scores)
     examples, example_ids = _examples(wd, files)
     loss_png = os.path.join(files, "loss.png")
     curves = loss_plot(wd, loss_png)
