@@ -53,23 +53,27 @@ def _never(spec) -> bool:
 class Sparsify:
     """Which entries of each task vector survive.
 
-    ``keep(d, thresholds, key, spec)`` is traced inside the jitted merge: ``d`` is
+    ``keep(d, thresholds, draw, spec)`` is traced inside the jitted merge: ``d`` is
     the float32 task vectors [n_models, ...] (a row chunk of the tensor when it is
-    big), ``thresholds`` float32 [n_models, len(ranks)], ``key`` this tensor's
-    PRNG key. It returns ``(sparsified d, boolean keep mask)``, or None when the
+    big), ``thresholds`` float32 [n_models, len(ranks)], ``draw(d)`` this tensor's
+    random keep mask (bool, d's shape; see ``keyed_draw``: the streamed merge draws it
+    from the tensor's PRNG key, the on-device merge hands in the same bits drawn in
+    HF layout). It returns ``(sparsified d, boolean keep mask)``, or None when the
     spec makes it a no-op (the exact weighted-sum path is then used).
 
-    ``ranks(spec, numel)``: 1-based ranks k; per model the host finds the
-    magnitude of the k-th largest ``|d|`` entry of the whole tensor (0 -> +inf),
-    so row chunks see the thresholds of the whole tensor.
+    ``ranks(spec, numel)``: 1-based ranks k; per model the magnitude of the k-th
+    largest ``|d|`` entry of the whole tensor (0 -> +inf) is found first (on the
+    host by ``kth_largest_magnitudes``, on device by ``kth_largest_magnitudes_on_device``:
+    the same float32 value), so row chunks see the thresholds of the whole tensor.
 
     ``needs_totals(spec)``: True when ``keep`` needs sums over the whole tensor. For a tensor cut into row
-    chunks the host first runs ``totals(d, key, spec)`` (float32 [n_models, k]) on every chunk, adds them up
+    chunks the host first runs ``totals(d, draw, spec)`` (float32 [n_models, k]) on every chunk, adds them up
     in float64 and hands ``from_totals(sums)`` to ``keep`` as ``thresholds``; a whole tensor gets an empty
     ``thresholds`` and ``keep`` sums itself. Memory stays one chunk's either way.
 
-    ``keyed``: ``keep`` draws from ``key``, so its result depends on how a tensor is cut into chunks
-    (each chunk has its own key); such methods keep the coarse chunking (``tensor.CHUNK_ELEMENTS``).
+    ``keyed``: ``keep`` calls ``draw`` (a mask from the tensor's PRNG key), so its result depends on how a
+    tensor is cut into chunks (each chunk has its own key); such methods keep the coarse chunking
+    (``tensor.CHUNK_ELEMENTS``).
     """
 
     keep: Callable[..., Any]
@@ -84,21 +88,27 @@ def _topk_ranks(spec, numel: int) -> tuple[int, ...]:
     return (max(1, int(np.ceil(spec.density * numel))),) if spec.density < 1.0 else ()
 
 
-def topk(d, thresholds, key, spec):
+def topk(d, thresholds, draw, spec):
     """TIES trim: keep each task vector's ``density`` fraction of largest magnitudes (ties at the cut kept)."""
-    del key
+    del draw
     if spec.density >= 1.0:
         return None
     keep = jnp.abs(d) >= _per_model(thresholds[:, 0], d)
     return jnp.where(keep, d, 0.0), keep
 
 
-def _dare_mask(d, key, spec):
-    keys = jax.random.split(key, d.shape[0])
-    return jax.vmap(lambda k: jax.random.bernoulli(k, spec.density, d.shape[1:]))(keys)
+def dare_mask(key, n: int, shape, spec):
+    """DARE's keep mask [n, *shape] for one tensor (or row chunk) with PRNG key ``key``."""
+    keys = jax.random.split(key, n)
+    return jax.vmap(lambda k: jax.random.bernoulli(k, spec.density, tuple(shape)))(keys)
 
 
-def dare(d, thresholds, key, spec):
+def keyed_draw(key, spec) -> Callable[[jax.Array], jax.Array]:
+    """``draw`` for a tensor drawn as it is laid out in ``d`` (the streamed merge: HF layout)."""
+    return lambda d: dare_mask(key, d.shape[0], d.shape[1:], spec)
+
+
+def dare(d, thresholds, draw, spec):
     """DARE: keep each entry with probability ``density`` (mask keyed by seed and tensor), then rescale.
 
     For ``l1`` on a row-chunked tensor, ``thresholds[:, 0]`` is each model's whole-tensor ratio
@@ -106,7 +116,7 @@ def dare(d, thresholds, key, spec):
     """
     if spec.density >= 1.0:
         return None
-    keep = _dare_mask(d, key, spec)
+    keep = draw(d)
     dropped = jnp.where(keep, d, 0.0)
     if spec.dare_rescale == "inverse_p":
         return dropped / spec.density, keep
@@ -122,10 +132,10 @@ def _dare_l1_is_per_tensor(spec) -> bool:
     return spec.dare_rescale == "l1" and spec.density < 1.0
 
 
-def dare_l1_totals(d, key, spec):
+def dare_l1_totals(d, draw, spec):
     """One chunk's L1 norm of each task vector and of its kept entries: float32 [n, 2]."""
     mag = jnp.abs(d)
-    keep = _dare_mask(d, key, spec)
+    keep = draw(d)
     axes = tuple(range(1, d.ndim))
     return jnp.stack([jnp.sum(mag, axis=axes), jnp.sum(jnp.where(keep, mag, 0.0), axis=axes)], axis=1)
 
@@ -142,11 +152,11 @@ def _band_ranks(spec, numel: int) -> tuple[int, ...]:
     return (top, numel - bottom)
 
 
-def breadcrumbs(d, thresholds, key, spec):
+def breadcrumbs(d, thresholds, draw, spec):
     """Model Breadcrumbs: drop each task vector's ``drop_largest`` fraction of largest magnitudes (outliers)
     and ``drop_smallest`` fraction of smallest (noise), counted per tensor and rounded to whole entries
     (ties at a cut are kept). The survivors are not rescaled, as in the paper."""
-    del key
+    del draw
     if spec.drop_largest == 0.0 and spec.drop_smallest == 0.0:
         return None
     mag = jnp.abs(d)
@@ -198,3 +208,33 @@ def kth_largest_magnitudes(base: Any, thetas: Sequence[Any], ranks: Sequence[int
         for j, k in enumerate(ranks):
             out[i, j] = np.inf if k < 1 else -np.inf if k > mag.size else mag[mag.size - k]
     return out
+
+
+def _kth_largest_bits(bits: jax.Array, k: int) -> jax.Array:
+    """The k-th largest (1-based) of non-negative float32 values given as their uint32 bit patterns.
+
+    Their order is the order of the patterns, so the answer is built bit by bit from the top: keep a bit
+    when at least k values are >= the prefix with it set. 31 counting passes (the sign bit is 0), each a
+    compare and a sum that XLA splits over the shards; exact, so equal to numpy's selection on the host.
+    """
+    def step(i, prefix):
+        cand = prefix | jnp.left_shift(jnp.uint32(1), (30 - i).astype(jnp.uint32))
+        return jnp.where(jnp.sum(bits >= cand, dtype=jnp.int32) >= k, cand, prefix)
+
+    return jax.lax.bitcast_convert_type(jax.lax.fori_loop(0, 31, step, jnp.uint32(0)), jnp.float32)
+
+
+def kth_largest_magnitudes_on_device(base: jax.Array, thetas: Sequence[jax.Array],
+                                     ranks: Sequence[int]) -> jax.Array:
+    """``kth_largest_magnitudes`` traced (inside a jit, on sharded arrays): float32 [n, len(ranks)], bit-identical.
+
+    The magnitudes are the same float32 ``|theta - base|`` the host computes; the selection is exact.
+    """
+    base32 = base.astype(jnp.float32)
+    size = int(np.prod(base.shape))
+    rows = []
+    for t in thetas:
+        bits = jax.lax.bitcast_convert_type(jnp.abs(t.astype(jnp.float32) - base32), jnp.uint32)
+        rows.append(jnp.stack([jnp.float32(np.inf) if k < 1 else jnp.float32(-np.inf) if k > size
+                               else _kth_largest_bits(bits, k) for k in ranks]))
+    return jnp.stack(rows)

@@ -1,22 +1,22 @@
-"""The lam sweep: load base, VLM and coder once, merge in memory per lam, score, keep the best.
+"""The lam sweep: load base, VLM and coder once, sharded on the mesh; merge on device per lam, score, keep the best.
 
     lambda_sweep(c)  ->  <out_dir>/sweep.json, sweep.md (table), sweep.png (score against lam),
                          <out_dir>/lam_<best>/ (HF checkpoint; every lam's with --config.write_all)
 
-Each lam's merge is ``merge_params`` on the loaded params (the same per-tensor jitted
-function as the streamed merge, so the params scored are bit for bit the checkpoint
-that would be written). Scores: ``heldout`` (mean next-token NLL on held-out texts,
-lower is better) or ``mmcode`` (MMCode pass@1 through the eval runner with an
-in-memory generate function, higher is better; the paper picked lam = 0.7 from
-{0.7, 0.8, 0.85, 0.9} this way). The checkpoints are written at the end by the
-streamed merge, which reads the inputs again instead of holding a second merged copy.
+The three models are read once, each tensor straight into its shards (``checkpoint.sharded``). Each lam's
+merge is one jitted program on the mesh (``merge.on_device``): the streamed merge's per-tensor function with
+in/out shardings the params' own, so the params scored are bit for bit the checkpoint that would be
+written, and no device holds a replica it does not serve. Task arithmetic, TIES (thresholds by an exact
+selection on device) and DARE (masks drawn on device) all run there. Scores: ``heldout`` (mean next-token
+NLL on held-out texts, lower is better) or ``mmcode`` (MMCode pass@1 through the eval runner with an
+in-memory generate function, higher is better; the paper picked lam = 0.7 from {0.7, 0.8, 0.85, 0.9} this
+way). The checkpoints are written at the end by the streamed merge, after the device copies are dropped.
 
-Memory: the three models as stored plus one merged copy on the host, and the merged
-copy again on the device(s) while it is scored; printed from the checkpoint headers
-before anything is loaded. With ``--config.mesh`` (data,fsdp,tensor, e.g. 1,8,1) the
-merged params are placed by the training rules and generation runs sharded, so each
-device holds its shard of the merged copy only (the merge itself runs tensor by
-tensor on the default device).
+Memory: printed from the checkpoint headers and the shardings before anything is loaded: per device, its
+shards of the three models plus of one merged copy (the merged tensors; the copied vision tower is the
+VLM's own arrays), the largest over the devices. ``--config.mesh`` (data,fsdp,tensor, e.g. 1,8,1) places
+everything by the training rules and generation runs sharded; without it all of it is on one device.
+The merge program's temporaries come on top: ``launch/compile_check.py --programs=sweep_merge`` reports them.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 
 from viscodex_jax.checkpoint import hf_map
 from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, iter_index
-from viscodex_jax.merge.drivers import merge_params
+from viscodex_jax.merge.on_device import MeshMerge, default_mesh
 from viscodex_jax.merge.recipe import check_outputs, check_vlm, require_dirs, run_merge, spec_from_config
 from viscodex_jax.merge.spec import MergeError, MergeSpec, finite_number
 from viscodex_jax.model.causal_lm import param_shapes
@@ -98,32 +98,52 @@ def _stored(ckpt_dir: str) -> list[tuple[str, tuple[int, ...], int]]:
 
 
 def memory_needed(c, spec: MergeSpec, mesh=None, rules=None) -> dict[str, int]:
-    """Bytes of the three inputs as stored, of one merged copy (merged tensors in ``spec.out_dtype``), and
-    of the largest per-device share of that copy (all of it without a mesh)."""
-    cfg = load_config(c.vlm_dir)
-    expected = flatten(param_shapes(cfg))
-    out_size = jnp.dtype(spec.out_dtype).itemsize
-    merged, itemsize = 0, {}
-    for canon, shape, nbytes in _stored(c.vlm_dir):
-        hit = hf_map.hf_to_path(canon, expected) if canon else None
-        numel = int(np.prod(shape))
-        size = out_size if hit and spec.merges("/".join(hit[0])) else nbytes / max(numel, 1)
-        merged += int(numel * size)
-        if hit:
-            itemsize[hit[0]] = size
-    mem = {k: sum(b for _, _, b in _stored(getattr(c, f"{k}_dir"))) for k in ("base", "vlm", "coder")}
-    mem["merged"] = merged
-    mem["host_total"] = sum(mem.values())
-    mem["per_device"] = merged
-    if mesh is not None:
-        from viscodex_jax.sampling import mesh as on_mesh
+    """Bytes from the checkpoint headers and the shardings, before anything is loaded.
 
+    ``base``/``vlm``/``coder``: each input as stored; ``merged``: one merged copy (merged tensors in
+    ``spec.out_dtype``, copied ones as stored); ``host_total``: their sum (what the devices hold together;
+    the host reads one tensor at a time). ``per_device``: the largest per-device share of the merged params
+    as scored (copied tensors included); ``<model>_per_device``: the largest share of each input;
+    ``device_total``: the largest per-device sum of the three inputs' shares and of the merged tensors the
+    merge adds (copied ones are the VLM's own arrays). Without a mesh, one device holds everything.
+    """
+    from viscodex_jax.merge.on_device import default_mesh, per_device_bytes
+    from viscodex_jax.sampling import mesh as on_mesh
+
+    if mesh is None:
+        mesh = default_mesh()
+        rules = on_mesh.resolve_rules(mesh, None)
+    devices = list(mesh.devices.flat)
+    out_size = jnp.dtype(spec.out_dtype).itemsize
+    mem: dict[str, int] = {}
+    total = {d: 0.0 for d in devices}
+    for k in ("base", "vlm", "coder"):
+        d = getattr(c, f"{k}_dir")
+        cfg = load_config(d)
+        expected = flatten(param_shapes(cfg))
+        stored = _stored(d)
+        mem[k] = sum(b for _, _, b in stored)
+        itemsize, merged = {}, 0
+        for canon, shape, nbytes in stored:
+            hit = hf_map.hf_to_path(canon, expected) if canon else None
+            if hit:
+                itemsize[hit[0]] = nbytes / max(int(np.prod(shape)), 1)
+            merges = hit is not None and spec.merges("/".join(hit[0]))
+            merged += int(np.prod(shape)) * out_size if merges else nbytes
+        shapes = {key: expected[key].shape for key in itemsize}
         shards = flatten(on_mesh.param_shardings(cfg, param_shapes(cfg), mesh, rules))
-        per = {d: 0.0 for d in mesh.devices.flat}
-        for k, sh in shards.items():
-            for d, index in sh.devices_indices_map(expected[k].shape).items():
-                per[d] += np.prod([len(range(*i.indices(n))) for i, n in zip(index, expected[k].shape)]) * itemsize[k]
-        mem["per_device"] = int(max(per.values()))
+        share = per_device_bytes(shapes, itemsize, shards, devices)
+        mem[f"{k}_per_device"] = int(max(share.values()))
+        if k == "vlm":
+            merges = {key for key in shapes if spec.merges("/".join(key))}
+            mem["merged"] = merged
+            size = {key: out_size if key in merges else itemsize[key] for key in shapes}
+            mem["per_device"] = int(max(per_device_bytes(shapes, size, shards, devices).values()))
+            adds = per_device_bytes({key: shapes[key] for key in merges}, size, shards, devices)
+            share = {dev: share[dev] + adds[dev] for dev in devices}
+        total = {dev: total[dev] + share[dev] for dev in devices}
+    mem["host_total"] = mem["base"] + mem["vlm"] + mem["coder"] + mem["merged"]
+    mem["device_total"] = int(max(total.values()))
     return mem
 
 
@@ -254,13 +274,14 @@ def _table(rows: Sequence[dict[str, Any]], best: float, metric: str) -> str:
 
 def lambda_sweep(c, lams: Sequence[float] | None = None,
                  score: Callable[[Any], float] | None = None, higher_is_better: bool | None = None) -> dict[str, Any]:
-    """Merges in memory and scores once per lam; writes the table, plot, sweep.json and the best checkpoint.
+    """Merges on device and scores once per lam; writes the table, plot, sweep.json and the best checkpoint.
 
     ``lams`` default: ``--config.sweep_lams``. ``score(model)`` (a ``vx.Model`` holding the merged params)
     replaces ``--config.score``; ``higher_is_better`` then says which way it points (default: lower).
     Every setting, lam and output dir is checked before anything is loaded.
     """
-    from viscodex_jax import checkpoint
+    import jax
+
     from viscodex_jax.api import Model
     from viscodex_jax.data.processor import Processor
     from viscodex_jax.sampling import mesh as on_mesh
@@ -281,23 +302,27 @@ def lambda_sweep(c, lams: Sequence[float] | None = None,
     mem = memory_needed(c, runs[0][2], mesh, rules)
     where = f"each of {mesh.size} devices of mesh {dict(mesh.shape)}" if mesh is not None else "the device"
     b = {k: human_bytes(v) for k, v in mem.items()}
-    line = (f"sweep memory: host {b['host_total']} = base {b['base']} + VLM {b['vlm']} + coder {b['coder']} + one "
-            f"merged copy {b['merged']}; {where}: at most {b['per_device']} of merged params")
+    line = (f"sweep memory: base {b['base']} + VLM {b['vlm']} + coder {b['coder']} + one merged copy {b['merged']} "
+            f"= {b['host_total']}; {where}: at most {b['device_total']} (its shards of base "
+            f"{b['base_per_device']} + VLM {b['vlm_per_device']} + coder {b['coder_per_device']} + the merged "
+            f"tensors), of which {b['per_device']} is the merged params as scored; the merge's temporaries "
+            "come on top (launch/compile_check.py --programs=sweep_merge)")
     log.info("%s", line)
     print(line, flush=True)
 
-    cfg, vlm = checkpoint.load_hf_params(c.vlm_dir)
-    _, base = checkpoint.load_hf_params(c.base_dir)
-    _, coder = checkpoint.load_hf_params(c.coder_dir)
-    names = [os.path.basename(os.path.normpath(d)) for d in (c.vlm_dir, c.coder_dir)]
+    load_mesh = mesh if mesh is not None else default_mesh()
+    t0 = time.time()
+    merger = MeshMerge(c.base_dir, [c.vlm_dir, c.coder_dir], runs[0][2], load_mesh,
+                       rules if mesh is not None else on_mesh.resolve_rules(load_mesh, None), require_vision=True)
+    log.info("loaded base, VLM and coder on %s in %.1fs", dict(load_mesh.shape), time.time() - t0)
+    cfg = merger.cfg
     model = Model(cfg, {}, {}, c.vlm_dir, Processor.from_pretrained(c.vlm_dir, cfg), mesh, rules)  # params per lam
     os.makedirs(c.out_dir, exist_ok=True)
     rows = []
     for lam, _, spec, _ in runs:
         t0 = time.time()
-        merged, report = merge_params(base, [vlm, coder], spec, cfg, names)
-        model.params = on_mesh.place_params(cfg, merged, mesh, rules)
-        del merged
+        model.params, report = merger.merge(spec)
+        jax.block_until_ready(model.params)
         t1 = time.time()
         s = float(scorer(model, lam, spec))
         model.params = {}
@@ -307,7 +332,8 @@ def lambda_sweep(c, lams: Sequence[float] | None = None,
         rows.append({"lam": lam, "score": s, "merge_seconds": t1 - t0, "score_seconds": time.time() - t1,
                      "warnings": report["warnings"], "dir": None})
         log.info("lam=%g %s=%.5g", lam, metric, s)
-    del base, vlm, coder
+    merger.close()
+    del merger
     best = (max if up else min)(rows, key=lambda r: r["score"])["lam"]
     for (lam, sub, _, ckpt), row in zip(runs, rows):
         if lam == best or c.write_all:

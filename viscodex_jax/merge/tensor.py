@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viscodex_jax.merge.methods import kth_largest_magnitudes
+from viscodex_jax.merge.methods import keyed_draw, kth_largest_magnitudes
 from viscodex_jax.merge.spec import MergeError, MergeSpec, is_mergeable
 
 
@@ -86,24 +86,35 @@ def _totals_core(base, thetas, name_hash, chunk, spec: MergeSpec):
     """The sparsifier's whole-tensor sums (``Sparsify.totals``) over one row chunk, keyed as ``_merge_core``."""
     base32 = base.astype(jnp.float32)
     d = jnp.stack(thetas).astype(jnp.float32) - base32[None]
-    return spec.method_pieces.sparsify.totals(d, _chunk_key(spec, name_hash, chunk, True), spec)
+    return spec.method_pieces.sparsify.totals(d, keyed_draw(_chunk_key(spec, name_hash, chunk, True), spec), spec)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "out_dtype", "chunked"))
 def _merge_core(base, thetas, weights, name_hash, chunk, thresh, spec: MergeSpec, out_dtype, chunked: bool):
-    """Merges one tensor (or a row chunk of it); returns it and sums for the report.
+    """Merges one tensor (or a row chunk of it) as ``merge_math``, with the random mask drawn from its PRNG key.
 
-    ``thetas`` is a tuple (stacked here, inside the fusion, not on the host). The tensor's PRNG key is
-    derived here from ``name_hash`` (and ``chunk`` for a row chunk), as ``tensor_key`` does eagerly.
+    ``thetas`` is a tuple (stacked inside the fusion, not on the host). The tensor's PRNG key is derived here
+    from ``name_hash`` (and ``chunk`` for a row chunk), as ``tensor_key`` does eagerly.
+    """
+    draw = keyed_draw(_chunk_key(spec, name_hash, chunk, chunked), spec)
+    return merge_math(base, thetas, weights, thresh, draw, spec, out_dtype)
+
+
+def merge_math(base, thetas, weights, thresh, draw, spec: MergeSpec, out_dtype):
+    """The per-tensor merge, traced: one tensor (any layout: every step is elementwise but the sums) -> (merged
+    in ``out_dtype``, sums for the report).
+
+    Both the streamed merge (``_merge_core``, HF layout, host arrays) and the on-device merge
+    (``merge.on_device``, our layout, sharded arrays) run this function, so their outputs agree bit for bit
+    given the same ``thresh`` and ``draw`` (see ``methods.Sparsify``).
     """
     method = spec.method_pieces
-    key = _chunk_key(spec, name_hash, chunk, chunked)
     thetas = jnp.stack(thetas)
     base32 = base.astype(jnp.float32)
     d = thetas.astype(jnp.float32) - base32[None]  # [n, ...]
     n = d.shape[0]
     keep = jnp.ones(d.shape, bool)
-    sparsified = method.sparsify.keep(d, thresh, key, spec) if method.sparsify else None
+    sparsified = method.sparsify.keep(d, thresh, draw, spec) if method.sparsify else None
     if sparsified is not None:
         d, keep = sparsified
     w = weights.reshape((n,) + (1,) * (d.ndim - 1)).astype(jnp.float32)
@@ -171,12 +182,7 @@ def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, p
     numel = max(int(np.prod(shape)), 1)
     ranks = tuple(sparsify.ranks(spec, numel)) if sparsify and sparsify.ranks else ()
     thresh = kth_largest_magnitudes(base, thetas, ranks) if ranks else np.zeros((n, 0), np.float32)
-    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    limit = CHUNK_ELEMENTS if sparsify and sparsify.keyed else min(CHUNK_ELEMENTS, UNKEYED_CHUNK_ELEMENTS)
-    rows_per_chunk = max(1, limit // max(row, 1))
-    whole = len(shape) < 2 or shape[0] <= rows_per_chunk
-    bounds = [(0, shape[0] if shape else 1)] if whole else [
-        (i, min(i + rows_per_chunk, shape[0])) for i in range(0, shape[0], rows_per_chunk)]
+    whole, bounds = row_chunks(shape, spec)
     name_hash = _name_hash(name)
     w = np.asarray(weights, np.float32)
 
@@ -208,17 +214,36 @@ def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, p
             out[lo:hi] = merged
         for k, v in sums.items():
             total[k] = total.get(k, 0) + np.asarray(v, np.float64)
+    return out, stats_from_sums(name, total, numel)
+
+
+def row_chunks(shape: Sequence[int], spec: MergeSpec) -> tuple[bool, list[tuple[int, int]]]:
+    """(whole, row bounds) of a tensor (HF layout) for ``merge_tensor``; keyed methods draw per chunk, so the
+    on-device merge cuts its masks the same way."""
+    shape = tuple(shape)
+    sparsify = spec.method_pieces.sparsify
+    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    limit = CHUNK_ELEMENTS if sparsify and sparsify.keyed else min(CHUNK_ELEMENTS, UNKEYED_CHUNK_ELEMENTS)
+    rows_per_chunk = max(1, limit // max(row, 1))
+    whole = len(shape) < 2 or shape[0] <= rows_per_chunk
+    bounds = [(0, shape[0] if shape else 1)] if whole else [
+        (i, min(i + rows_per_chunk, shape[0])) for i in range(0, shape[0], rows_per_chunk)]
+    return whole, bounds
+
+
+def stats_from_sums(name: str, total: dict[str, Any], numel: int) -> dict[str, Any]:
+    """A tensor's report statistics from ``merge_math``'s sums (float64, added over its chunks); a non-finite
+    merged value is an error naming the tensor."""
     if total["nonfinite"]:
         raise MergeError(f"{name}: merge produced {int(total['nonfinite'])} non-finite values (inf/NaN in an input?)")
     norms = np.sqrt(total["sq_norms"])
     kept_norms = np.sqrt(np.diag(total["gram"]))
-    stats = {
+    return {
         "task_vector_norms": norms,
         "cosine": total["gram"] / np.maximum(kept_norms[:, None] * kept_norms[None, :], 1e-30),
         "kept_fraction": total["kept"] / numel,
         "flipped_fraction": float(total["flipped"]) / numel,
     }
-    return out, stats
 
 
 # --------------------------------------------------------------------------- vocab policy
