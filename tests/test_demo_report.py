@@ -26,7 +26,7 @@ PROBLEMS = [("1 2\n", "3\n"), ("5 5\n", "10\n"), ("-1 4\n", "3\n"), ("0 0\n", "0
 SUM = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
 WRONG = "```python\nprint(0)\n```"
 FULL_SECTIONS = ["Scores on held-out items, next to the paper's", "Did merging transfer coding ability?",
-                 "Does the model look at the image?", "Merge weight sweep",
+                 "What the VLM sees", "Does the model look at the image?", "Merge weight sweep",
                  "Held-out charts: the best and worst of tiny VisCodex (merge + SFT)", "Training loss", "Pipeline",
                  "What the real recipe needs"]
 SECONDS = {"checkpoints": 1.5, "data": 2.0, "train_vlm": 30.0, "eval_merged_sft": 9.25}
@@ -38,6 +38,7 @@ PARITY = {"max_abs_logit_diff": 1.2e-6, "roundtrip_bit_identical": True, "prompt
 ESCAPE = ("```python\nimport os\nimport matplotlib.pyplot as plt\nos.system('touch /tmp/escaped')\n"
           "plt.plot([1, 2], [2, 1])\n```")
 CHART_SCORES: dict[str, float] = {}
+TRAIN_RUNS = ("zz_extra", "vlm_sft", "merged_sft", "coder", "vlm", "base")
 
 
 def _chart_code(kind, color, title, values):
@@ -122,7 +123,8 @@ def run_dir(tmp_path_factory):
     _eval(wd, "vlm", roots, {k: "no idea" for k in merged})
     _eval(wd, "coder", {"mmcode": mm}, {f"demo-{i}": SUM for i in range(4)})
     _eval(wd, "mystery", {"mmcode": mm}, {f"demo-{i}": WRONG for i in range(4)})
-    for k, name in enumerate(("pretrain_base", "vlm", "coder", "merged_sft", "vlm_sft")):
+    _eval(wd, "vlm_sft_shuffled", {"chartmimic": os.path.dirname(cm)}, vlm_sft)  # the ablation's own run
+    for k, name in enumerate(TRAIN_RUNS):
         w = MetricWriter(os.path.join(wd, "train", name))
         for step in range(1, 6):
             w.write(step, {"loss": 4.0 / (step + k), "lr": 1e-3})
@@ -131,13 +133,21 @@ def run_dir(tmp_path_factory):
         json.dump({"benchmark": "chartmimic", "rows": [
             {"model": "vlm_sft", "n_items": 4, "score": 55.0, "score_shuffled": 15.0, "drop": 40.0},
             {"model": "merged_sft", "n_items": 4, "score": 50.0, "score_shuffled": 45.5, "drop": 4.5},
-            {"model": "vlm", "n_items": 4, "score": 10, "score_shuffled": 12, "drop": -2}]}, f)
+            {"model": "vlm", "n_items": 4, "score": 10, "score_shuffled": 12, "drop": -2}],
+            "shuffle": "a seeded derangement"}, f)
+    with open(os.path.join(wd, "eval", "vlm", "describe.json"), "w") as f:
+        json.dump({"n_items": 4, "accuracy": {"kind": 75.0, "color": 50.0, "count": 25, "title": 100.0},
+                   "items": [{"id": "chart_0", "reference": "A blue bar chart with 3 bars, titled 'Sales'.",
+                              "generation": "A blue bar chart with 4 bars, titled 'Sales'."}]}, f)
+    with open(os.path.join(wd, "scores.json"), "w") as f:
+        json.dump({"task_vectors": {"base_norm": 50.0, "tau_vlm_norm": 2.0, "tau_vlm_relative": 0.04,
+                                    "tau_coder_norm": 1.5, "tau_coder_relative": 0.03}}, f)
     os.makedirs(os.path.join(wd, "sweep"))
     _png(os.path.join(wd, "sweep", "sweep.png"), "sweep")  # stands for merge.sweep.lambda_sweep's plot
     with open(os.path.join(wd, "sweep", "sweep.json"), "w") as f:
-        json.dump({"rows": [], "best_lam": 0.5, "higher_is_better": True, "metric": "MMCode pass@1 (%)"}, f)
+        json.dump({"rows": [], "best_lam": 0.5, "higher_is_better": True, "metric": "score"}, f)
     with open(os.path.join(wd, "sweep", "per_benchmark.json"), "w") as f:
-        json.dump({"paper_lam": 0.7, "scored_model": "merged, before SFT", "rows": [
+        json.dump({"paper_lam": 0.7, "scored_model": "merged, before SFT", "sweep_score": "the mean of both", "rows": [
             {"lam": lam, "chartmimic": 40 + 20 * lam, "mmcode": 50 * (1 - lam), "n_chartmimic": 4, "n_mmcode": 4}
             for lam in (0, 0.3, 0.5, 0.7, 0.85, 1)]}, f)
     config = {"seed": 0, "lam": 0.7, "train": {"steps": 10}}
@@ -224,7 +234,7 @@ def test_report_in_browser(run_dir, browser):
 
     ours = _table(info, "model (ours)")
     assert [r[0] for r in ours["rows"]] == ["tiny VLM (no SFT)", "tiny VLM + SFT (no merge)",
-                                            "tiny VisCodex (merge + SFT)", "tiny coder (text only)", "mystery"]
+                                            "tiny VisCodex (merge + SFT)", "tiny coder (no merge, no SFT)", "mystery"]
     assert ours["rows"][2][4] == "75.0" and ours["rows"][3][4] == "100.0" and ours["rows"][4][2] == "-"
     assert ["VisCodex-8B (paper)", "74.8", "11.0"] in _table(info, "model (paper)")["rows"]
 
@@ -243,9 +253,15 @@ def test_report_in_browser(run_dir, browser):
     assert _table(info, "model", "problems passed")["rows"][0][:2] == ["tiny VisCodex (merge + SFT)", "3"]
     sweep = _table(info, "lam")
     assert [r[0] for r in sweep["rows"]] == ["0", "0.3", "0.5", "0.7 (paper)", "0.85", "1"]
-    assert sweep["rows"][0][3] == "50.0" and "picks lam = 0.5 by MMCode pass@1 (%)" in info["text"]
+    assert sweep["rows"][0][3] == "50.0" and "picks lam = 0.5 by the mean of both (higher is better)." in info["text"]
 
-    assert summary["loss_curves"] == ["pretrain_base", "vlm", "coder", "merged_sft", "vlm_sft"]
+    assert summary["loss_curves"] == ["base", "vlm", "coder", "merged_sft", "vlm_sft", "zz_extra"]
+    assert _table(info, "property", "% right")["rows"] == [["kind", "75.0"], ["color", "50.0"], ["count", "25.0"],
+                                                          ["title", "100.0"]]
+    assert ["chart_0", "A blue bar chart with 3 bars, titled 'Sales'.", "A blue bar chart with 4 bars, titled 'Sales'."] \
+        in _table(info, "chart", "true description")["rows"]
+    assert "|VLM - base| / |base| = 0.040, |coder - base| / |base| = 0.030" in info["text"]
+    assert "Shuffle: a seeded derangement." in info["text"]
     stages = _table(info, "stage")["rows"]
     assert stages[-1] == ["total", "42.8", "100.0"] and stages[2] == ["train_vlm", "30.0", "70.2"]
     recipe = _table(info, "model", "preset", "slice")
@@ -264,12 +280,13 @@ def test_markdown_report_links_existing_images(run_dir):
 
 
 def test_report_without_optional_inputs(run_dir, browser, tmp_path):
-    """No ablation, no sweep, no training logs, no no-merge model: those sections are left out, the page is
+    """No ablation, sweep, descriptions, training logs or no-merge model: those sections are left out, the page is
     still whole; an empty run directory still gives a page (pipeline and recipe sections only)."""
     src, _ = run_dir
     wd = str(tmp_path / "run")
     for rel in ("eval/vlm", "eval/coder", "data"):  # vlm's answers have no code: nothing to draw
         shutil.copytree(os.path.join(src, rel), os.path.join(wd, rel))
+    os.remove(os.path.join(wd, "eval", "vlm", "describe.json"))
     summary = write_report(wd, SECONDS, {}, {})
     info = _open(browser, wd)
     _check_page(info)
@@ -279,7 +296,7 @@ def test_report_without_optional_inputs(run_dir, browser, tmp_path):
     assert summary["merge_transfer"] == {} and summary["ablation"] == [] and summary["loss_curves"] == []
     assert [im["alt"] for im in info["images"]] == ["reference"] * 4  # the answers drew nothing: notes instead
     assert info["text"].count("no ```python block (scored 0)") == 4
-    assert [r[0] for r in _table(info, "model (ours)")["rows"]] == ["tiny VLM (no SFT)", "tiny coder (text only)"]
+    assert [r[0] for r in _table(info, "model (ours)")["rows"]] == ["tiny VLM (no SFT)", "tiny coder (no merge, no SFT)"]
     assert not os.path.exists(os.path.join(wd, "report_files", "loss.png"))
 
     empty = str(tmp_path / "empty")

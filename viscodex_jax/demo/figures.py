@@ -12,7 +12,7 @@ import os
 from typing import Any, Sequence
 
 # Loss curves in pipeline order; any other run under <workdir>/train/ follows, sorted.
-TRAIN_ORDER = ("pretrain_base", "vlm", "coder", "merged_sft", "vlm_sft")
+TRAIN_ORDER = ("base", "pretrain_base", "vlm", "coder", "merged_sft", "vlm_sft")
 MAX_PIXELS = 2048 * 2048  # a drawn chart is 224 px a side; anything far larger is not a chart to show
 THUMB = 448
 

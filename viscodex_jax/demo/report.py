@@ -33,7 +33,8 @@ from viscodex_jax.demo.recipe_table import HOW_TO_MAKE, TableError, read_compile
 from viscodex_jax.eval.paper import RESULTS
 
 MODELS = {"vlm": "tiny VLM (no SFT)", "vlm_sft": "tiny VLM + SFT (no merge)", "merged_sft": "tiny VisCodex (merge + SFT)"}
-LABELS = {**MODELS, "coder": "tiny coder (text only)"}
+LABELS = {**MODELS, "coder": "tiny coder (no merge, no SFT)"}
+ABLATION_SUFFIX = "_shuffled"  # eval/<model>_shuffled/: the image ablation's runs, shown in its own section
 PAPER_ANALOGUE = {"vlm": "Qwen2.5-VL-7B-Instruct", "vlm_sft": "VisCodex-8B, no merge", "merged_sft": "VisCodex-8B"}
 COLUMNS = ("chartmimic", "mmcode")
 TITLE = "VisCodex in miniature"
@@ -83,6 +84,7 @@ def _num(v: Any) -> float | None:
 def _eval_models(wd: str) -> dict[str, dict[str, Any]]:
     """model key -> its eval summary's benchmarks, for every ``eval/<key>/summary.json`` (pipeline order first)."""
     found = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(wd, "eval", "*", "summary.json")))
+    found = [k for k in found if not k.endswith(ABLATION_SUFFIX)]
     order = [k for k in LABELS if k in found] + [k for k in found if k not in LABELS]
     out = {}
     for k in order:
@@ -208,7 +210,8 @@ def _ablation_section(wd: str) -> tuple[list[H.Block], list[dict[str, Any]]]:
     blocks = [H.Heading("Does the model look at the image?"),
               H.Para(f"The held-out {bench} items scored again with each item's image swapped for another item's "
                      "(the same images, shuffled). A model that reads its image loses points; a model that writes "
-                     "the same chart whatever it sees does not.")]
+                     "the same chart whatever it sees does not." + (f" Shuffle: {rec['shuffle']}." if rec.get("shuffle")
+                                                                       else ""))]
     for r in rows:
         change = f"drops its score by {r['drop']:.1f} points" if r["drop"] > 0 else "does not lower its score"
         tail = "" if r["drop"] > 0 else ": no sign that it uses the image"
@@ -218,6 +221,38 @@ def _ablation_section(wd: str) -> tuple[list[H.Block], list[dict[str, Any]]]:
                           [[label(r["model"]), r["n_items"], _num(r["score"]), _num(r["score_shuffled"]),
                             _num(r["drop"])] for r in rows]))
     return blocks, rows
+
+
+def _describe_section(wd: str) -> list[H.Block]:
+    """The VLM's own task before any visual coding: describing held-out charts (``eval/vlm/describe.json``)."""
+    path = os.path.join(wd, "eval", "vlm", "describe.json")
+    if not os.path.isfile(path):
+        return []
+    rec = _load_json(path, "the VLM's held-out descriptions")
+    _require(rec, ("n_items", "accuracy"), path, "the VLM's held-out descriptions")
+    acc = rec["accuracy"]
+    blocks: list[H.Block] = [
+        H.Heading("What the VLM sees"),
+        H.Para(f"Before any visual coding, the VLM was trained to describe charts. On {rec['n_items']} held-out charts "
+               "(new values and titles), the share of descriptions that name each property right:"),
+        H.Table(["property", "% right"], [[k, _num(v)] for k, v in acc.items()])]
+    items = rec.get("items") or []
+    if items:
+        blocks.append(H.Details(f"its descriptions of the first {min(8, len(items))} held-out charts", [H.Table(
+            ["chart", "true description", "the VLM's description"],
+            [[str(r.get("id", "")), str(r.get("reference", "")), str(r.get("generation", ""))] for r in items[:8]])]))
+    return blocks
+
+
+def _task_vector_para(wd: str) -> list[H.Block]:
+    """|tau| / |base| of the two fine-tunes, from the pipeline's ``scores.json`` (``task_vectors``)."""
+    path = os.path.join(wd, "scores.json")
+    tv = (_load_json(path, "the demo's summary") or {}).get("task_vectors") if os.path.isfile(path) else None
+    if not tv or "tau_vlm_relative" not in tv or "tau_coder_relative" not in tv:
+        return []
+    return [H.Para(f"Task vectors relative to the base (L2 over the merged tensors): |VLM - base| / |base| = "
+                   f"{tv['tau_vlm_relative']:.3f}, |coder - base| / |base| = {tv['tau_coder_relative']:.3f}. "
+                   "Small, as with real models, so adding both to the base is a small step from each.")]
 
 
 def _sweep_scores(wd: str) -> dict[str, Any] | None:
@@ -256,8 +291,10 @@ def _sweep_section(wd: str, files: str, rec: dict[str, Any] | None) -> list[H.Bl
     if os.path.isfile(summ):
         s = _load_json(summ, "lambda_sweep's sweep.json")
         _require(s, ("best_lam", "metric"), summ, "lambda_sweep's sweep.json")
+        metric = (rec or {}).get("sweep_score") if s["metric"] == "score" else s["metric"]
         blocks.append(H.Para(f"The sweep command (merge.sweep.lambda_sweep) picks lam = {s['best_lam']:g} by "
-                             f"{s['metric']}{' (higher is better)' if s.get('higher_is_better') else ' (lower is better)'}."))
+                             f"{metric or s['metric']}"
+                             f"{' (higher is better)' if s.get('higher_is_better') else ' (lower is better)'}."))
     if os.path.isfile(os.path.join(d, "sweep.png")):
         blocks.append(H.Image(os.path.join(d, "sweep.png"), "the sweep command's plot"))
     return blocks if len(blocks) > 2 else []
@@ -369,10 +406,10 @@ def write_report(workdir: str, seconds: dict[str, float], parity: dict[str, Any]
     blocks: list[H.Block] = [H.Para(
         f"The whole VisCodex recipe (merge a VLM with a coder, then fine-tune on visual coding) on {_model_shape(wd)}, "
         "trained on generated data on CPU. The numbers say what these toy models did; they are not the paper's "
-        "models and nothing is tuned to make the merge win.")]
+        "models and nothing is tuned to make the merge win.")] + _task_vector_para(wd)
     if evals:
         blocks += _scores_section(evals)
-    blocks += transfer + ablation + sweep + examples
+    blocks += transfer + _describe_section(wd) + ablation + sweep + examples
     if curves:
         blocks += [H.Heading("Training loss"), H.Image(loss_png, "training loss")]
     blocks += _timing_section(seconds, parity) + recipe
