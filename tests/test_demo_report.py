@@ -235,7 +235,8 @@ def test_report_in_browser(run_dir, browser):
     ours = _table(info, "model (ours)")
     assert [r[0] for r in ours["rows"]] == ["tiny VLM (no SFT)", "tiny VLM + SFT (no merge)",
                                             "tiny VisCodex (merge + SFT)", "tiny coder (no merge, no SFT)", "mystery"]
-    assert ours["rows"][2][4] == "75.0" and ours["rows"][3][4] == "100.0" and ours["rows"][4][2] == "-"
+    assert ours["rows"][2][1:] == ["35.0", "75.0", "4", "4", "VisCodex-8B", "74.8", "11.0"]
+    assert ours["rows"][3][2] == "100.0" and ours["rows"][4][1:] == ["-", "0.0", "-", "4", "-", "-", "-"]
     assert ["VisCodex-8B (paper)", "74.8", "11.0"] in _table(info, "model (paper)")["rows"]
 
     assert summary["merge_transfer"]["verdict"] == "not shown"
@@ -274,7 +275,7 @@ def test_markdown_report_links_existing_images(run_dir):
     md = open(os.path.join(wd, "report.md")).read()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) >= 4 + 1 + 2 and all(os.path.isfile(os.path.join(wd, p)) for p in links), links
-    assert "| tiny VisCodex (merge + SFT) | VisCodex-8B |" in md and "| VisCodex-8B (paper) | 74.8 | 11.0 |" in md
+    assert "| tiny VisCodex (merge + SFT) | 35.0 | 75.0 | 4 | 4 | VisCodex-8B | 74.8 | 11.0 |" in md and "| VisCodex-8B (paper) | 74.8 | 11.0 |" in md
     # a generation carries its own ``` fence: the Markdown wraps it in a longer one
     assert "````\n```python\nimport matplotlib.pyplot as plt" in md
 

@@ -63,19 +63,12 @@ class SideBySide:
 
 
 @dataclasses.dataclass
-class Row:
-    """Blocks shown next to each other in HTML (one after the other in Markdown)."""
-
-    blocks: Sequence["Block"]
-
-
-@dataclasses.dataclass
 class Details:
     summary: str
     blocks: Sequence["Block"]
 
 
-Block = Union[Heading, Para, Table, Image, SideBySide, Row, Details]
+Block = Union[Heading, Para, Table, Image, SideBySide, Details]
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:24px auto;padding:0 16px;color:#222;line-height:1.45}
@@ -83,7 +76,6 @@ h1{margin-bottom:4px} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-
 table{border-collapse:collapse;margin:10px 0;font-size:14px}
 th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top} th{background:#f2f4f7;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums} caption{caption-side:bottom;font-size:12px;color:#666}
-.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 .card{border:1px solid #ddd;border-radius:6px;padding:10px;margin:12px 0}
 .tiles{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0;text-align:center}
 figure img{border:1px solid #eee;max-width:300px} figcaption{font-size:13px;color:#444}
@@ -151,8 +143,6 @@ def _html(b: Block) -> str:
         code = "".join(f"<details><summary>{_e(s)}</summary><pre>{_e(c)}</pre></details>" for s, c in b.code)
         tiles = "".join(_html_tile(t) for t in b.tiles)
         return f"<div class='card'><b>{_e(b.title)}</b><div class='tiles'>{tiles}</div>{code}</div>"
-    if isinstance(b, Row):
-        return "<div class='row'>" + "".join(f"<div>{_html(x)}</div>" for x in b.blocks) + "</div>"
     if isinstance(b, Details):
         return f"<details><summary>{_e(b.summary)}</summary>" + "".join(_html(x) for x in b.blocks) + "</details>"
     raise TypeError(f"not a report block: {type(b).__name__}")
@@ -200,9 +190,9 @@ def _md(b: Block, root: str) -> str:
         for s, c in b.code:
             out += ["", f"<details><summary>{s}</summary>", "", fence(c), c.strip(), fence(c), "", "</details>"]
         return "\n".join(out)
-    if isinstance(b, (Row, Details)):
+    if isinstance(b, Details):
         inner = "\n\n".join(_md(x, root) for x in b.blocks)
-        return inner if isinstance(b, Row) else f"<details><summary>{b.summary}</summary>\n\n{inner}\n\n</details>"
+        return f"<details><summary>{b.summary}</summary>\n\n{inner}\n\n</details>"
     raise TypeError(f"not a report block: {type(b).__name__}")
 
 
