@@ -317,6 +317,13 @@ def test_malformed_input_names_the_file(run_dir, tmp_path):
     with pytest.raises(ValueError, match=r"ablation\.json: ablation row 0 lacks \['n_items', 'score_shuffled', 'drop'\]"):
         write_report(wd, SECONDS, {}, {})
     assert not os.path.exists(os.path.join(wd, "report.html")) and not os.path.exists(os.path.join(wd, "report.md"))
+    os.remove(os.path.join(wd, "ablation.json"))
+    os.makedirs(os.path.join(wd, "sweep"))
+    with open(os.path.join(wd, "sweep", "per_benchmark.json"), "w") as f:
+        json.dump({"rows": [], "paper_lam": 0.7}, f)
+    with pytest.raises(ValueError, match=r"sweep/per_benchmark\.json: the sweep's per-benchmark scores have no rows"):
+        write_report(wd, SECONDS, {}, {})
+    assert not os.path.exists(os.path.join(wd, "report.html"))
 
 
 def test_compile_check_table_from_results_md(tmp_path):

@@ -265,6 +265,8 @@ def _sweep_scores(wd: str) -> dict[str, Any] | None:
         return None
     rec = _load_json(per, "the sweep's per-benchmark scores")
     _require(rec, ("rows",), per, "the sweep's per-benchmark scores")
+    if not rec["rows"]:
+        raise ValueError(f"{per}: the sweep's per-benchmark scores have no rows (one per lam expected)")
     for i, r in enumerate(rec["rows"]):
         _require(r, ("lam", "chartmimic", "mmcode"), per, f"sweep row {i}")
     return {**rec, "rows": sorted(rec["rows"], key=lambda r: r["lam"])}
