@@ -7,14 +7,22 @@ an input that exists but does not have its expected layout is an error naming th
 
 Inputs under the run directory:
 
-    eval/<model>/summary.json, <bench>_items.jsonl   the eval runner's outputs (launch/eval.py layout)
+    eval/<model>/summary.json, <bench>_items.jsonl   the eval runner's outputs (launch/eval.py layout);
+                                                      eval/<model>_shuffled/ (the ablation's runs) not in the table
+    eval/vlm/describe.json                            {"n_items", "accuracy": {property: %}, "items": [{"id",
+                                                       "reference", "generation"}]}: the VLM's descriptions
+    scores.json                                       the pipeline's summary; its "task_vectors" ({"tau_vlm_relative",
+                                                       "tau_coder_relative"}) if present
+    models/<model>/config.json                        the models' shape, for the opening line
     train/<run>/metrics.jsonl                         loss curves
     data/heldout_chartmimic/<folder>/<id>.png         reference charts
     ablation.json                                     {"benchmark", "rows": [{"model", "n_items", "score",
                                                        "score_shuffled", "drop"}]}
     sweep/sweep.png, sweep/sweep.json                 merge.sweep.lambda_sweep's outputs
     sweep/per_benchmark.json                          {"rows": [{"lam", "chartmimic", "mmcode", "n_chartmimic",
-                                                       "n_mmcode"}], "paper_lam", "scored_model"}
+                                                       "n_mmcode"}], "paper_lam", "scored_model", "sweep_score"}
+
+and ``benchmarks/RESULTS.md`` of the checkout (``demo.recipe_table``) for what the real recipe needs.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Any
 from viscodex_jax.demo import html as H
 from viscodex_jax.demo.figures import draw_generation, loss_plot, sweep_plot
 from viscodex_jax.demo.recipe_table import HOW_TO_MAKE, TableError, read_compile_check
-from viscodex_jax.eval.paper import RESULTS
+from viscodex_jax.eval.paper import PAPER_COLUMNS, RESULTS
 
 MODELS = {"vlm": "tiny VLM (no SFT)", "vlm_sft": "tiny VLM + SFT (no merge)", "merged_sft": "tiny VisCodex (merge + SFT)"}
 LABELS = {**MODELS, "coder": "tiny coder (no merge, no SFT)"}
@@ -69,7 +77,10 @@ def _items(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                r = json.loads(line)
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not JSON ({e}); expected an eval runner item row") from None
                 _require(r, ("id", "score"), f"{path} line {n}", "an item row")
                 if r.get("sample", 0) == 0:
                     rows.append(r)
@@ -122,7 +133,7 @@ def _model_shape(wd: str) -> str:
 # ------------------------------------------------------------------------------------------------ sections
 
 def _scores_section(evals: dict[str, dict[str, Any]]) -> list[H.Block]:
-    paper_of = {k: (v[2], v[4]) for k, v in RESULTS.items()}
+    paper_of = {k: tuple(dict(zip(PAPER_COLUMNS, v))[c] for c in COLUMNS) for k, v in RESULTS.items()}
     ours = []
     for k, b in evals.items():
         cm, mm = b.get("chartmimic", {}), b.get("mmcode", {})
@@ -130,7 +141,7 @@ def _scores_section(evals: dict[str, dict[str, Any]]) -> list[H.Block]:
         p_cm, p_mm = paper_of.get(analogue, (None, None))
         ours.append([label(k), cm.get("score"), mm.get("score"), cm.get("n_items"), mm.get("n_items"),
                      analogue or "-", p_cm, p_mm])
-    paper = [[f"{k} (paper)", v[2], v[4]] for k, v in RESULTS.items()]
+    paper = [[f"{k} (paper)", *v] for k, v in paper_of.items()]
     return [H.Heading("Scores on held-out items, next to the paper's"),
             H.Para("ChartMimic: the low-level score (mean of the Text, Layout, Type and Colour F1) on held-out "
                    "charts; MMCode: pass@1 on held-out programming problems. Each of our models sits next to the "
