@@ -265,8 +265,8 @@ def _task_vector_para(wd: str) -> list[H.Block]:
     if not tv or "tau_vlm_relative" not in tv or "tau_coder_relative" not in tv:
         return []
     return [H.Para(f"Task vectors relative to the base (L2 over the merged tensors): |VLM - base| / |base| = "
-                   f"{tv['tau_vlm_relative']:.3f}, |coder - base| / |base| = {tv['tau_coder_relative']:.3f}. "
-                   "Small, as with real models, so adding both to the base is a small step from each.")]
+                   f"{tv['tau_vlm_relative']:.3f}, |coder - base| / |base| = {tv['tau_coder_relative']:.3f} "
+                   "(task arithmetic assumes both are small next to the base, as they are for real fine-tunes).")]
 
 
 def _sweep_scores(wd: str) -> dict[str, Any] | None:
