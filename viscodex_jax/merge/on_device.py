@@ -39,7 +39,7 @@ from viscodex_jax.checkpoint import hf_map
 from viscodex_jax.merge.methods import dare_mask, kth_largest_magnitudes_on_device
 from viscodex_jax.merge.report import MergeReport
 from viscodex_jax.merge.spec import MergeError, MergeSpec
-from viscodex_jax.merge.tensor import _chunk_key, _name_hash, merge_math, row_chunks, stats_from_sums
+from viscodex_jax.merge.tensor import _chunk_key, _name_hash, merge_math, row_chunks, stats_from_sums, traced_spec
 from viscodex_jax.model.config import ModelConfig
 
 Key = tuple[str, ...]
@@ -69,11 +69,6 @@ class LeafPlan:
     @property
     def vocab_axis(self) -> int:
         return 0 if self.key == EMBED else len(self.slot_shape) - 1
-
-
-def program_spec(spec: MergeSpec) -> MergeSpec:
-    """The spec the program is built for: everything but the weights, which are its inputs (one program per sweep)."""
-    return dataclasses.replace(spec, weights=(1.0,) * len(spec.weights), group_weights=())
 
 
 def plan_leaves(cfg: ModelConfig, shapes: Sequence[dict[Key, Any]], spec: MergeSpec,
@@ -154,7 +149,7 @@ def build_program(plans: Sequence[LeafPlan], spec: MergeSpec, in_shardings: Sequ
     """The jitted merge: (trees [base, *models] as flat dicts "a/b/c" -> array, weights path -> float32 [n])
     -> (merged path -> array, sums path -> report sums). Unused inputs (the vision tower) stay arguments, so
     the program's memory is that of the three models plus the merged tensors plus its temporaries."""
-    spec = program_spec(spec)
+    spec = traced_spec(spec)
     rep = NamedSharding(mesh, P())
 
     def program(trees, weights):
@@ -214,7 +209,7 @@ class MeshMerge:
 
         dirs = [base_dir, *model_dirs]
         self.cfg = load_config(model_dirs[0])
-        self.mesh, self.rules, self.spec = mesh, rules, program_spec(spec)
+        self.mesh, self.rules, self.spec = mesh, rules, traced_spec(spec)
         expected = flatten(param_shapes(self.cfg))
         sources = [hf_dir_source(d, expected) for d in dirs]
         plan = plan_merge(sources[0], sources[1:], spec, self.cfg, require_vision)
@@ -249,7 +244,7 @@ class MeshMerge:
         """(merged params tree, report dict) for ``spec`` (which may differ from the first only in its weights)."""
         from viscodex_jax.utils import unflatten
 
-        if program_spec(spec) != self.spec:
+        if traced_spec(spec) != self.spec:
             raise MergeError(f"the program was built for {self.spec}; {spec} differs in more than its weights")
         out, sums = self.program(self.trees, leaf_weights(self.plans, spec))
         report = report_from_sums(self.plans, sums, spec, self.names, self.copied)
@@ -280,4 +275,4 @@ def default_mesh() -> Mesh:
     return make_mesh((1, 1, 1), jax.devices()[:1])
 
 
-__all__ = ["LeafPlan", "MeshMerge", "build_program", "default_mesh", "merge_leaf", "plan_leaves", "program_spec"]
+__all__ = ["LeafPlan", "MeshMerge", "build_program", "default_mesh", "merge_leaf", "plan_leaves", "traced_spec"]

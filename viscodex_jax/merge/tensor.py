@@ -8,6 +8,7 @@ both: their outputs are bit-identical.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from typing import Any, Sequence
@@ -74,6 +75,12 @@ CHUNK_ELEMENTS = 1 << 24
 # elements: XLA:CPU's temporaries then stay under glibc's 32 MB mmap threshold and are reused from the heap,
 # instead of being mapped, page-faulted in and unmapped on every call (that was most of the merge's sys time).
 UNKEYED_CHUNK_ELEMENTS = 1 << 20
+
+
+def traced_spec(spec: MergeSpec) -> MergeSpec:
+    """The spec as the jitted merge sees it (a static argument): the weights are traced inputs, so they are
+    left out and merges that differ only in their weights (a lam sweep) share one compiled program."""
+    return dataclasses.replace(spec, weights=(1.0,) * len(spec.weights), group_weights=())
 
 
 def _chunk_key(spec: MergeSpec, name_hash, chunk, chunked: bool) -> jax.Array:
@@ -185,6 +192,7 @@ def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, p
     whole, bounds = row_chunks(shape, spec)
     name_hash = _name_hash(name)
     w = np.asarray(weights, np.float32)
+    static = traced_spec(spec)
 
     def staged(lo, hi):
         # Staged inputs are borrowed by XLA (no copy): each call must finish before the buffers are reused.
@@ -196,14 +204,14 @@ def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, p
         for c, (lo, hi) in enumerate(bounds):
             ins = staged(lo, hi)
             sums = sums + np.asarray(jax.device_get(_totals_core(ins[0], tuple(ins[1:]), name_hash, np.int32(c),
-                                                                 spec)), np.float64)
+                                                                 static)), np.float64)
         thresh = sparsify.from_totals(sums)
     thresh = np.asarray(thresh, np.float32)
     out = None
     total: dict[str, np.ndarray] = {}
     for c, (lo, hi) in enumerate(bounds):
         ins = staged(lo, hi)
-        merged, sums = _merge_core(ins[0], tuple(ins[1:]), w, name_hash, np.int32(c), thresh, spec, out_dtype,
+        merged, sums = _merge_core(ins[0], tuple(ins[1:]), w, name_hash, np.int32(c), thresh, static, out_dtype,
                                    chunked=not whole)
         merged, sums = jax.device_get((merged, sums))
         if whole:
