@@ -106,3 +106,66 @@ def test_bad_slot_or_mesh_flags_are_usage_errors(setup):
     with pytest.raises(registry.UsageError, match=r"--mesh=4,4,1: mesh shape \(4, 4, 1\) needs 16 devices"):
         evaluate(ckpt, ["slot_bench"], roots, str(tmp / "o"), settings, mesh=(4, 4, 1), slots=4)
     assert not os.path.exists(str(tmp / "o"))  # refused before anything ran or was written
+
+
+def test_items_are_recorded_as_they_finish_so_a_killed_run_resumes_with_them(setup, monkeypatch):
+    from viscodex_jax.eval import runner
+    from viscodex_jax.sampling import slots
+
+    ckpt, roots, tmp = setup
+    settings = EvalSettings(max_new_tokens=NEW, batch_size=1)
+    run_eval(ckpt, roots, str(tmp / "lock"), settings)
+    want = _rows(str(tmp / "lock"))
+    # killed on the first decode call after two items finished: all six are one chunk of prompts
+    # (max(batch_size, 4 * slots) = 8), so only per-item hand-over can have kept those two
+    finished = [0]
+    real_collect, real_decode = slots.SlotSampler._collect, slots._decode
+
+    def collect(self, holder, active):
+        done = real_collect(self, holder, active)
+        finished[0] += len(done)
+        return done
+
+    def decode(*a, **k):
+        if finished[0] >= 2:
+            raise RuntimeError("killed mid-run")
+        return real_decode(*a, **k)
+
+    monkeypatch.setattr(slots.SlotSampler, "_collect", collect)
+    monkeypatch.setattr(slots, "_decode", decode)
+    out = str(tmp / "killed")
+    with pytest.raises(RuntimeError, match="killed mid-run"):
+        run_eval(ckpt, roots, out, settings, slots=2, cache_len=256)
+    kept = [json.loads(line) for f in os.listdir(out) if f.startswith("generations")
+            for line in open(os.path.join(out, f))]
+    assert 2 <= len(kept) < len(PROMPTS)
+    monkeypatch.setattr(slots, "_decode", real_decode)
+    queued: list = []
+    fn = runner.slot_queue_fn(ckpt, settings, runner.slot_settings(settings, 2, cache_len=256))
+    run_eval(ckpt, roots, out, settings, queue_fn=_counting(fn, queued))
+    assert len(queued) == len(PROMPTS) - len(kept)  # the finished ones were not generated again
+    assert {r.item.id for r in queued}.isdisjoint({k["id"] for k in kept})
+    assert [(r["id"], r["generation"]) for r in _rows(out)] == [(r["id"], r["generation"]) for r in want]
+
+
+def test_sampled_generations_do_not_depend_on_slots_chunks_or_order(setup):
+    from viscodex_jax.eval import runner
+
+    ckpt, roots, _ = setup
+    items = SlotBench().load(roots[SlotBench.name])
+
+    def queue(n_slots, batch_size):
+        settings = EvalSettings(max_new_tokens=NEW, batch_size=batch_size, temperature=1.5)
+        return runner.slot_queue_fn(ckpt, settings, runner.slot_settings(settings, n_slots, cache_len=256))
+
+    def texts(fn, seed=3, order=range(len(items))):
+        reqs = [runner.Request(SlotBench.name, items[i], 0, seed) for i in order]
+        return {reqs[i].item.id: t for i, t in fn(reqs)}
+
+    one, three = queue(1, 1), queue(3, 12)
+    want = texts(one)
+    assert len(want) == len(items) and len(set(want.values())) > 1
+    assert texts(three) == want  # other slot count, all prompts in one chunk of prompts
+    assert texts(three, order=[5, 3, 1, 0, 2, 4]) == want  # other neighbours and order
+    other = texts(three, seed=4)
+    assert sum(other[k] != want[k] for k in want) >= 3  # the sample seed still matters

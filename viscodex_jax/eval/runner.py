@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import time
+import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import tqdm
@@ -119,13 +120,19 @@ def slot_queue_fn(model: ModelLike, settings: EvalSettings, slots: Any, dtype: s
     """A ``QueueFn`` on the continuous-batching sampler (``sampling.slots``): ``slots`` is a ``SlotSettings``
     (its ``max_new_tokens`` at least ``settings.max_new_tokens``). A path is loaded at the first call.
 
-    Requests run grouped by seed (sample index), in chunks of ``max(batch_size, 4 * slots)``: a chunk is
-    one ``SlotSampler`` run, and its generations are yielded when it ends, so an interrupted run loses at
-    most one chunk. A sampled (temperature > 0) request's key is its seed folded with its place in its
-    chunk; greedy generations equal the lockstep path's.
+    One ``SlotSampler`` serves every call and every request: prompts (and their images) are prepared
+    ``max(batch_size, 4 * slots)`` at a time as slots need them, and each generation is yielded the moment
+    its row ends, so an interrupted run keeps everything that finished. A sampled (temperature > 0)
+    request draws with its own seed (``item_seed``: the benchmark, item id and sample seed), so its text
+    does not depend on its neighbours, the slot count or the order of the queue; greedy generations equal
+    the lockstep path's.
     """
+    import jax
+
     import viscodex_jax as vx
     from viscodex_jax.model.config import ConfigError
+    from viscodex_jax.sampling.slots import SlotSampler, requests_from_batch
+    from viscodex_jax.sampling.text import eos_and_pad, row_text
 
     if slots.max_new_tokens < settings.max_new_tokens:
         raise ConfigError(f"SlotSettings.max_new_tokens={slots.max_new_tokens} is below the eval's "
@@ -134,29 +141,43 @@ def slot_queue_fn(model: ModelLike, settings: EvalSettings, slots: Any, dtype: s
     chunk = max(settings.batch_size, 4 * slots.slots)
     state: dict[str, Any] = {}
 
+    def engine():
+        if "engine" not in state:
+            m = load_model(model, dtype, mesh)
+            if m.processor is None:
+                raise ValueError(f"{m.path}: checkpoint has no tokenizer files; cannot generate text")
+            eos, pad = eos_and_pad(m.processor.tokenizer)
+            state.update(model=m, eos=eos, engine=SlotSampler(
+                m.config, m.params, eos, pad, sampler, slots, jax.random.PRNGKey(0), m.mesh, m.rules))
+        return state["model"], state["engine"]
+
     def fn(requests: Sequence[Request]) -> Iterable[tuple[int, str]]:
-        if "model" not in state:
-            state["model"] = load_model(model, dtype, mesh)
-        by_seed: dict[int, list[int]] = {}
-        for i, r in enumerate(requests):
-            by_seed.setdefault(r.seed, []).append(i)
-        for seed, idx in by_seed.items():
-            for c in range(0, len(idx), chunk):
-                part = idx[c:c + chunk]
-                items = [requests[i].item for i in part]
-                try:
-                    texts = vx.generate(state["model"], [it.messages for it in items],
-                                        images=[it.images for it in items], max_new_tokens=settings.max_new_tokens,
-                                        sampler=sampler, seed=seed, settings=slots)
-                except ConfigError as e:  # "request <i>: ..." counts within the chunk: name the item instead
-                    m = re.match(r"request (\d+): (.*)", str(e), re.S)
-                    if m is None:
-                        raise
-                    r = requests[part[int(m.group(1))]]
-                    raise ConfigError(f"{r.benchmark} item {r.item.id!r}: {m.group(2)}") from e
-                yield from zip(part, texts)
+        m, eng = engine()
+
+        def prompts():
+            for c in range(0, len(requests), chunk):
+                part = requests[c:c + chunk]
+                batch = m.processor([r.item.messages for r in part], images=[r.item.images for r in part])
+                for r, req in zip(part, requests_from_batch(m.config, batch, settings.max_new_tokens)):
+                    req.seed = item_seed(r)
+                    yield req
+
+        try:
+            for i, tokens in eng.stream(prompts()):
+                yield i, row_text(m.processor.tokenizer, tokens, state["eos"])
+        except ConfigError as e:  # "request <i>: ..." counts the requests: name the item instead
+            found = re.match(r"request (\d+): (.*)", str(e), re.S)
+            if found is None:
+                raise
+            r = requests[int(found.group(1))]
+            raise ConfigError(f"{r.benchmark} item {r.item.id!r}: {found.group(2)}") from e
 
     return fn
+
+
+def item_seed(request: Request) -> int:
+    """A request's sampling seed in 0..2**31-1, from its benchmark, item id and sample seed only."""
+    return zlib.crc32(f"{request.benchmark}\0{request.item.id}\0{request.seed}".encode()) & 0x7FFFFFFF
 
 
 def slot_settings(settings: EvalSettings, slots: int, cache_len: int | None = None) -> Any:

@@ -22,8 +22,15 @@ scalar cache index (and the causal test ``key slot <= w``) is all it needs.
   new pointer is at least every active row's length. With S at least twice
   the longest request this happens at most once per S/2 steps.
 
-Tokens are sampled per row with the key ``fold_in(fold_in(key, request), n)``,
-so a request's sample does not depend on its slot or its neighbours either.
+Tokens are sampled per row with the key ``fold_in(fold_in(key, seed), n)``: the
+sampler's key, the request's own seed (``Request.seed``; default its index in the
+run) and the step within its row, so a request's sample does not depend on its
+slot, its neighbours, the slot count or how a caller cuts the work into runs.
+
+Results are handed over as rows finish: ``run(requests, on_done=...)`` calls
+``on_done(index, tokens)`` at once, and ``stream(requests)`` yields
+``(index, tokens)`` while pulling requests lazily (a caller can prepare prompts
+and images a few at a time and still keep every slot busy).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +53,7 @@ from viscodex_jax.sampling.methods import Greedy, Sampler
 from viscodex_jax.sharding import constrain
 
 Array = jax.Array
-_ROWS = ("tok", "pos", "n", "limit", "active", "req")
+_ROWS = ("tok", "pos", "n", "limit", "active", "seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,7 @@ class Request:
     pixel_values: np.ndarray | None = None
     image_grid_thw: np.ndarray | None = None
     max_new_tokens: int | None = None
+    seed: int | None = None  # the row's sampling seed (0 <= seed < 2**31); None: its index in the run
 
 
 def requests_from_batch(cfg: ModelConfig, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[Request]:
@@ -136,7 +144,7 @@ def _empty_state(cfg: ModelConfig, s: SlotSettings, pad_id: int) -> dict[str, An
         "cache": {"k": jnp.zeros(shape, s.cache_dtype), "v": jnp.zeros(shape, s.cache_dtype)},
         "kv_valid": jnp.zeros((b, s.cache_len), jnp.int32),
         "tok": jnp.zeros((b,), jnp.int32), "pos": jnp.zeros((b,), jnp.int32), "n": jnp.zeros((b,), jnp.int32),
-        "limit": jnp.zeros((b,), jnp.int32), "active": jnp.zeros((b,), bool), "req": jnp.zeros((b,), jnp.int32),
+        "limit": jnp.zeros((b,), jnp.int32), "active": jnp.zeros((b,), bool), "seed": jnp.zeros((b,), jnp.int32),
         "out": jnp.full((b, s.max_new_tokens), pad_id, jnp.int32),
         "w": jnp.zeros((), jnp.int32),
     }
@@ -162,18 +170,19 @@ def _pin(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _row_keys(key: Array, req: Array, n: Array) -> Array:
-    return jax.vmap(lambda r, i: jax.random.fold_in(jax.random.fold_in(key, r), i))(req, n)
+def _row_keys(key: Array, seed: Array, n: Array) -> Array:
+    """Each row's key for its step ``n``: a function of (key, the row's seed, n) only."""
+    return jax.vmap(lambda r, i: jax.random.fold_in(jax.random.fold_in(key, r), i))(seed, n)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampler", "cache_dtype", "mesh", "rules"), donate_argnums=1)
-def _insert(params, state, ids, mask, pos, next_pos, extra, row, req, limit, key, eos, *, cfg, sampler, cache_dtype,
+def _insert(params, state, ids, mask, pos, next_pos, extra, row, seed, limit, key, eos, *, cfg, sampler, cache_dtype,
             mesh=None, rules=None):
     """Prefills one prompt [1, Pb] and writes it into slot ``row`` ending at the pointer; samples its first token."""
     pb = ids.shape[1]
     logits, small, _ = _prefill_fn(params, ids, mask, pos, extra, cfg=cfg, cache_len=pb, cache_dtype=cache_dtype,
                                    mesh=mesh, rules=rules)
-    first = sampler(logits[0, -1], _row_keys(key, req[None], jnp.zeros((1,), jnp.int32))[0]).astype(jnp.int32)
+    first = sampler(logits[0, -1], _row_keys(key, seed[None], jnp.zeros((1,), jnp.int32))[0]).astype(jnp.int32)
     with on_mesh.context(mesh, rules):
         w = state["w"]
         start = w - pb
@@ -183,7 +192,7 @@ def _insert(params, state, ids, mask, pos, next_pos, extra, row, req, limit, key
         valid = jax.lax.dynamic_update_slice(jnp.zeros((state["kv_valid"].shape[1],), jnp.int32), mask[0], (start,))
         st["kv_valid"] = state["kv_valid"].at[row].set(valid)
         done = jnp.isin(first, eos) | (limit <= 1)
-        new = {"tok": first, "pos": next_pos, "n": 1, "limit": limit, "active": ~done, "req": req}
+        new = {"tok": first, "pos": next_pos, "n": 1, "limit": limit, "active": ~done, "seed": seed}
         for k, v in new.items():
             st[k] = state[k].at[row].set(jnp.asarray(v, state[k].dtype))
         st["out"] = state["out"].at[row, 0].set(first)  # the rest is read only up to the row's count
@@ -211,7 +220,7 @@ def _decode(params, state, key, eos, stop_on_free, lo, *, cfg, sampler, steps, m
         p = jnp.broadcast_to(p[None], (3, b, 1)) if mrope else p
         logits, cache = model.apply({"params": params}, st["tok"][:, None], p, kv_valid, cache=st["cache"],
                                     cache_index=w)
-        new = jax.vmap(sampler)(logits[:, -1], _row_keys(key, st["req"], st["n"])).astype(jnp.int32)
+        new = jax.vmap(sampler)(logits[:, -1], _row_keys(key, st["seed"], st["n"])).astype(jnp.int32)
         col = jnp.minimum(st["n"], st["out"].shape[1] - 1)
         out = st["out"].at[rows, col].set(jnp.where(act, new, st["out"][rows, col]))
         n = st["n"] + act
@@ -289,6 +298,9 @@ class SlotSampler:
         if not 1 <= limit <= self.settings.max_new_tokens:
             raise ConfigError(f"request {index}: max_new_tokens={limit} must be in 1..{self.settings.max_new_tokens} "
                               "(SlotSettings.max_new_tokens)")
+        seed = index if req.seed is None else req.seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+            raise ConfigError(f"request {index}: seed={req.seed!r} must be an integer in 0..2**31-1")
         check_length(self.cfg, ids.shape[1], limit)
         pos = np.asarray(req.positions, np.int32)
         batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "positions": pos[:, None] if pos.ndim == 2
@@ -301,7 +313,7 @@ class SlotSampler:
         if ids.shape[1] + limit > s.cache_len:
             raise ConfigError(f"request {index}: prompt bucket {ids.shape[1]} + max_new_tokens={limit} exceeds "
                               f"cache_len={s.cache_len}")
-        return ids, mask, pos, next_pos, extra, limit
+        return ids, mask, pos, next_pos, extra, limit, int(seed)
 
     def _set_pointer(self, target: int, lengths: dict[int, int]):
         w = int(self.state["w"])
@@ -313,56 +325,81 @@ class SlotSampler:
         else:  # nothing active: no row to keep, just move the pointer
             self.state["w"] = on_mesh.put_replicated(np.int32(target), self.mesh)
 
-    def run(self, requests: Sequence[Request]) -> list[np.ndarray]:
-        """Generates for every request; each result is its tokens up to and including its EOS (if hit)."""
-        s = self.settings
+    def run(self, requests: Sequence[Request],
+            on_done: Callable[[int, np.ndarray], None] | None = None) -> list[np.ndarray]:
+        """Generates for every request; each result is its tokens up to and including its EOS (if hit).
+
+        Every request is checked before the first one runs. ``on_done(index, tokens)`` is called as soon as
+        a request's row finishes (rows finish in any order), before the rest of the run goes on.
+        """
         prepared = [self._prepared(r, i) for i, r in enumerate(requests)]
-        pending = collections.deque(range(len(requests)))
+        results: list[np.ndarray | None] = [None] * len(prepared)
+        for i, tokens in self._drive(enumerate(prepared)):
+            results[i] = tokens
+            if on_done is not None:
+                on_done(i, tokens)
+        return results
+
+    def stream(self, requests: Iterable[Request]) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields ``(index, tokens)`` as each request finishes; requests are pulled (and checked) only as slots
+        need them, one ahead, so a long list never has to be prepared, or its images held, at once."""
+        return self._drive((i, self._prepared(r, i)) for i, r in enumerate(requests))
+
+    def _drive(self, source: Iterable[tuple[int, tuple]]) -> Iterator[tuple[int, np.ndarray]]:
+        s = self.settings
+        source = iter(source)
+        waiting: collections.deque = collections.deque()  # at most one prepared request, pulled ahead
+
+        def pull():
+            if not waiting:
+                nxt = next(source, None)
+                if nxt is not None:
+                    waiting.append(nxt)
+
         holder: dict[int, int] = {}  # slot -> request index
         bucket: dict[int, int] = {}  # slot -> prompt bucket of its request
-        results: list[np.ndarray | None] = [None] * len(requests)
         n = np.zeros(s.slots, np.int32)
         mrope = self.cfg.text.mrope_section is not None
-        while pending or holder:
+        pull()
+        while waiting or holder:
             free = [r for r in range(s.slots) if r not in holder]
-            while free and pending:
-                row, i = free.pop(0), pending.popleft()
-                ids, mask, pos, next_pos, extra, limit = prepared[i]
+            while free and waiting:
+                row, (i, (ids, mask, pos, next_pos, extra, limit, seed)) = free.pop(0), waiting.popleft()
                 lengths = {r: bucket[r] + int(n[r]) - 1 for r in holder}
                 if int(self.state["w"]) < ids.shape[1]:
                     self._set_pointer(max([ids.shape[1]] + list(lengths.values())), lengths)
                 # one prompt: replicated over the batch axes (its heads still split over the tensor axis)
                 ids, mask, pos, extra = on_mesh.put_replicated((ids, mask, pos, extra), self.mesh)
                 self.state = _insert(self.params, self.state, ids, mask, pos, jnp.int32(next_pos[0]),
-                                     extra, jnp.int32(row), jnp.int32(i), jnp.int32(limit), self.key, self.eos,
+                                     extra, jnp.int32(row), jnp.int32(seed), jnp.int32(limit), self.key, self.eos,
                                      cfg=self.cfg, sampler=self.sampler, cache_dtype=jnp.dtype(s.cache_dtype),
                                      **self._on)
                 self.stats["inserts"] += 1
                 holder[row], bucket[row] = i, ids.shape[1]
                 n[row] = 1
+                pull()
             active = np.asarray(self.state["active"])
             if holder and not active[list(holder)].any():
-                self._collect(holder, results, active)
+                yield from self._collect(holder, active)
                 continue
             lengths = {r: bucket[r] + int(n[r]) - 1 for r in holder if active[r]}
             if int(self.state["w"]) >= s.cache_len:
-                nxt = prepared[pending[0]][0].shape[1] if pending else 0
+                nxt = waiting[0][1][0].shape[1] if waiting else 0
                 self._set_pointer(max([nxt] + list(lengths.values())), lengths)
             w, longest = int(self.state["w"]), max(lengths.values())
             window = next(x for x in window_sizes(s) if x >= longest + min(s.steps_per_call, 32) or x == s.cache_len)
             lo = min(w - longest, s.cache_len - window)
-            self.state = _decode(self.params, self.state, self.key, self.eos, jnp.bool_(bool(pending)),
+            self.state = _decode(self.params, self.state, self.key, self.eos, jnp.bool_(bool(waiting)),
                                  jnp.int32(lo), cfg=self.cfg, sampler=self.sampler, steps=s.steps_per_call,
                                  mrope=mrope, window=window, **self._on)
             self.stats["decode_calls"] += 1
             n = np.array(self.state["n"])
-            self._collect(holder, results, np.asarray(self.state["active"]))
-        return results
+            yield from self._collect(holder, np.asarray(self.state["active"]))
 
-    def _collect(self, holder: dict[int, int], results: list, active: np.ndarray):
+    def _collect(self, holder: dict[int, int], active: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(request index, tokens) of the held rows that ended; their slots are free again."""
         done = [r for r in holder if not active[r]]
         if not done:
-            return
+            return []
         out, n = np.asarray(self.state["out"]), np.asarray(self.state["n"])
-        for r in done:
-            results[holder.pop(r)] = out[r, :n[r]].copy()
+        return [(holder.pop(r), out[r, :n[r]].copy()) for r in done]
