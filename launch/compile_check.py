@@ -5,6 +5,8 @@
     .venv-tpu/bin/python launch/compile_check.py --config=configs/viscodex_8b.py:v5p-8 \
         --model_config=viscodex-8b --topology=v5p:2x2x1 --rows_per_chip=6 --programs=train \
         --config.model.remat_policy=full
+    .venv-tpu/bin/python launch/compile_check.py --config=configs/viscodex_8b.py:v5p-8 \
+        --model_config=viscodex-8b --programs=sweep_merge --merge_method=ties --merge_density=0.5
 
 Nothing is allocated and no TPU is needed: every input is an abstract array
 with its sharding on a mesh of the slice's devices as libtpu describes them,
@@ -33,7 +35,8 @@ CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training 
 TOPOLOGY = flags.DEFINE_list("topology", [], "TPU slices: v5p:2x2x1, v5e:2x4, v6e:4x4 or v5p-8, v6e-8 "
                              "(comma-separated: one table each); default: the preset's --config.topology.")
 PROGRAMS_FLAG = flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile: {', '.join(PROGRAMS)} "
-                                  "(slots: the continuous-batching decode step).")
+                                  "(slots: the continuous-batching decode step; sweep_merge: the lam sweep's "
+                                  "on-device merge of base, VLM and coder).")
 MODEL = flags.DEFINE_string("model_config", "", "Built-in shape (" + ", ".join(builtin_names()) + "), a config.json "
                             "or a checkpoint dir; default: --config.model.init_checkpoint.")
 ROWS = flags.DEFINE_integer("rows_per_chip", 0, "Train rows of data.max_len tokens per chip (global batch = this x "
@@ -48,6 +51,11 @@ SAMPLER_ATTENTION = flags.DEFINE_string("sampler_attention", Settings.sampler_at
                                          "training config's).")
 CACHE_DTYPE = flags.DEFINE_string("cache_dtype", Settings.cache_dtype, "KV-cache dtype (the sampler's default).")
 FLOPS = flags.DEFINE_boolean("flops", True, "Count the train step's matmul FLOPs (one more trace).")
+MERGE_METHOD = flags.DEFINE_string("merge_method", Settings.merge_method, "sweep_merge: the merge method "
+                                   "(task_arithmetic, ties, dare_ties, ...).")
+MERGE_DENSITY = flags.DEFINE_float("merge_density", Settings.merge_density, "sweep_merge: ties/dare density.")
+MERGE_IN_DTYPE = flags.DEFINE_string("merge_in_dtype", Settings.merge_in_dtype, "sweep_merge: the stored dtype of "
+                                     "the three input checkpoints.")
 JSON_OUT = flags.DEFINE_string("json_out", "", "Write the reports here as JSON.")
 
 
@@ -66,7 +74,8 @@ def main(argv):
         s = Settings(programs=tuple(PROGRAMS_FLAG.value), rows_per_chip=ROWS.value, prompt_len=PROMPT.value,
                      cache_len=CACHE.value, decode_rows=DECODE_ROWS.value, prefill_patches=PATCHES.value,
                      cache_dtype=CACHE_DTYPE.value, sampler_attention=SAMPLER_ATTENTION.value,
-                     count_flops=FLOPS.value)
+                     count_flops=FLOPS.value, merge_method=MERGE_METHOD.value, merge_density=MERGE_DENSITY.value,
+                     merge_in_dtype=MERGE_IN_DTYPE.value)
         reports = []
         for topo in topologies:
             reports.append(compile_check(c, model, topo, s))

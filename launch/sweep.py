@@ -4,6 +4,8 @@
         --config.coder_dir=... --config.out_dir=runs/sweep --config.sweep_lams=0.7,0.8,0.85,0.9 \
         --config.score=mmcode --config.mmcode_root=/data/mmcode
 --config.score=heldout (the default) scores by held-out loss; --config.write_all writes every lam's checkpoint.
+--config.mesh=1,4,1 (data,fsdp,tensor) reads base, VLM and coder once into their shards over the mesh and
+merges each lam there (one jitted program, every method on device); the memory per device is printed first.
 """
 
 from absl import app

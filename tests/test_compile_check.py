@@ -40,7 +40,8 @@ def run_compile_check(flags: list[str], out: str) -> tuple[dict, str]:
                     "or set VISCODEX_TPU_PYTHON to a Python with libtpu and this project")
     cmd = [py, os.path.join(REPO, "launch", "compile_check.py"), "--config=configs/tiny.py", *flags,
            f"--json_out={out}"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 fake CPUs are not wanted
+    # conftest's 8 fake CPUs are not wanted, nor its compilation cache: the compile is what is checked here
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"compile_check failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}"
     with open(out) as f:
@@ -85,6 +86,38 @@ def test_tiny_programs_compile_for_tpu(tiny_reports):
         # the step multiplies at least the formula's weights and attention; remat "none" recomputes nothing
         assert 1.0 <= f["program_over_formula_dense"] < 1.15, f
     assert stdout.count("| train |") == 2 and "fits 90%" in stdout
+
+
+def _share(tree) -> int:
+    """Bytes one chip holds of a tree of sharded abstract arrays (the shards are even: one chip's is any's)."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.slow
+def test_tiny_sweep_merge_compiles_sharded(tiny_reports, hf_checkpoint):
+    """The sweep's on-device merge (task arithmetic, the default): per chip, the arguments are at least the
+    chip's shards of the three models and the output at least its shard of the merged tensors, and neither
+    is a whole model (the fixture's default --programs include sweep_merge)."""
+    from viscodex_jax.merge import MergeSpec
+    from viscodex_jax.sharding import make_mesh
+
+    reports, stdout = tiny_reports
+    cfg = model_config(hf_checkpoint("vl_a"))
+    for topo, chips in zip(TOPOLOGIES, (4, 16)):
+        r = _result(reports[topo], "sweep_merge")
+        assert r["compiled"] and r["fits"] and r["error"] is None, (topo, r)
+        assert r["merge_method"] == "task_arithmetic" and r["models"] == 3
+        if chips > len(jax.devices()):
+            continue
+        mesh = make_mesh((1, chips, 1), jax.devices()[:chips])
+        _, (trees, _), _ = programs.sweep_merge_args(cfg, mesh, programs.rules_of(base_config()), "bfloat16",
+                                                     MergeSpec())
+        args, whole = _share(trees), sum(x.size * 2 for t in trees for x in t.values())
+        merged = _share([trees[1][p] for p in trees[1] if not p.startswith("visual")])
+        assert args <= r["argument_bytes"] < whole, (topo, args, r["argument_bytes"], whole)
+        assert merged <= r["output_bytes"] < r["argument_bytes"], (topo, merged, r["output_bytes"])
+    assert "sweep_merge (task_arithmetic, density 1): args = base + VLM + coder" in stdout
 
 
 @pytest.mark.slow

@@ -16,6 +16,8 @@ from viscodex_jax.merge import MergeSpec, merge_checkpoints
 from viscodex_jax.merge import tensor as tensor_lib
 from viscodex_jax.merge.methods import kth_largest_magnitudes, kth_largest_magnitudes_on_device
 from viscodex_jax.merge.on_device import EMBED, LM_HEAD, MeshMerge, merge_leaf, plan_leaves
+from viscodex_jax.merge.recipe import merge_config
+from viscodex_jax.merge.sweep import memory_needed
 from viscodex_jax.merge.tensor import merge_with_vocab_policy
 from viscodex_jax.model.config import load_config
 from viscodex_jax.sampling import mesh as on_mesh
@@ -68,6 +70,16 @@ def test_on_device_merge_equals_the_streamed_checkpoint_bit_for_bit(tiny, tmp_pa
     # the copied vision tower is the VLM's own arrays, not a copy
     copied = [(k, v) for k, v in flatten(params).items() if k[0] == "visual"]
     assert copied and all(v is merger.trees[1]["/".join(k)] for k, v in copied)
+    # the memory printed up front, from the headers and the shardings, is what the devices then hold
+    c = merge_config()
+    c.base_dir, c.vlm_dir, c.coder_dir = tiny["base"], *dirs
+    mem = memory_needed(c, spec, mesh, rules)
+    held = {}
+    merged = [flatten(params)[p.key] for p in merger.plans]
+    for x in [v for t in merger.trees for v in t.values()] + merged:
+        for shard in x.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    assert max(held.values()) == mem["device_total"] < mem["host_total"] / 4
 
 
 def test_on_device_thresholds_equal_the_host_selection():

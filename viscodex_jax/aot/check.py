@@ -31,7 +31,7 @@ from viscodex_jax.model.config import ModelConfig
 from viscodex_jax.sampling.loop import DecodeSettings
 from viscodex_jax.sharding import make_mesh
 
-PROGRAMS = ("train", "prefill", "decode", "slots")
+PROGRAMS = ("train", "prefill", "decode", "slots", "sweep_merge")
 HEADROOM = 0.10  # "fits with headroom": peak within 90% of HBM (fragmentation, runtime buffers)
 _ARCH_FIELDS = ("model_type", "text", "vision", "image_token_id", "video_token_id", "vision_start_token_id",
                 "vision_end_token_id")
@@ -53,6 +53,10 @@ class Settings:
     # The sampler's attention: api.load / launch/generate.py run ModelConfig's default unless told otherwise.
     sampler_attention: str = ModelConfig.__dataclass_fields__["attention_impl"].default
     count_flops: bool = True  # trace the train step once more to count its matmuls
+    # sweep_merge: the merge method (and its density) of the lam sweep, and the stored dtype of its three inputs
+    merge_method: str = "task_arithmetic"
+    merge_density: float = 1.0
+    merge_in_dtype: str = "bfloat16"
 
     def __post_init__(self):
         bad = set(self.programs) - set(PROGRAMS)
@@ -62,6 +66,17 @@ class Settings:
             raise CheckError(f"--cache_len={self.cache_len} must be >= --prompt_len={self.prompt_len}")
         if self.rows_per_chip < 0 or self.decode_rows < 0:
             raise CheckError("--rows_per_chip and --decode_rows must be >= 0")
+        if "sweep_merge" in self.programs:
+            self.merge_spec()
+
+    def merge_spec(self):
+        """The sweep's MergeSpec (VisCodex weights; the lam does not change the program)."""
+        from viscodex_jax.merge.spec import MergeError, MergeSpec
+
+        try:
+            return MergeSpec(method=self.merge_method, density=self.merge_density)
+        except MergeError as e:
+            raise CheckError(f"--merge_method={self.merge_method} --merge_density={self.merge_density}: {e}") from None
 
 
 def runtime_settings(c) -> dict[str, Any]:
@@ -193,6 +208,12 @@ def compile_check(c, model_spec: str, topology: str, s: Settings = Settings()) -
             r = compile_program(name, jitted, args, sl)
             r.update(rows=decode_rows, rows_per_chip=decode_rows / sl.chips, seq_len=1, tokens=decode_rows,
                      cache_len=s.cache_len)
+        elif name == "sweep_merge":
+            spec = s.merge_spec()
+            jitted, args, _ = programs.sweep_merge_program(cfg, mesh, rules, s.merge_in_dtype, spec)
+            r = compile_program(name, jitted, args, sl)
+            r.update(rows=0, rows_per_chip=0, seq_len=0, tokens=0, models=3, merge_method=spec.method,
+                     merge_density=spec.density, merge_in_dtype=s.merge_in_dtype, merge_out_dtype=spec.out_dtype)
         else:
             jitted, args, _ = programs.decode_program(sampler_cfg, mesh, rules, c.model.param_dtype, decode_rows,
                                                       s.cache_len, s.cache_dtype)
@@ -256,6 +277,10 @@ def render(report: dict[str, Any]) -> str:
     for r in report["results"]:
         if not r["compiled"]:
             lines += ["", f"{r['program']}: {r['error']}"]
+        if r["program"] == "sweep_merge":
+            lines += ["", f"sweep_merge ({r['merge_method']}, density {r['merge_density']:g}): args = base + VLM + "
+                      f"coder in {r['merge_in_dtype']}, out = the merged tensors in {r['merge_out_dtype']}, temp = "
+                      "the merge's temporaries, per chip"]
         f = r.get("flops")
         if f:
             p = f["per_token"]

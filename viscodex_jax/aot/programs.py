@@ -15,6 +15,11 @@ sampler would run there, without allocating a byte.
 * ``slots``: continuous batching's decode call (``sampling.slots._decode``:
   the while loop of steps over every slot, the state donated) on the state
   ``SlotSampler`` places on the mesh (cache over slots and kv-heads).
+* ``sweep_merge``: the lam sweep's on-device merge (``merge.on_device``): the
+  base, VLM and coder params placed by the rules in, the merged tensors out
+  in the VLM's shardings. Its arguments are the three models, its output the
+  merged copy (the copied vision tower is the VLM's own arrays), its
+  temporaries the merge's.
 """
 
 from __future__ import annotations
@@ -212,3 +217,36 @@ def slots_program(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: i
     static = dict(cfg=cfg, sampler=Greedy(), steps=steps, mrope=cfg.text.mrope_section is not None,
                   window=cache_len, mesh=mesh, rules=tuple(rules))
     return _Bound(slots._decode, static), args, functools.partial(slots._decode.__wrapped__, **static)
+
+
+def text_only(cfg: ModelConfig) -> ModelConfig:
+    """The language model of a VLM as a text-only checkpoint has it (Qwen2.5-VL's is a Qwen2: the base and the
+    coder of the VisCodex merge); a text-only config unchanged."""
+    return ModelConfig("qwen2", cfg.text) if cfg.is_multimodal else cfg
+
+
+def sweep_merge_args(cfg: ModelConfig, mesh: Mesh, rules, in_dtype: Any, spec) -> tuple:
+    """(plans, (trees, weights), out shardings): the abstract base, VLM and coder as ``MeshMerge`` holds them
+    (flat "a/b/c" dicts, ``in_dtype``, sharded by the rules) and the per-param weights (replicated)."""
+    from viscodex_jax.merge.on_device import leaf_weights, plan_leaves
+    from viscodex_jax.utils import flatten
+
+    text = text_only(cfg)
+    trees = []
+    for c in (text, cfg, text):
+        tree = flatten(_param_args(c, mesh, rules, in_dtype))
+        trees.append({"/".join(k): v for k, v in tree.items()})
+    shapes = [{tuple(k.split("/")): v for k, v in t.items()} for t in trees]
+    plans = plan_leaves(cfg, shapes, spec)
+    rep = NamedSharding(mesh, P())
+    weights = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep) for k, v in leaf_weights(plans, spec).items()}
+    out = {p.path: trees[1][p.path].sharding for p in plans}
+    return plans, (trees, weights), out
+
+
+def sweep_merge_program(cfg: ModelConfig, mesh: Mesh, rules, in_dtype: Any, spec):
+    from viscodex_jax.merge.on_device import build_program
+
+    plans, args, out = sweep_merge_args(cfg, mesh, rules, in_dtype, spec)
+    shardings = [{k: v.sharding for k, v in t.items()} for t in args[0]]
+    return build_program(plans, spec, shardings, out, mesh), args, None
