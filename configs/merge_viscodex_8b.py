@@ -12,7 +12,20 @@ The paper's lam sweep (each lam merged in memory and scored by MMCode pass@1; on
 
     python launch/sweep.py --config=configs/merge_viscodex_8b.py --config.base_dir=... --config.vlm_dir=... \
       --config.coder_dir=... --config.out_dir=runs/sweep_8b --config.sweep_lams=0.7,0.8,0.85,0.9 \
-      --config.score=mmcode --config.mmcode_root=/data/mmcode
+      --config.score=mmcode --config.mmcode_root=/data/mmcode --config.mesh=1,4,1
+
+With ``--config.mesh`` the three models are read once into their shards and every lam is merged on the mesh
+by one jitted program. Per chip on v5p-8 (4 chips, mesh 1,4,1), XLA:TPU ahead of time
+(``launch/compile_check.py --config=configs/viscodex_8b.py:v5p-8 --model_config=viscodex-8b
+--programs=sweep_merge --merge_method=...``, 2026-12-02), GiB:
+
+| method (density) | base + VLM + coder (args) | merged tensors (out) | temporaries | peak | HBM | fits |
+|---|---:|---:|---:|---:|---:|---|
+| task_arithmetic | 11.90 | 3.55 | 3.05 | 18.50 | 95.74 | yes |
+| ties (0.5) | 11.90 | 3.55 | 4.07 | 19.51 | 95.74 | yes |
+| dare_ties (0.5) | 11.90 | 3.55 | 5.55 | 21.00 | 95.74 | yes |
+
+Scoring (MMCode generation) then runs on the same chips next to the three models (about 15.5 GiB per chip).
 """
 
 from viscodex_jax.merge.recipe import merge_config

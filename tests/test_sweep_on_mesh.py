@@ -153,3 +153,29 @@ def test_merge_leaf_equals_merge_with_vocab_policy(tiny, monkeypatch, method, ex
             srcs_i = [hf(s.T if tied else s) for s, tied in zip(srcs, p.tied)]
             want, _ = merge_with_vocab_policy(p.names[i or 0], srcs_i[0], srcs_i[1:], srcs_i[1], spec, p.path)
             assert hf(got).tobytes() == np.asarray(want).tobytes(), (method, p.path, i)
+
+
+def test_bad_copied_tensor_and_a_changed_spec_are_refused(tiny, tmp_path):
+    """A NaN in the VLM's vision tower (copied, not merged) is named at load; a spec that differs in more
+    than its weights is refused (the program was compiled for the first)."""
+    import shutil
+
+    from viscodex_jax.merge import MergeError
+    from viscodex_jax.testing.checkpoints import rewrite_tensors
+
+    mesh = make_mesh((1, 4, 2))
+    rules = on_mesh.resolve_rules(mesh, None)
+    vlm = str(tmp_path / "vlm")
+    shutil.copytree(tiny["vlm"], vlm)
+
+    def poison(tensors):
+        name = next(k for k in tensors if "visual" in k and "patch_embed" in k)
+        tensors[name] = tensors[name].copy()
+        tensors[name].reshape(-1)[3] = np.nan
+
+    rewrite_tensors(vlm, poison)
+    with pytest.raises(MergeError, match=r"param visual/patch_embed/\S+ \(copied into the output\) has NaN/Inf: 1 of"):
+        MeshMerge(tiny["base"], [vlm, tiny["coder"]], MergeSpec(), mesh, rules)
+    merger = MeshMerge(tiny["base"], [tiny["vlm"], tiny["coder"]], MergeSpec(), mesh, rules)
+    with pytest.raises(MergeError, match="differs in more than its weights"):
+        merger.merge(MergeSpec(method="ties", density=0.5))

@@ -186,8 +186,8 @@ def report_from_sums(plans: Sequence[LeafPlan], sums: dict[str, Any], spec: Merg
 
 
 @jax.jit
-def _count_nonfinite(x):
-    return jnp.sum(~jnp.isfinite(x))
+def _count_nonfinite(tree):
+    return {k: jnp.sum(~jnp.isfinite(x)) for k, x in tree.items()}
 
 
 class MeshMerge:
@@ -204,7 +204,6 @@ class MeshMerge:
         from viscodex_jax.merge.drivers import hf_dir_source, plan_merge
         from viscodex_jax.model.causal_lm import param_shapes
         from viscodex_jax.model.config import load_config
-        from viscodex_jax.sampling import mesh as on_mesh
         from viscodex_jax.utils import flatten
 
         dirs = [base_dir, *model_dirs]
@@ -224,21 +223,18 @@ class MeshMerge:
         self.plans = plan_leaves(self.cfg, shapes, spec, hf_names)
         merged = {p.path for p in self.plans}
         primary = self.trees[1]
-        for path, x in primary.items():
-            if path in merged:
-                continue
+        copied = {path: x for path, x in primary.items() if path not in merged}
+        for path, x in copied.items():
             if not is_float_dtype(x.dtype):
                 raise MergeError(f"{model_dirs[0]}: param {path} has dtype {x.dtype}, but model parameters are "
                                  "floating point")
-            bad = int(_count_nonfinite(x))
+        for path, bad in jax.device_get(_count_nonfinite(copied)).items():  # one program for them all
             if bad:
                 raise MergeError(f"{model_dirs[0]}: param {path} (copied into the output) has NaN/Inf: {bad} of "
-                                 f"{x.size} values")
+                                 f"{copied[path].size} values")
         out_sh = {p.path: primary[p.path].sharding for p in self.plans}
         shardings = [{k: v.sharding for k, v in t.items()} for t in self.trees]
         self.program = build_program(self.plans, spec, shardings, out_sh, mesh)
-        self.param_shardings = on_mesh.param_shardings(self.cfg, param_shapes(self.cfg), mesh, rules)
-        self.model_dirs = list(model_dirs)
 
     def merge(self, spec: MergeSpec) -> tuple[dict[str, Any], dict[str, Any]]:
         """(merged params tree, report dict) for ``spec`` (which may differ from the first only in its weights)."""
