@@ -15,7 +15,10 @@ What it does:
 
    * ``ours``: ``viscodex_jax.sampling.generate_ids`` (prefill + a
      ``lax.while_loop`` of 64 decode steps in one jitted program; float32 KV
-     cache of 192 slots, prompt_bucket 64) with an EOS id (-1) that cannot
+     cache of 192 slots, prompt_bucket 64) on the params split per layer once
+     after loading (``causal_lm.unstack_layers(free=True)``: the layers run as a
+     loop over their own buffers; ``--layers stacked`` keeps the ``nn.scan``
+     over stacked params of training instead) with an EOS id (-1) that cannot
      occur, so all 64 tokens are generated. Prefill is timed on its own with
      the sampler's jitted ``_prefill`` (same cache length); decode = whole
      ``generate_ids`` - prefill, over 64 decode forward passes. The first call of
@@ -45,13 +48,12 @@ What it does:
    and the mean fraction of each row before the first difference: random
    weights can make near-ties, after which the continuations differ).
 
-5. Ablation (skip with ``--no_ablation``): one decode step of ours as shipped
-   (``sampling._step``: ``nn.scan`` over layer params stacked [L, ...]) against
-   the same ``DecoderLayer`` modules applied layer by layer, each layer's params
-   in its own buffer, in one jit (same logits). It isolates what the scan over
-   stacked params costs a memory-bound decode step on XLA:CPU, which copies each
-   layer's weight slices out of the stacked arrays (a dynamic-slice fusion)
-   before its matmuls.
+5. Ablation (skip with ``--no_ablation``): one decode step (``sampling._step``)
+   on the stacked params (``nn.scan`` over [L, ...] arrays, as training runs)
+   against the same step on the per-layer params (a loop over per-layer
+   buffers). It isolates what the scan over stacked params costs a
+   memory-bound decode step on XLA:CPU, which copies each layer's weight slices
+   out of the stacked arrays (a dynamic-slice fusion) before its matmuls.
 
 6. Mixed-length workload (``--workload mixed``; both by default): 64 prompts
    whose prompt and output lengths are drawn from heavy-tailed (lognormal)
@@ -180,7 +182,19 @@ def _summary(gen_times: list[float], pre_times: list[float]) -> dict[str, Any]:
                 decode_s=g - p, decode_median_s=statistics.median(gen_times) - statistics.median(pre_times))
 
 
-def task_ours(ckpt: str, repeats: int, prefill_repeats: int, seed: int) -> dict[str, Any]:
+def _inference_params(params, layers: str):
+    """Device params as the sampler runs them: split per layer once (the stacked arrays freed), or stacked."""
+    import jax
+
+    from viscodex_jax.model.causal_lm import unstack_layers
+
+    params = jax.device_put(params)
+    if layers == "per_layer":
+        params = unstack_layers(params, free=True)
+    return jax.block_until_ready(params)
+
+
+def task_ours(ckpt: str, repeats: int, prefill_repeats: int, seed: int, layers: str) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -192,13 +206,14 @@ def task_ours(ckpt: str, repeats: int, prefill_repeats: int, seed: int) -> dict[
     jax.devices()
     t0 = time.perf_counter()
     cfg, params = load_hf_params(ckpt, dtype=np.float32)
-    params = jax.device_put(params)
-    jax.block_until_ready(params)
+    params = _inference_params(params, layers)
     load_s = time.perf_counter() - t0
     settings = sampling.DecodeSettings(max_new_tokens=NEW_TOKENS, prompt_bucket=PROMPT_BUCKET, cache_dtype="float32")
     cache_dtype = jnp.dtype(settings.cache_dtype)
     prompts = _prompts(cfg.text.vocab_size, seed)
-    out: dict[str, Any] = dict(load_s=load_s, param_bytes=_param_bytes_tree(params), dtype=cfg.dtype,
+    # what is live on the device after loading: the params once (the stacked copy is gone when split)
+    out: dict[str, Any] = dict(load_s=load_s, param_bytes=_param_bytes_tree(params), dtype=cfg.dtype, layers=layers,
+                               live_bytes_after_load=int(sum(x.nbytes for x in jax.live_arrays())),
                                settings=dataclasses.asdict(settings), batches={})
     for b in BATCHES:
         ids = prompts[:b].astype(np.int32)
@@ -294,80 +309,53 @@ def task_hf(ckpt: str, repeats: int, prefill_repeats: int, seed: int, threads: i
 
 
 def task_ablation(ckpt: str, repeats: int) -> dict[str, Any]:
-    """One decode step (context 192 slots): our ``_step`` against the same layers run unrolled.
-
-    ``scan``: ``sampling._step`` as shipped (``nn.scan`` over layer params stacked [L, ...]).
-    ``unrolled``: the same ``DecoderLayer`` module applied layer by layer in Python inside one jit,
-    with each layer's params its own device buffer (no dynamic slice of a stacked array), the
-    same final norm and tied lm_head (``dot(h, E.T)``, as ``nn.Embed.attend``). Same logits.
-    """
+    """One decode step (context 192 slots) of ``sampling._step`` on stacked params (``nn.scan``) and on the
+    same params split per layer (a loop over per-layer buffers); same inputs, logits compared."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from viscodex_jax.sampling import loop as sampling
     from viscodex_jax.checkpoint import load_hf_params
-    from viscodex_jax.model.layers import RMSNorm, text_rope
-    from viscodex_jax.model.causal_lm import segments_for
-    from viscodex_jax.model.text import DecoderLayer
+    from viscodex_jax.model.causal_lm import unstack_layers
 
     cfg, params = load_hf_params(ckpt, dtype=np.float32)
     params = jax.device_put(params)
+    per_layer = unstack_layers(params)  # both layouts live at once here, on purpose: one process times both
     tc = cfg.text
     n_layers, cache_len, slot = tc.num_layers, PROMPT_LEN + NEW_TOKENS, PROMPT_LEN + NEW_TOKENS // 2
-    per_layer = [jax.tree_util.tree_map(lambda x, i=i: jnp.array(x[i]), params["model"]["layers"])
-                 for i in range(n_layers)]
-    emb, norm = params["model"]["embed_tokens"]["embedding"], params["model"]["norm"]
-    layer = DecoderLayer(tc, jnp.float32, cfg.attention_impl)
-    final_norm = RMSNorm(tc.rms_norm_eps, jnp.float32)
-
-    @jax.jit
-    def unrolled(per_layer, ck, cv, kv_valid, tok, position, slot):
-        x = emb[tok][:, None]
-        cos, sin = text_rope(position[:, None], tc.head_dim, tc.rope_theta, None)
-        segs = segments_for(1, kv_valid)
-        nk, nv = [], []
-        for i in range(n_layers):
-            x, c = layer.apply({"params": per_layer[i]}, x, {"k": ck[i], "v": cv[i]}, cos, sin, segs, slot)
-            nk.append(c["k"])
-            nv.append(c["v"])
-        x = final_norm.apply({"params": norm}, x)
-        return jnp.dot(x, emb.T), nk, nv
-
     out: dict[str, Any] = dict(slot=slot, cache_len=cache_len, batches={})
     rng = np.random.default_rng(0)
     for b in BATCHES:
         shape = (n_layers, b, cache_len, tc.num_kv_heads, tc.head_dim)
         cache = {k: jnp.asarray(rng.standard_normal(shape, np.float32)) for k in ("k", "v")}
-        ck, cv = [cache["k"][i] for i in range(n_layers)], [cache["v"][i] for i in range(n_layers)]
-        kv_valid = jnp.asarray((np.arange(cache_len) <= slot)[None].repeat(b, 0).astype(np.int32))
-        tok = jnp.asarray(rng.integers(0, tc.vocab_size, b).astype(np.int32))
+        kv_valid = jnp.asarray((np.arange(cache_len) < slot)[None].repeat(b, 0).astype(np.int32))
+        tok = rng.integers(0, tc.vocab_size, b)
         logits_in = jax.nn.one_hot(tok, tc.vocab_size)[:, None] * 10.0  # greedy picks ``tok``
         position = jnp.full((b,), slot, jnp.int32)
         eos = jnp.asarray([NO_EOS], jnp.int32)
         res = {}
 
-        def scan():
-            res["scan"] = jax.block_until_ready(sampling._step(
-                params, cache, kv_valid, logits_in, jnp.zeros((b,), bool), jax.random.PRNGKey(0), slot, position,
-                eos, 0, cfg=cfg, sampler=sampling.Greedy(), mrope=False))
+        def step(name, p):
+            def f():
+                res[name] = jax.block_until_ready(sampling._step(
+                    p, cache, kv_valid, logits_in, jnp.zeros((b,), bool), jax.random.PRNGKey(0), slot, position,
+                    eos, 0, cfg=cfg, sampler=sampling.Greedy(), mrope=False))
+            return f
 
-        def unr():
-            res["unrolled"] = jax.block_until_ready(unrolled(per_layer, ck, cv, kv_valid.at[:, slot].set(1), tok,
-                                                             position, slot))
-
+        fns = {"scan": step("scan", params), "unrolled": step("unrolled", per_layer)}
         times = {"scan": [], "unrolled": []}
-        for fn in (scan, unr):
+        for fn in fns.values():
             fn()  # compile
         for _ in range(repeats):  # interleaved, so background load hits both alike
-            for name, fn in (("scan", scan), ("unrolled", unr)):
+            for name, fn in fns.items():
                 times[name] += _times(fn, 2)
-        diff = float(jnp.max(jnp.abs(res["scan"][2][:, 0] - res["unrolled"][0][:, 0])))
+        diff = float(jnp.max(jnp.abs(res["scan"][2] - res["unrolled"][2])))
         med = {k: statistics.median(v) for k, v in times.items()}
         best = {k: min(v) for k, v in times.items()}
         out["batches"][str(b)] = dict(times=times, median_s=med, best_s=best, logits_max_abs_diff=diff,
                                       speedup=best["scan"] / best["unrolled"])
-        print(f"[ablation] batch {b}: scan {best['scan'] * 1e3:.1f} ms, unrolled {best['unrolled'] * 1e3:.1f} ms, "
+        print(f"[ablation] batch {b}: scan {best['scan'] * 1e3:.1f} ms, per-layer {best['unrolled'] * 1e3:.1f} ms, "
               f"max |logit diff| {diff:.2e}", file=sys.stderr, flush=True)
     return out
 
@@ -416,12 +404,11 @@ def _left_pad(rows):
     return ids, mask
 
 
-def task_mixed(ckpt: str, repeats: int, seed: int, threads: int) -> dict[str, Any]:
+def task_mixed(ckpt: str, repeats: int, seed: int, threads: int, layers: str) -> dict[str, Any]:
     """64 prompts of heavy-tailed lengths, each with its own output length (no EOS): continuous batching
     (8 slots) against our lockstep loop and transformers' generate on batches of 8 in submission order
     (each batch runs until its longest row). Implementations alternate, repeat by repeat, after a warm-up
     pass of each that compiles every program the timed passes use."""
-    import jax
     import numpy as np
     import torch
     from transformers import GenerationConfig, Qwen2ForCausalLM
@@ -437,7 +424,7 @@ def task_mixed(ckpt: str, repeats: int, seed: int, threads: int) -> dict[str, An
     prompts, new_tokens = mixed_workload(seed)
     useful = int(new_tokens.sum())
     cfg, params = load_hf_params(ckpt, dtype=np.float32)
-    params = jax.device_put(params)
+    params = _inference_params(params, layers)
     hf = Qwen2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     batches = [list(range(i, min(i + MIXED_BATCH, len(prompts)))) for i in range(0, len(prompts), MIXED_BATCH)]
     longest = int(max(sampling._round_up(len(p), MIXED_BUCKET) for p in prompts)) + int(new_tokens.max())
@@ -546,11 +533,11 @@ def run_child(a: dict[str, Any]) -> dict[str, Any]:
     if a["task"] == "bandwidth":
         res = task_bandwidth(a["threads"])
     elif a["task"] == "ours":
-        res = task_ours(a["ckpt"], a["repeats"], a["prefill_repeats"], a["seed"])
+        res = task_ours(a["ckpt"], a["repeats"], a["prefill_repeats"], a["seed"], a["layers"])
     elif a["task"] == "hf":
         res = task_hf(a["ckpt"], a["repeats"], a["prefill_repeats"], a["seed"], a["threads"])
     elif a["task"] == "mixed":
-        res = task_mixed(_mixed_checkpoint(a["work_dir"]), a["repeats"], a["seed"], a["threads"])
+        res = task_mixed(_mixed_checkpoint(a["work_dir"]), a["repeats"], a["seed"], a["threads"], a["layers"])
     elif a["task"] == "ablation":
         res = task_ablation(a["ckpt"], a["repeats"])
     else:
@@ -633,8 +620,8 @@ def render(r: dict[str, Any]) -> str:
             f"{len(next(iter(ab['batches'].values()))['times']['scan'])} interleaved calls "
             f"(other load {ab['bg_cpu_frac'] * 100:.0f}%):",
             "",
-            "| batch | sampling._step (nn.scan over stacked layer params) ms | same layers unrolled, per-layer "
-            "buffers ms | scan ÷ unrolled | max abs logit diff |",
+            "| batch | sampling._step, stacked params (nn.scan) ms | sampling._step, per-layer params (loop) ms | "
+            "scan ÷ loop | max abs logit diff |",
             "|---:|---:|---:|---:|---:|",
         ]
         for b, x in ab["batches"].items():
@@ -697,6 +684,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--workload", choices=("fixed", "mixed", "both"), default="both",
                    help="fixed: equal prompts, batch 1 and 8, with the bandwidth floor; mixed: 64 prompts of "
                         "heavy-tailed lengths, continuous batching vs lockstep vs transformers")
+    p.add_argument("--layers", choices=("per_layer", "stacked"), default="per_layer",
+                   help="ours: params split per layer once after loading (inference layout), or stacked [L, ...] "
+                        "(nn.scan, the training layout)")
     p.add_argument("--mixed_repeats", type=int, default=3,
                    help="timed passes of each implementation over the mixed workload (alternating)")
     a = p.parse_args(argv)
@@ -707,12 +697,13 @@ def main(argv: list[str]) -> None:
         machine=h.machine_info(),
         config=dict(model=MODEL, ckpt=ckpt, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, batches=list(BATCHES),
                     repeats=a.repeats, prefill_repeats=a.prefill_repeats, threads=a.threads, seed=a.seed,
-                    prompt_bucket=PROMPT_BUCKET,
+                    prompt_bucket=PROMPT_BUCKET, layers=a.layers,
                     quiet_wait=a.quiet_wait, retries=a.retries, max_bg=a.max_bg, compute_dtype="float32",
                     threads_setup=h.THREADS_SETUP),
         impls={},
     )
-    common = dict(ckpt=ckpt, repeats=a.repeats, prefill_repeats=a.prefill_repeats, seed=a.seed, threads=a.threads)
+    common = dict(ckpt=ckpt, repeats=a.repeats, prefill_repeats=a.prefill_repeats, seed=a.seed, threads=a.threads,
+                  layers=a.layers)
     tables = []
     if a.workload in ("fixed", "both"):
         measure_fixed(a, results, common, ckpt)

@@ -3,15 +3,19 @@
 Parameter tree (mirrors the HF on-disk names, layers stacked on axis 0):
     model/embed_tokens/embedding, model/layers/<...>, model/norm/scale,
     lm_head/kernel (absent when embeddings are tied), visual/<...> (VL only).
+For inference ``unstack_layers`` turns model/layers into model/layers_0 .. layers_{L-1}
+(per-layer buffers; the decoder then runs its layers as a loop, see ``model.text``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from viscodex_jax.model.config import ModelConfig
 from viscodex_jax.model.layers import Dense, text_rope
@@ -147,3 +151,61 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
 def logical_axes(cfg: ModelConfig) -> dict[str, Any]:
     """Per-param logical PartitionSpecs (None entries: replicated), from the modules' annotations."""
     return nn.get_partition_spec(jax.eval_shape(lambda: init_boxed(cfg, jax.random.PRNGKey(0))))
+
+
+# ------------------------------------------------------------------------- per-layer params for inference
+
+
+def layers_unstacked(params: dict[str, Any]) -> bool:
+    """Whether the decoder's layer params are per layer (``unstack_layers``) rather than stacked [L, ...]."""
+    return "layers_0" in params.get("model", {})
+
+
+def unstack_layers(params: dict[str, Any], free: bool = False) -> dict[str, Any]:
+    """The params with ``model/layers`` (stacked [L, ...]) split into ``model/layers_0 .. layers_{L-1}``:
+    the layout the decoder runs as a loop over per-layer buffers (``model.text``), for inference.
+
+    Leaves may be device arrays (a sharded one keeps its sharding, less the layer axis), numpy arrays
+    (views of the stacked array: no copy) or ``ShapeDtypeStruct``s (abstract params, e.g. for AOT
+    compilation). ``free``: delete each stacked device array as soon as it is split, so the peak holds
+    one leaf twice, never the whole model; only for params nobody else uses (the caller's stacked
+    arrays are invalid afterwards). Params already per layer are returned as they are.
+    """
+    if layers_unstacked(params):
+        return params
+    model = dict(params["model"])
+    stacked = model.pop("layers")
+    paths, treedef = jax.tree_util.tree_flatten(stacked)
+    n = {int(x.shape[0]) for x in paths}
+    if len(n) != 1:
+        raise ValueError(f"model/layers: leaves disagree on the layer count {sorted(n)}")
+    n_layers = n.pop()
+    per_leaf = []
+    for x in paths:
+        per_leaf.append(_split_layers(x, n_layers))
+        if free and isinstance(x, jax.Array):
+            x.delete()
+    for i in range(n_layers):
+        model[f"layers_{i}"] = jax.tree_util.tree_unflatten(treedef, [parts[i] for parts in per_leaf])
+    return {**params, "model": model}
+
+
+def _split_layers(x: Any, n: int) -> list[Any]:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        sharding = x.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+        return [jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)] * n
+    if not isinstance(x, jax.Array):
+        return [np.asarray(x)[i] for i in range(n)]
+    out = None
+    if isinstance(x.sharding, jax.sharding.NamedSharding):
+        spec = jax.sharding.PartitionSpec(*x.sharding.spec[1:])
+        out = (jax.sharding.NamedSharding(x.sharding.mesh, spec),) * n
+    return list(_splitter(n, out)(x))
+
+
+@functools.lru_cache(maxsize=None)
+def _splitter(n: int, shardings):
+    # one compiled program per (layer count, placement) splits a whole leaf in one call
+    return jax.jit(lambda x: tuple(x[i] for i in range(n)), out_shardings=shardings)

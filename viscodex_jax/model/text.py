@@ -1,4 +1,20 @@
-"""Qwen2 text decoder: GQA with q/k/v bias, SwiGLU, RMSNorm, (M-)RoPE, scanned layers."""
+"""Qwen2 text decoder: GQA with q/k/v bias, SwiGLU, RMSNorm, (M-)RoPE.
+
+Two layouts of the layer params, one set of modules:
+
+* stacked (``model/layers/...``, every leaf [L, ...]): training and ``init``; the
+  layers run as one ``nn.scan`` body (one traced layer, remat per layer).
+* per layer (``model/layers_0 ... layers_{L-1}``, from ``causal_lm.unstack_layers``):
+  inference; the layers run as a Python loop, each reading its own buffers. On
+  XLA:CPU a scan copies every layer's weight slices out of the stacked arrays
+  on every step (a dynamic-slice fusion), which a memory-bound decode step pays
+  for in full; per-layer buffers are read in place. The KV cache stays one
+  [L, B, S, K, hd] array either way: the loop writes each layer's new keys and
+  values into it in place.
+
+Both give the same numbers (the same modules on the same values); which one
+runs follows from the params given.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +65,7 @@ class Attention(nn.Module):
     cfg: TextConfig
     dtype: Any
     impl: str
+    layer: int | None = None  # set: the cache is the stacked [L, ...] one and this is its layer
 
     @nn.compact
     def __call__(self, x, cos, sin, segs, cache=None, cache_index=None):
@@ -64,9 +81,15 @@ class Attention(nn.Module):
         if cache is not None:
             # One write offset for the whole batch: rows are left-padded to a
             # common length by the sampler, so they advance in lockstep.
-            ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
-            new_cache = {"k": ck, "v": cv}
+            if self.layer is None:  # this layer's [B, S, K, hd] (the scan's slice)
+                ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+                cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+                new_cache = {"k": ck, "v": cv}
+            else:  # only the new entries are written, in place, into the stacked cache
+                at = (self.layer, 0, cache_index, 0, 0)
+                new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], at),
+                             "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], at)}
+                ck, cv = new_cache["k"][self.layer], new_cache["v"][self.layer]
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
         out = attend(q, k, v, q_segment_ids=segs["q"], kv_segment_ids=segs["kv"], causal=True,
                      q_offset=cache_index if cache is not None else 0, impl=self.impl)
@@ -105,18 +128,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm decoder layer, in the (carry, per-layer input) form nn.scan wants."""
+    """One pre-norm decoder layer, in the (carry, per-layer input) form nn.scan wants; with ``layer`` set it
+    takes the stacked [L, ...] cache and updates its own layer of it (the per-layer loop)."""
 
     cfg: TextConfig
     dtype: Any
     impl: str
+    layer: int | None = None
 
     @nn.compact
     def __call__(self, x, cache, cos, sin, segs, cache_index):
         c = self.cfg
         x = constrain(x, _ACT)
         h = RMSNorm(c.rms_norm_eps, self.dtype, ("norm",), name="input_layernorm")(x)
-        h, new_cache = Attention(c, self.dtype, self.impl, name="self_attn")(h, cos, sin, segs, cache, cache_index)
+        h, new_cache = Attention(c, self.dtype, self.impl, self.layer, name="self_attn")(h, cos, sin, segs, cache, cache_index)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, self.dtype, ("norm",), name="post_attention_layernorm")(x)
         x = x + MLP(c.intermediate_size, c.hidden_size, False, self.dtype, ("embed", "mlp"), name="mlp")(h)
@@ -128,7 +153,8 @@ def remat_policy_names() -> tuple[str, ...]:
 
 
 class Decoder(nn.Module):
-    """Embeddings + L decoder layers (one scanned body, stacked [L, ...] params) + final norm."""
+    """Embeddings + L decoder layers (a scanned body over stacked [L, ...] params, or a loop over per-layer
+    params; see the module docstring) + final norm."""
 
     cfg: TextConfig
     dtype: Any = jnp.float32
@@ -154,6 +180,8 @@ class Decoder(nn.Module):
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.dtype, self.impl)
+        # the same layers with per-layer params (created only when called: ``init`` makes the stacked ones)
+        self.per_layer = [DecoderLayer(c, self.dtype, self.impl, i, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, ("norm",))
 
     def embed(self, input_ids: Array) -> Array:
@@ -162,7 +190,12 @@ class Decoder(nn.Module):
     def __call__(self, x: Array, cos: Array, sin: Array, segs: dict[str, Array], cache=None, cache_index=None):
         """x: embeddings [B, T, D]; segs: {"q": [B, T], "kv": [B, S]} segment ids (see model.attention);
         cache: {'k','v'} stacked [L, B, S, K, hd], written at ``cache_index`` (queries sit there, causally)."""
-        x, new_cache = self.layers(x, cache, cos, sin, segs, cache_index)
+        if "layers_0" in self.variables.get("params", {}):
+            for layer in self.per_layer:
+                x, cache = layer(x, cache, cos, sin, segs, cache_index)
+            new_cache = cache
+        else:
+            x, new_cache = self.layers(x, cache, cos, sin, segs, cache_index)
         return constrain(self.norm(x), _ACT), new_cache
 
     def attend(self, x: Array) -> Array:

@@ -31,10 +31,16 @@ def context(mesh: Mesh | None, rules):
 
 def param_shardings(cfg: ModelConfig, shapes: Any, mesh: Mesh, rules) -> Any:
     """NamedShardings of the params from the modules' logical axes, as training places them."""
-    from viscodex_jax.model.causal_lm import logical_axes
+    from viscodex_jax.model.causal_lm import layers_unstacked, logical_axes
 
     # The axes do not depend on the kernel or remat; a Pallas kernel traced in eval_shape can leak tracers.
     logical = logical_axes(cfg.replace(attention_impl="xla", remat_policy="none"))
+    if layers_unstacked(shapes):  # per-layer params: each layer's axes are the stacked ones less "layers"
+        model = dict(logical["model"])
+        per_layer = jax.tree_util.tree_map(lambda spec: P(*spec[1:]), model.pop("layers"),
+                                           is_leaf=lambda x: isinstance(x, P))
+        model.update({k: per_layer for k in shapes["model"] if k.startswith("layers_")})
+        logical = {**logical, "model": model}
     return sharding.tree_shardings(shapes, logical, mesh, rules)
 
 
