@@ -6,6 +6,8 @@
               (merge_checkpoints)
     report    per-tensor statistics and warnings about the base
     recipe    the merge config schema and the VisCodex recipe (run_merge)
+    on_device the merge on a Mesh (MeshMerge: the sweep's per-lam program, bit for bit merge_checkpoints)
+    sweep     the lam sweep: load once, merge on device per lam, score, keep the best
     heldout   held-out loss, the sweep's default score
 """
 
