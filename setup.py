@@ -33,7 +33,7 @@ setup(
     ],
     extras_require={
         "torch": [TORCH],
-        "test": [TORCH, "pytest"],
+        "test": [TORCH, "pytest", "pytest-xdist"],  # the suite runs as pytest -n 2 --dist loadscope (README)
         "eval": ["matplotlib", "scipy", "playwright", "rouge-score", "numba",
                  "pandas<3", "openpyxl", "xlsxwriter",  # pandas & co: InfiBench unit tests' import header
                  # Design2Code's official pre-processing/blocks (bs4 html.parser), CLIP inpainting, parquet form
