@@ -1,7 +1,7 @@
 """The main job's settings: the paper in miniature (launch/demo.py).
 
-    python launch/demo.py                      # full demo (~15 min on 2 cores)
-    python launch/demo.py --config=configs/demo.py:quick   # fewer steps (the end-to-end test)
+    python launch/demo.py                      # full demo (~15 min on 2 quiet cores)
+    python launch/demo.py --config=configs/demo.py:quick   # fewer items and steps (the end-to-end test)
 """
 
 from viscodex_jax.demo.config import demo_config

@@ -2,7 +2,9 @@
 
     python launch/demo.py [--config=configs/demo.py[:quick]] [--config.workdir=runs/demo]
 
-Re-running continues from the finished stages. Writes <workdir>/report.{md,html}.
+Re-running continues from the finished stages. Writes <workdir>/report.{md,html}, scores.json (every
+score, the image ablation, the lam sweep, the VLM's description accuracy, the task vectors' sizes),
+ablation.json and sweep/ (viscodex_jax.demo.evals).
 """
 
 import json
