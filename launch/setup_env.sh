@@ -23,7 +23,7 @@ if ! command -v bwrap >/dev/null 2>&1 || ! ldconfig -p 2>/dev/null | grep -q 'li
   fi
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-if ! .venv/bin/python -c "import viscodex_jax, torch, pytest, scipy, matplotlib, playwright, tensorboardX, pyseccomp" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import viscodex_jax, torch, pytest, xdist, scipy, matplotlib, playwright, tensorboardX, pyseccomp" >/dev/null 2>&1; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==2.13.0"
   .venv/bin/pip install -q -e ".[test,torch,eval]"
