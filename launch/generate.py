@@ -30,7 +30,7 @@ def main(argv):
     quiet_third_party()
     from PIL import Image
 
-    model = vx.load(CKPT.value, dtype=DTYPE.value)
+    model = vx.load(CKPT.value, dtype=DTYPE.value).for_inference()
     images = [Image.open(p) for p in IMAGES.value]
     messages = user_conversation(PROMPT.value, len(images), SYSTEM.value)
     try:

@@ -147,6 +147,10 @@ def test_generate_api_streams_the_same_text(tmp_path):
     slots = vx.generate(model, [msgs, [{"role": "user", "content": "hi"}]], images=[[demo_chart()], []],
                         max_new_tokens=12, settings=SlotSettings(slots=1, cache_len=2048, max_new_tokens=12))
     assert slots == batch
+    # the per-layer inference layout: same texts, and no stacked layer params left behind
+    assert model.for_inference() is model and "layers" not in model.params["model"]
+    assert vx.generate(model, [msgs, [{"role": "user", "content": "hi"}]], images=[[demo_chart()], []],
+                       max_new_tokens=12) == batch
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -38,6 +38,16 @@ class Model:
     def _logits_fn(self):
         return jax.jit(lambda p, b: self.module.apply({"params": p}, **b))
 
+    def for_inference(self) -> "Model":
+        """Splits the stacked ``[L, ...]`` layer params into per-layer buffers, in place, freeing each stacked
+        array as it goes (the weights are never held twice). Sampling then runs its layers as a loop, about
+        2x faster per decode step than the training layout's ``nn.scan``, with the same tokens. ``save_hf``
+        and merging need the stacked layout: load again for those."""
+        from viscodex_jax.model.causal_lm import unstack_layers
+
+        self.params = unstack_layers(self.params, free=True)
+        return self
+
     def logits(self, batch: dict[str, Any]) -> jax.Array:
         """Logits [B, T, V] for a batch made by ``Processor`` (or the same keys by hand)."""
         keys = ("input_ids", "positions", "attention_mask", "pixel_values", "vision_meta", "segment_ids")
@@ -138,6 +148,7 @@ def generate(
     from viscodex_jax.sampling.loop import DecodeSettings, generate_ids
     from viscodex_jax.sampling.methods import Greedy
     from viscodex_jax.sampling.slots import SlotSampler, SlotSettings, requests_from_batch
+    from viscodex_jax.sampling.text import eos_and_pad, row_text
 
     settings = settings or DecodeSettings(max_new_tokens=max_new_tokens)
     mesh, rules = (mesh, rules) if mesh is not None else (model.mesh, model.rules)
@@ -149,8 +160,7 @@ def generate(
         prompts, images = [prompts], None if images is None else [images]
     tok = model.processor.tokenizer
     batch = model.processor(list(prompts), images=images)
-    eos = sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None})
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    eos, pad = eos_and_pad(tok)
     callback = _text_streamer(tok, eos, stream) if stream is not None else None
     if isinstance(settings, SlotSettings):
         engine = SlotSampler(model.config, model.params, eos, pad, sampler or Greedy(), settings,
@@ -159,12 +169,4 @@ def generate(
     else:
         out = generate_ids(model.config, model.params, batch, eos, pad, sampler or Greedy(),
                            jax.random.PRNGKey(seed), settings, callback, mesh, rules)
-    texts = []
-    for row in out:
-        row = list(row)
-        for i, t in enumerate(row):
-            if t in eos:
-                row = row[:i]
-                break
-        texts.append(tok.decode(row, skip_special_tokens=True))
-    return texts
+    return [row_text(tok, row, eos) for row in out]
