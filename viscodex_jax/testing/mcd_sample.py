@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import textwrap
 import warnings
 import zipfile
@@ -95,9 +96,14 @@ def draw_chart(code: str) -> bytes:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    with warnings.catch_warnings(), matplotlib.rc_context():
+    here = os.getcwd()
+    with warnings.catch_warnings(), matplotlib.rc_context(), tempfile.TemporaryDirectory() as scratch:
         warnings.simplefilter("ignore")  # plt.show() on Agg, tight_layout on tiny figures
-        exec(compile(code, "<chart>", "exec"), {"__name__": "__mcd_chart__"})
+        os.chdir(scratch)  # a program's own plt.savefig('chart.pdf') lands here, not in the caller's directory
+        try:
+            exec(compile(code, "<chart>", "exec"), {"__name__": "__mcd_chart__"})
+        finally:
+            os.chdir(here)
         buf = io.BytesIO()
         plt.gcf().savefig(buf, format="png", dpi=100, metadata={"Software": None})
         plt.close("all")
