@@ -704,16 +704,15 @@ def main(argv: list[str]) -> None:
     )
     common = dict(ckpt=ckpt, repeats=a.repeats, prefill_repeats=a.prefill_repeats, seed=a.seed, threads=a.threads,
                   layers=a.layers)
-    tables = []
     if a.workload in ("fixed", "both"):
         measure_fixed(a, results, common, ckpt)
-        tables.append(render(results))
     if a.workload in ("mixed", "both"):
         print("mixed-length workload: continuous batching, lockstep, transformers ...", file=sys.stderr, flush=True)
         results["mixed"] = spawn(dict(common, task="mixed", work_dir=a.work_dir, repeats=a.mixed_repeats), a)
-        tables.append(render_mixed(results["mixed"]))
-    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())  # before rendering: the fixed table states it
     results["wall_s"] = time.perf_counter() - t_start
+    tables = ([render(results)] if a.workload in ("fixed", "both") else []) + (
+        [render_mixed(results["mixed"])] if "mixed" in results else [])
     h.publish(results, "\n\n".join(tables), a.json_out)
 
 
