@@ -38,7 +38,7 @@ from viscodex_jax.sampling import slots
 from viscodex_jax.sampling.methods import Greedy
 from viscodex_jax.data.packing import Packer
 from viscodex_jax.model.config import ModelConfig
-from viscodex_jax.model.causal_lm import logical_axes, param_shapes, unstack_layers
+from viscodex_jax.model.causal_lm import logical_axes, param_shapes
 from viscodex_jax.model.families.qwen2_5_vl import metadata_arrays, vision_metadata
 from viscodex_jax.sharding import CACHE_AXES, batch_sharding, logical_to_mesh_spec, tree_shardings
 from viscodex_jax.train.step import (OptimConfig, batch_shardings, init_state, make_optimizer, make_train_step,
@@ -130,7 +130,7 @@ def _named(mesh: Mesh, rules, logical: tuple, shape: tuple) -> NamedSharding:
 def prefill_args(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int, prompt_len: int,
                  patches: int) -> tuple:
     """Abstract (params, ids, mask, pos, extra) as ``sampling._prepare`` lays them out (images: one flat list)."""
-    params = unstack_layers(_param_args(cfg, mesh, rules, param_dtype))  # the layout the sampler runs
+    params = _param_args(cfg, mesh, rules, param_dtype)  # stacked: the layout accelerators sample with
 
     def rowwise(shape, dtype, axis=0):
         logical = [None] * len(shape)
@@ -164,7 +164,7 @@ def decode_args(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int
                 cache_dtype: Any) -> tuple:
     """Abstract inputs of ``sampling._step_fn`` for ``rows`` rows against a ``cache_len`` cache."""
     t = cfg.text
-    params = unstack_layers(_param_args(cfg, mesh, rules, param_dtype))  # the layout the sampler runs
+    params = _param_args(cfg, mesh, rules, param_dtype)  # stacked: the layout accelerators sample with
     cshape = (t.num_layers, rows, cache_len, t.num_kv_heads, t.head_dim)
     csh = _named(mesh, rules, CACHE_AXES, cshape)
     cache = {k: jax.ShapeDtypeStruct(cshape, jnp.dtype(cache_dtype), sharding=csh) for k in ("k", "v")}
@@ -206,7 +206,7 @@ def slots_args(cfg: ModelConfig, mesh: Mesh, rules, param_dtype: Any, rows: int,
     state = jax.eval_shape(lambda: slots._empty_state(cfg, settings, 0))
     state = _with(state, slots.state_shardings(cfg, settings, mesh, rules))
     rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
-    params = unstack_layers(_param_args(cfg, mesh, rules, param_dtype))  # the layout the sampler runs
+    params = _param_args(cfg, mesh, rules, param_dtype)  # stacked: the layout accelerators sample with
     return (params, state, rep((2,), jnp.uint32), rep((N_EOS,), jnp.int32),
             rep((), jnp.bool_), rep((), jnp.int32))
 

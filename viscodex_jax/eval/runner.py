@@ -78,10 +78,10 @@ ModelLike = Any  # a ``vx.Model`` (maybe on a mesh) or a checkpoint path to load
 def load_model(checkpoint: ModelLike, dtype: str = "float32", mesh: Any = None) -> Any:
     """A ``vx.Model`` as given, or loaded from a path; on a ``mesh`` with the blockwise attention (a kernel
     that runs per shard, as sampling on a mesh needs). A model loaded here serves generation only, so its
-    layer params are split per layer (``causal_lm.unstack_layers``, the stacked arrays freed as they split):
-    the sampler's fast layout. A given model is used as it is (its caller may still need stacked params)."""
+    layer params take the sampler's layout for this backend (``causal_lm.inference_layout``: per layer on CPU,
+    the stacked arrays freed as they split). A given model is used as it is (its caller may still need stacked params)."""
     import viscodex_jax as vx
-    from viscodex_jax.model.causal_lm import unstack_layers
+    from viscodex_jax.model.causal_lm import inference_layout
 
     if not isinstance(checkpoint, str):
         return checkpoint
@@ -89,7 +89,7 @@ def load_model(checkpoint: ModelLike, dtype: str = "float32", mesh: Any = None) 
         model = vx.load(checkpoint, dtype=dtype)
     else:
         model = vx.load(checkpoint, mesh=mesh, dtype=dtype, attention_impl="blockwise")
-    model.params = unstack_layers(model.params, free=True)
+    model.params = inference_layout(model.params, free=True)
     return model
 
 
