@@ -475,7 +475,7 @@ def test_bad_sweep_value_is_rejected_before_any_work(tiny, tmp_path, lams, patte
     c = _merge_config(tiny, tmp_path, out_dir=str(tmp_path / "sweep"))
     scored = []
     with pytest.raises(MergeError) as e:
-        lambda_sweep(c, lams, score=scored.append)
+        lambda_sweep(c, lams, score=lambda model, lam: scored.append(lam))
     assert pattern in str(e.value) and scored == []
     assert not os.path.exists(c.out_dir)
 
@@ -484,7 +484,7 @@ def test_sweep_refuses_an_existing_lam_dir_up_front(tiny, tmp_path):
     c = _merge_config(tiny, tmp_path, out_dir=str(tmp_path / "sweep"))
     os.makedirs(os.path.join(c.out_dir, "lam_0.9"))
     with pytest.raises(FileExistsError, match="lam_0.9"):
-        lambda_sweep(c, [0.7, 0.9], score=lambda d: 0.0)
+        lambda_sweep(c, [0.7, 0.9], score=lambda model, lam: 0.0)
     assert sorted(os.listdir(c.out_dir)) == ["lam_0.9"]
 
 

@@ -204,16 +204,17 @@ def test_config_recipe_and_lambda_sweep(tiny, tmp_path):
     os.makedirs(c.out_dir)
     scores = {}
 
-    def score(model):  # distance of the merged norm from the VLM's: grows as lam moves away from 1
+    def score(model, lam):  # distance of the merged norm from the VLM's: grows as lam moves away from 1
         got = np.asarray(model.params["model"]["norm"]["scale"]).astype(np.float32)
         ref = checkpoint.load_hf_params(tiny["vlm"])[1]["model"]["norm"]["scale"]
-        scores[len(scores)] = float(np.abs(got - ref).sum())
-        return scores[len(scores) - 1]
+        scores[lam] = float(np.abs(got - ref).sum())
+        return scores[lam]
 
     result = lambda_sweep(c, [0.7, 0.9], score=score)
     assert [r["lam"] for r in result["rows"]] == [0.7, 0.9] and result["best_lam"] == 0.9
     assert json.load(open(os.path.join(c.out_dir, "sweep.json")))["best_lam"] == 0.9
-    assert [r["score"] for r in result["rows"]] == [scores[0], scores[1]] and scores[0] > scores[1]
+    assert list(scores) == [0.7, 0.9]  # each call is told the lam it scores
+    assert [r["score"] for r in result["rows"]] == [scores[0.7], scores[0.9]] and scores[0.7] > scores[0.9]
     assert sorted(d for d in os.listdir(c.out_dir) if d.startswith("lam_")) == ["lam_0.9"]  # the best one only
     with pytest.raises(MergeError, match="--config.base_dir"):
         c.base_dir = ""

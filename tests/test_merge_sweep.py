@@ -44,11 +44,12 @@ def test_in_memory_params_equal_the_streamed_merge_bit_for_bit(tiny, tmp_path, m
     from jax.sharding import NamedSharding
 
     c = _config(tiny, tmp_path / "sweep", method=method, density=density, write_all=True, mesh=mesh)
-    seen, split, per_device = [], [], []
+    seen, split, per_device, lams_told = [], [], [], []
 
-    def score(model):  # keeps what was scored; 1, 2: lower is better, so the first lam wins
+    def score(model, lam):  # keeps what was scored; 1, 2: lower is better, so the first lam wins
         leaves = flatten(model.params)
         seen.append({k: np.asarray(v) for k, v in leaves.items()})
+        lams_told.append(lam)
         if mesh:
             assert model.mesh.devices.shape == (1, 4, 2)
             assert all(isinstance(v.sharding, NamedSharding) and v.sharding.mesh == model.mesh for v in leaves.values())
@@ -63,7 +64,7 @@ def test_in_memory_params_equal_the_streamed_merge_bit_for_bit(tiny, tmp_path, m
         return float(len(seen))
 
     result = lambda_sweep(c, [0.7, 0.85], score=score)
-    assert [r["lam"] for r in result["rows"]] == [0.7, 0.85] and result["best_lam"] == 0.7
+    assert [r["lam"] for r in result["rows"]] == [0.7, 0.85] == lams_told and result["best_lam"] == 0.7
     assert _lam_dirs(c.out_dir) == ["lam_0.7", "lam_0.85"]
     for lam, got in zip((0.7, 0.85), seen):
         report = json.load(open(os.path.join(c.out_dir, f"lam_{lam:g}", "merge_report.json")))
@@ -167,5 +168,5 @@ def test_a_non_finite_score_stops_the_sweep_before_any_output(tiny, tmp_path):
     c = _config(tiny, tmp_path / "sweep")
     scores = iter([1.0, float("nan")])
     with pytest.raises(MergeError, match="lam=0.8: the score is nan; a non-finite score cannot be ranked"):
-        lambda_sweep(c, [0.7, 0.8], score=lambda model: next(scores))
+        lambda_sweep(c, [0.7, 0.8], score=lambda model, lam: next(scores))
     assert os.listdir(c.out_dir) == []

@@ -209,9 +209,7 @@ def sweep(c, merge_cfg, d: dict[str, str]) -> dict[str, Any]:
     s = settings(c)
     rows: list[dict[str, Any]] = []
 
-    def score(model) -> float:
-        # lambda_sweep scores its lams in the order given: the k-th call is lams[k]
-        lam = lams[len(rows)]
+    def score(model, lam: float) -> float:
         ident = json.dumps({"lam": lam, "method": m.method, "inputs": inputs}, sort_keys=True)
         summary = run_eval(os.path.join(out_dir, f"lam_{lam:g}"), roots(d), os.path.join(out_dir, "eval", f"lam_{lam:g}"),
                            s, generate_fn=model_generate_fn(model, s), benchmarks={"chartmimic": chartmimic()},

@@ -273,11 +273,12 @@ def _table(rows: Sequence[dict[str, Any]], best: float, metric: str) -> str:
 
 
 def lambda_sweep(c, lams: Sequence[float] | None = None,
-                 score: Callable[[Any], float] | None = None, higher_is_better: bool | None = None) -> dict[str, Any]:
+                 score: Callable[[Any, float], float] | None = None,
+                 higher_is_better: bool | None = None) -> dict[str, Any]:
     """Merges on device and scores once per lam; writes the table, plot, sweep.json and the best checkpoint.
 
-    ``lams`` default: ``--config.sweep_lams``. ``score(model)`` (a ``vx.Model`` holding the merged params)
-    replaces ``--config.score``; ``higher_is_better`` then says which way it points (default: lower).
+    ``lams`` default: ``--config.sweep_lams``. ``score(model, lam)`` (``model``: a ``vx.Model`` holding the
+    params merged at ``lam``) replaces ``--config.score``; ``higher_is_better`` then says which way it points (default: lower).
     Every setting, lam and output dir is checked before anything is loaded.
     """
     import jax
@@ -298,7 +299,7 @@ def lambda_sweep(c, lams: Sequence[float] | None = None,
         scorer = (_mmcode_score if c.score == "mmcode" else _heldout_score)(c)
     else:
         metric, up = "score", bool(higher_is_better)
-        scorer = lambda model, lam, spec: score(model)  # noqa: E731
+        scorer = lambda model, lam, spec: score(model, lam)  # noqa: E731
     mem = memory_needed(c, runs[0][2], mesh, rules)
     where = f"each of {mesh.size} devices of mesh {dict(mesh.shape)}" if mesh is not None else "the device"
     b = {k: human_bytes(v) for k, v in mem.items()}
