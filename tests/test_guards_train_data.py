@@ -267,6 +267,11 @@ def _config(env, workdir, steps, **over):
     ("data.batch_size", 3, "--config.data.batch_size=3 must be a multiple of the mesh's data x fsdp size 2"),
     ("data.patches_per_row", 6, "--config.data.patches_per_row=6: expected a positive multiple of 4"),
     ("data.max_len", 5000, "--config.data.max_len=5000: longer than the model's max_position_embeddings=4096"),
+    ("optim.lr_scale", (("^visual/", -1.0),), "--config.optim.lr_scale[0]=('^visual/', -1.0): expected a (regex, "
+                                               "factor > 0) pair"),
+    ("optim.lr_scale", (("(", 2.0),), "--config.optim.lr_scale[0]=('(', 2.0): expected a (regex, factor > 0) pair"),
+    ("optim.lr_scale", (("^vision_tower/", 2.0),), "--config.optim.lr_scale[0]: pattern '^vision_tower/' matches no "
+                                                  "trainable parameter"),
 ])
 def test_config_errors_name_the_field(train_env, tmp_path, field, value, message):
     work = tmp_path / "work"

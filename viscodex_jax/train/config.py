@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -70,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.0
     c.optim.clip_norm = 1.0
+    # ((regex, factor), ...): per-group lr (first match wins, others 1), e.g. (("^visual/", 10.0),)
+    c.optim.lr_scale = ()
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
@@ -153,6 +156,16 @@ def validate_config(c) -> None:
     _float(c, "optim.weight_decay", 0.0)
     _float(c, "optim.clip_norm", 0.0, lo_open=True)
     _float(c, "train.max_skipped_fraction", 0.0, 1.0)
+    for i, entry in enumerate(c.optim.lr_scale):
+        ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
+        ok = ok and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)
+        ok = ok and math.isfinite(entry[1]) and entry[1] > 0
+        try:
+            ok = ok and re.compile(entry[0]) is not None
+        except re.error:
+            ok = False
+        if not ok:
+            raise _err(f"optim.lr_scale[{i}]", entry, "a (regex, factor > 0) pair")
     _float(c, "train.peak_tflops", 0.0)
     if c.export_hf:
         if os.path.abspath(c.export_hf) == os.path.abspath(c.model.init_checkpoint):

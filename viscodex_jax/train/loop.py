@@ -135,7 +135,10 @@ def run_training(c) -> dict[str, Any]:
     except ValueError as e:
         raise ConfigError(f"--config.train.trainable={c.train.trainable!r}: {e}") from None
     ocfg = OptimConfig(**{k: c.optim[k] for k in c.optim.keys()})
-    optimizer = make_optimizer(ocfg, keys)
+    try:
+        optimizer = make_optimizer(ocfg, keys)
+    except ValueError as e:  # an lr_scale pattern that matches no trainable param
+        raise ConfigError(str(e)) from None
     abstract = jax.eval_shape(lambda: init_state(params, optimizer, keys))
     ssh = state_shardings(model_cfg, abstract, mesh, rules)
 

@@ -43,6 +43,10 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     clip_norm: float = 1.0
+    # (regex, factor) pairs: a trainable param's update (lr and weight decay alike) is scaled by the factor
+    # of the first pattern its path matches; unmatched params keep 1. A fresh vision tower next to a
+    # pretrained LLM wants a larger lr than the LLM, whose change should stay small (a task vector).
+    lr_scale: Sequence[Sequence[Any]] = ()
 
 
 def trainable_keys(params: dict[str, Any], patterns: Sequence[str] | str) -> list[str]:
@@ -62,11 +66,35 @@ def make_schedule(c: OptimConfig) -> optax.Schedule:
                                               end_value=c.lr * c.end_lr_ratio)
 
 
+def lr_factors(keys: Sequence[str], lr_scale: Sequence[Sequence[Any]]) -> dict[str, float]:
+    """Each trainable key's lr factor under ``lr_scale`` (first matching pattern wins; default 1).
+
+    A pattern that matches no trainable key is an error: a typo would otherwise train at the wrong lr."""
+    factors = {k: 1.0 for k in keys}
+    claimed: set[str] = set()
+    for i, entry in enumerate(lr_scale):
+        if len(entry) != 2 or not isinstance(entry[0], str) or isinstance(entry[1], bool) \
+                or not isinstance(entry[1], (int, float)) or not float(entry[1]) > 0 or entry[1] == float("inf"):
+            raise ValueError(f"--config.optim.lr_scale[{i}]={entry!r}: expected a (regex, factor > 0) pair")
+        hits = [k for k in keys if re.search(entry[0], k)]
+        if not hits:
+            raise ValueError(f"--config.optim.lr_scale[{i}]: pattern {entry[0]!r} matches no trainable parameter")
+        for k in hits:
+            if k not in claimed:
+                factors[k] = float(entry[1])
+                claimed.add(k)
+    return factors
+
+
 def make_optimizer(c: OptimConfig, keys: Sequence[str]) -> optax.GradientTransformation:
     sched = make_schedule(c)
     decay_mask = {k: not any(re.search(p, k) for p in _NO_DECAY) for k in keys}
-    return optax.chain(optax.clip_by_global_norm(c.clip_norm),
-                       optax.adamw(sched, c.b1, c.b2, c.eps, weight_decay=c.weight_decay, mask=decay_mask))
+    parts = [optax.clip_by_global_norm(c.clip_norm),
+             optax.adamw(sched, c.b1, c.b2, c.eps, weight_decay=c.weight_decay, mask=decay_mask)]
+    factors = lr_factors(keys, c.lr_scale)
+    if any(f != 1.0 for f in factors.values()):  # without groups the optimizer state keeps its old structure
+        parts.append(optax.stateless(lambda updates, params=None: {k: u * factors[k] for k, u in updates.items()}))
+    return optax.chain(*parts)
 
 
 def split(params: dict[str, Any], keys: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
