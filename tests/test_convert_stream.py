@@ -82,7 +82,8 @@ def test_streamed_conversion_equals_the_in_memory_one_bit_for_bit(hf_checkpoint,
     assert _chunks(new, ("model", "embed_tokens", "embedding")) == _chunks(old, ("model", "embed_tokens", "embedding"))
 
 
-def test_a_bad_tensor_late_in_the_stream_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("budget", [1, None])  # one tensor in flight; the default (earlier leaves still writing)
+def test_a_bad_tensor_late_in_the_stream_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch, budget):
     src = str(tmp_path / "src")
     shutil.copytree(hf_checkpoint("qwen2_untied"), src)
     name = "model.layers.2.mlp.down_proj.weight"  # the last layer: earlier params are already on disk
@@ -92,7 +93,8 @@ def test_a_bad_tensor_late_in_the_stream_leaves_nothing(hf_checkpoint, tmp_path,
     tensors[name].reshape(-1)[3] = np.nan
     write_safetensors(path, tensors, {"format": "pt"})
     monkeypatch.setattr(stream, "MIN_CHUNK_BYTES", 1)
-    monkeypatch.setattr(stream, "DEFAULT_BUDGET_BYTES", 1)
+    if budget is not None:
+        monkeypatch.setattr(stream, "DEFAULT_BUDGET_BYTES", budget)
     reads = []
     real_view = stream.SafetensorsFile.view
     monkeypatch.setattr(stream.SafetensorsFile, "view", lambda self, n: reads.append(n) or real_view(self, n))
@@ -224,15 +226,44 @@ def test_legacy_bin_checkpoint_takes_the_in_memory_path_to_the_same_checkpoint(h
     assert pa.keys() == pb.keys() and all(pa[k].tobytes() == pb[k].tobytes() for k in pa)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
-def test_blockwise_finite_check_finds_a_nan_or_inf_anywhere(dtype):
+@pytest.mark.parametrize("all_finite", [validate.all_finite, stream.all_finite])
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16, np.float64])
+def test_blockwise_finite_check_finds_a_nan_or_inf_anywhere(dtype, all_finite):
     a = np.ones(5 * 1024 + 3, dtype)
-    assert validate.all_finite(a, block=1024) and validate.all_finite(a[:0], block=1024)
+    a[7], a[8], a[9] = np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).smallest_subnormal
+    assert all_finite(a, block=1024) and all_finite(a[:0], block=1024)
     for i in (0, 1023, 1024, a.size - 1):  # block edges and the short last block
-        for bad in (np.nan, np.inf, -np.inf):
+        for bad in (np.nan, -np.nan, np.inf, -np.inf):
             b = a.copy()
             b[i] = bad
-            assert not validate.all_finite(b.reshape(-1, 1), block=1024), (i, bad)
+            assert not all_finite(b.reshape(-1, 1), block=1024), (i, bad)
+            assert not all_finite(b[::-1], block=1024), (i, bad)  # not contiguous: numpy's own test
+
+
+def test_finite_check_of_a_format_without_inf_falls_back_to_numpy():
+    a = np.ones(100, ml_dtypes.float8_e4m3fn)  # no Inf, and its NaN is not "exponent all ones"
+    a[50] = 448  # its largest finite value, exponent bits all ones
+    assert stream.all_finite(a)
+    a[60] = np.nan
+    assert not stream.all_finite(a)
+
+
+@pytest.mark.parametrize("hf_shape,flax_shape,path", [
+    ((130, 70), (70, 130), ("model", "layers", "mlp", "up_proj", "kernel")),     # rows not a multiple of the block
+    ((64 * 3, 6 * 4), (24, 6, 32), ("model", "layers", "self_attn", "q_proj", "kernel")),  # heads on their own axis
+    ((24, 6 * 4), (6, 4, 24), ("model", "layers", "self_attn", "o_proj", "kernel")),
+    ((1, 5), (5, 1), ("lm_head", "kernel")),
+])
+@pytest.mark.parametrize("src_dtype,dtype", [(ml_dtypes.bfloat16, ml_dtypes.bfloat16), (ml_dtypes.bfloat16, np.float32),
+                                             (np.float32, ml_dtypes.bfloat16), (np.float16, np.float16)])
+def test_blocked_transpose_is_the_name_maps_kernel_rule(hf_shape, flax_shape, path, src_dtype, dtype):
+    from viscodex_jax.checkpoint import hf_map
+
+    raw = np.random.default_rng(0).standard_normal(hf_shape).astype(src_dtype)
+    out = np.empty(flax_shape, dtype)
+    stream.transpose_into(out, raw)
+    want = hf_map.to_flax(path, raw, flax_shape).astype(dtype)
+    assert out.tobytes() == np.ascontiguousarray(want).tobytes()
 
 
 def test_uncompressed_conversion_restores_the_same_arrays(hf_checkpoint, tmp_path):
@@ -243,3 +274,47 @@ def test_uncompressed_conversion_restores_the_same_arrays(hf_checkpoint, tmp_pat
     key = ("model", "layers", "mlp", "up_proj", "kernel")
     assert _zarray(str(tmp_path / "zstd"), key)["compressor"] == {"id": "zstd", "level": 1}
     assert _zarray(str(tmp_path / "raw"), key)["compressor"] is None
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_compressed_and_uncompressed_checkpoints_load_through_every_reader(hf_checkpoint, tmp_path, compress):
+    """Checkpoints written before compression became optional (zstd) and without it both restore the HF tensors,
+    bit for bit, through load_orbax_params, load_params, vx.load and the sharded restore on a mesh."""
+    import jax
+
+    import viscodex_jax as vx
+    from viscodex_jax.checkpoint.sharded import read_sharded
+    from viscodex_jax.sharding import DEFAULT_RULES, make_mesh
+
+    src, out = hf_checkpoint("vl_a"), str(tmp_path / "orbax")
+    checkpoint.convert_hf_to_orbax(src, out, compress=compress)
+    key = ("model", "layers", "mlp", "up_proj", "kernel")
+    assert _zarray(out, key)["compressor"] == ({"id": "zstd", "level": 1} if compress else None)
+    cfg, ref = checkpoint.load_hf_params(src)
+    ref = flatten(ref)
+    mesh = make_mesh((1, 4, 2))
+    readers = {
+        "load_orbax_params": load_orbax_params(out, as_numpy=True),
+        "load_params": checkpoint.load_params(out)[1],
+        "vx.load": vx.load(out).params,
+        "read_sharded": read_sharded(out, cfg, mesh, DEFAULT_RULES),
+    }
+    for name, params in readers.items():
+        got = flatten(params)
+        assert got.keys() == ref.keys(), name
+        for k, want in ref.items():
+            value = np.asarray(jax.device_get(got[k]))
+            assert value.dtype == want.dtype and value.tobytes() == want.tobytes(), (name, k)
+
+
+def test_fsync_is_an_option_and_both_write_the_same_checkpoint(hf_checkpoint, tmp_path):
+    src = hf_checkpoint("qwen2_untied")
+    checkpoint.convert_hf_to_orbax(src, str(tmp_path / "default"))
+    checkpoint.convert_hf_to_orbax(src, str(tmp_path / "synced"), fsync=True)
+    _assert_same_checkpoint(str(tmp_path / "default"), str(tmp_path / "synced"))
+    parent = ts.Context()
+    handler = stream.StreamingNumpyHandler(stream.Buffers([]))
+    child = handler._context(parent)
+    assert child is not parent and child.spec.to_json() == {"file_io_sync": False}
+    assert child.parent is parent and handler._context(parent) is child  # one context per save: one OCDBT writer
+    assert stream.StreamingNumpyHandler(stream.Buffers([]), fsync=True)._context(parent) is parent

@@ -12,7 +12,7 @@ from viscodex_jax.checkpoint.validate import check_tensor_finite
 from viscodex_jax.utils import flatten
 from viscodex_jax.checkpoint.orbax_io import PARAMS_SUBDIR, is_orbax_dir, load_orbax_params, save_orbax
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError
-from viscodex_jax.checkpoint.stream import convert_hf_to_orbax_streamed, is_safetensors_dir
+from viscodex_jax.checkpoint.stream import COMPRESS_DEFAULT, convert_hf_to_orbax_streamed, is_safetensors_dir
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 
 __all__ = [
@@ -49,17 +49,20 @@ def load_params(path: str, param_dtype: Any = None, check_finite: bool = False,
 
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Any = None, overwrite: bool = False,
-                        check_finite: bool = True, compress: bool = True) -> ModelConfig:
+                        check_finite: bool = True, compress: bool = COMPRESS_DEFAULT, fsync: bool = False) -> ModelConfig:
     """HF dir -> our orbax dir. NaN/Inf weights are refused unless ``check_finite=False``.
 
     Safetensors checkpoints stream tensor by tensor (see ``checkpoint/stream.py``: host memory stays
-    near the largest tensor, not the model); legacy ``.bin`` checkpoints are read whole first.
-    ``compress=False`` skips zstd: faster, and bigger on disk.
+    near the tensors in flight, not the model); legacy ``.bin`` checkpoints are read whole first.
+    ``compress`` stores the chunks zstd-compressed (smaller, slower: see ``stream.COMPRESS_DEFAULT``); every
+    reader restores either. ``fsync`` syncs each written file (orbax's own default) on the streamed path;
+    without it, like the project's other writers, the output is only as durable as the page cache until
+    the OS flushes it (the directory still appears only when complete).
     """
     raw = read_config_json(hf_dir)
     if is_safetensors_dir(hf_dir):
         return convert_hf_to_orbax_streamed(hf_dir, out_dir, dtype=dtype, overwrite=overwrite,
-                                            check_finite=check_finite, compress=compress)
+                                            check_finite=check_finite, compress=compress, fsync=fsync)
     cfg, params = load_hf_params(hf_dir, dtype=dtype, check_finite=check_finite)
     save_orbax(params, raw, out_dir, side_files_from=hf_dir, overwrite=overwrite, compress=compress)
     return cfg

@@ -10,7 +10,11 @@ string (so the metadata, and every restore, is that of a plain NumPy save)
 reads those tensors one at a time from memory-mapped shards and writes each
 into its slot of the zarr array, with at most ``budget_bytes`` of source data
 in flight (tensors already in our layout go from the page cache to tensorstore
-without a copy; kernels are transposed once, into a reused buffer).
+without a copy; kernels are transposed once, a block of rows at a time, into a
+reused buffer). Reads go leaf after leaf, in order; writes commit behind them,
+overlapping the next leaves' reads. Written files are not fsynced unless asked
+(``fsync=True``): like the project's other writers, the atomic rename is the
+guarantee, and on this VM's disk syncing cost no measurable time either way.
 
 Stacked params (``nn.scan`` keeps layers on axis 0) are stored with one zarr
 chunk per layer (orbax's own ``SaveArgs(chunk_byte_size=..., shard_axes=(0,))``
@@ -36,6 +40,7 @@ import math
 import os
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
@@ -44,14 +49,18 @@ from viscodex_jax.checkpoint import hf_map
 from viscodex_jax.checkpoint.orbax_io import write_checkpoint_dir
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, iter_index
 from viscodex_jax.checkpoint.torch_bin import BinFile
-from viscodex_jax.checkpoint.validate import all_finite, check_tensor_finite, is_float_dtype
+from viscodex_jax.checkpoint import validate
+from viscodex_jax.checkpoint.validate import check_tensor_finite, is_float_dtype
 from viscodex_jax.model.causal_lm import param_shapes
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 from viscodex_jax.utils import flatten, unflatten
 
-# Source bytes read but not yet committed: a few layer slices of a 7B model (an MLP slice is 136 MB). A
-# tensor larger than this (a 7B embedding, 1.1 GB) still goes through, alone.
-DEFAULT_BUDGET_BYTES = 512 * 2**20
+# Source bytes read but not yet committed, across leaves: one or two layer slices of a 7B model (an MLP slice is
+# 136 MB); on a 0.5B model (1 GB) 512 MB in flight, with their compressed copies, raised the peak RSS from 0.7 to
+# 1.1 GB for no measurable speed. A tensor larger than this (a 7B embedding, 1.1 GB) still goes through, alone.
+DEFAULT_BUDGET_BYTES = 256 * 2**20
+# zstd (level 1, orbax's) stores random-normal bf16 weights in 78% of their bytes at about 1 s of CPU per GB.
+COMPRESS_DEFAULT = True
 EMBED_KEY = ("model", "embed_tokens", "embedding")
 # A stacked param gets one chunk per layer when a layer slice is at least this big (orbax warns that
 # smaller chunks cost performance); smaller ones (norms, biases, small kernels) are gathered whole.
@@ -141,21 +150,26 @@ class ParamSource:
         to tensorstore straight from the page cache; others are transposed or cast once, into a pool buffer.
         """
         raw = part.file.view(part.name)
-        value = hf_map.to_flax(self.key, raw, self.slot_shape)
-        held = []
-        if value.dtype != self.dtype or not value.flags.c_contiguous:
-            held = [buffers.take(math.prod(self.slot_shape) * self.dtype.itemsize)]
-            out = held[0].view(self.dtype).reshape(self.slot_shape)
-            np.copyto(out, value, casting="unsafe")
-            value = out
-        self._check(value, part, raw)
+        if self.key[-1] != "kernel" and raw.dtype == self.dtype:
+            value = raw.reshape(self.slot_shape)
+            self._check(value, part, raw)
+            return value, []
+        held = [buffers.take(math.prod(self.slot_shape) * self.dtype.itemsize)]
+        value = held[0].view(self.dtype).reshape(self.slot_shape)
+        self._fill(value, part, raw)
         return value, held
 
     def read_into(self, part: Part, out: np.ndarray) -> None:
         """The part's tensor in our layout, cast into ``out`` (its slot of a preallocated param)."""
-        raw = part.file.view(part.name)
-        np.copyto(out, hf_map.to_flax(self.key, raw, self.slot_shape), casting="unsafe")
-        self._check(out, part, raw)
+        self._fill(out, part, part.file.view(part.name))
+
+    def _fill(self, out: np.ndarray, part: Part, raw: np.ndarray) -> None:
+        if self.key[-1] == "kernel" and out.flags.c_contiguous:
+            transpose_into(out, raw)
+        else:
+            np.copyto(out, hf_map.to_flax(self.key, raw, self.slot_shape), casting="unsafe")
+        # Without a cast, the source holds the same values: it is read again while still in the page cache.
+        self._check(out if out.dtype != raw.dtype else raw, part, raw)
 
     def _check(self, value: np.ndarray, part: Part, raw: np.ndarray) -> None:
         if self.check_finite and not all_finite(value):
@@ -171,6 +185,47 @@ class ParamSource:
                     f"{tied.file.path}: tensor {tied.name!r} differs from model.embed_tokens.weight "
                     "but config.json sets tie_word_embeddings"
                 )
+
+
+# Source rows transposed per block: a whole-matrix strided copy misses the cache on nearly every element; 64 rows
+# of a kernel (at most 64 x 4864 bf16 here, 600 KB) stay in cache while their columns are written out.
+TRANSPOSE_ROWS = 64
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def transpose_into(out: np.ndarray, raw: np.ndarray) -> None:
+    """``hf_map.to_flax``'s kernel rule (``[out, in...]`` -> ``[in..., out]``) written into the C-contiguous
+    ``out``, casting if the dtypes differ, a block of source rows at a time."""
+    src = raw.reshape(raw.shape[0], -1)
+    dst = out.reshape(src.shape[1], src.shape[0])
+    if src.dtype == dst.dtype:  # bit patterns move unchanged: plain integer copies
+        src, dst = src.view(_UINT[src.dtype.itemsize]), dst.view(_UINT[dst.dtype.itemsize])
+    for i in range(0, src.shape[0], TRANSPOSE_ROWS):
+        np.copyto(dst[:, i:i + TRANSPOSE_ROWS], src[i:i + TRANSPOSE_ROWS].T, casting="unsafe")
+
+
+# An IEEE float is NaN/Inf exactly when its exponent bits are all ones: with the sign bit masked off, its bits as
+# an unsigned integer are at least the exponent mask. An integer max per block is several times faster than
+# numpy's isfinite on bfloat16 (an ml_dtypes loop).
+_EXPONENT = {np.dtype(ml_dtypes.bfloat16): 0x7F80, np.dtype(np.float16): 0x7C00, np.dtype(np.float32): 0x7F800000,
+             np.dtype(np.float64): 0x7FF0000000000000}
+
+
+def all_finite(array: np.ndarray, block: int = 2**20) -> bool:
+    """No NaN/Inf in ``array`` (``validate.all_finite``, with an integer test for IEEE floats)."""
+    exponent = _EXPONENT.get(array.dtype)
+    if exponent is None or not array.flags.c_contiguous:
+        return validate.all_finite(array, block)
+    uint = _UINT[array.dtype.itemsize]
+    flat = array.reshape(-1).view(uint)
+    magnitude = uint(np.iinfo(uint).max >> 1)  # all bits but the sign
+    scratch = np.empty(min(block, flat.size), uint)
+    for i in range(0, flat.size, block):
+        part = scratch[:min(block, flat.size - i)]
+        np.bitwise_and(flat[i:i + block], magnitude, out=part)
+        if part.max() >= exponent:
+            return False
+    return True
 
 
 class Buffers:
@@ -295,51 +350,81 @@ class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
 
     Orbax builds the zarr spec (kvstore, compression, chunks) exactly as for an ``np.ndarray``; only
     the final write differs: a part is read, written into its slot and dropped once tensorstore commits it.
+    Reads go one leaf at a time, in order; writes overlap them, across leaves, within the byte budget.
     """
 
-    def __init__(self, buffers: Buffers, budget_bytes: int = DEFAULT_BUDGET_BYTES):
+    def __init__(self, buffers: Buffers, budget_bytes: int = DEFAULT_BUDGET_BYTES, fsync: bool = False):
         super().__init__(deepcopy_host_arrays=False)
         self._buffers = buffers
+        self._fsync = fsync
+        self._contexts: dict[int, ts.Context] = {}
         self._budget_bytes = budget_bytes
         self._budget: _Budget | None = None
         self._one_leaf: asyncio.Lock | None = None
         self._failed: BaseException | None = None
+        self._pending: set[asyncio.Future] = set()
 
-    async def _write_unit(self, store: Any, value: ParamSource, layer: int | None, parts: list[Part],
-                          nbytes: int) -> None:
-        await self._budget.acquire(nbytes)
+    def _context(self, ts_context: ts.Context) -> ts.Context:
+        """Orbax's context for this save (one for all its params: they share one OCDBT database), less the
+        per-file fsync unless asked for; the child context shares every other resource with it."""
+        if self._fsync:
+            return ts_context
+        if id(ts_context) not in self._contexts:
+            self._contexts[id(ts_context)] = ts.Context(ts.Context.Spec({"file_io_sync": False}), ts_context)
+        return self._contexts[id(ts_context)]
+
+    async def _commit(self, write: Any, held: list[np.ndarray], nbytes: int) -> None:
         try:
-            if self._failed is not None:
-                return
-            array, held = value.assemble(parts, self._buffers)
-            target = store[layer] if layer is not None else store
-            # The array is ours alone and C-contiguous: tensorstore may encode straight from it, so its buffer
-            # goes back to the pool only once the write is committed.
-            await target.write(array, can_reference_source_data_indefinitely=True)
+            await write
+            # tensorstore may have encoded straight from the array: its buffer is free only now
             self._buffers.give(*held)
-        except BaseException as e:
-            self._failed = self._failed or e
-            raise
         finally:
             await self._budget.release(nbytes)
+
+    async def _issue(self, store: Any, value: ParamSource) -> list[asyncio.Future]:
+        """Reads the leaf's units in order and starts their writes; returns the writes, not awaited."""
+        writes = []
+        for layer, parts, nbytes in value.units():
+            await self._budget.acquire(nbytes)
+            if self._failed is not None:  # another leaf failed meanwhile: write nothing more
+                await self._budget.release(nbytes)
+                break
+            try:
+                array, held = value.assemble(parts, self._buffers)
+                target = store[layer] if layer is not None else store
+                write = target.write(array, can_reference_source_data_indefinitely=True)
+            except BaseException:
+                await self._budget.release(nbytes)
+                raise
+            task = asyncio.ensure_future(self._commit(write, held, nbytes))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+            writes.append(task)
+        return writes
 
     async def _open_and_write(self, value: Any, tspec: dict[str, Any], ts_context: Any) -> None:
         if not isinstance(value, ParamSource):
             return await super()._open_and_write(value, tspec, ts_context)
         if self._one_leaf is None:  # created here, inside the event loop orbax runs the save on
             self._budget, self._one_leaf = _Budget(self._budget_bytes), asyncio.Lock()
-        # Orbax starts every leaf at once; one leaf at a time keeps the source reads sequential and lets a
-        # failure stop the rest before they write anything.
-        async with self._one_leaf:
-            if self._failed is not None:
-                return  # the failed param's error is the one the save raises; write nothing more
-            store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
-            # Every write settles before this returns or raises, so nothing writes into the output after a failure.
-            done = await asyncio.gather(*(self._write_unit(store, value, *u) for u in value.units()),
-                                        return_exceptions=True)
-            for result in done:
+        try:
+            # Orbax starts every leaf at once; one leaf at a time keeps the source reads sequential (and lets a
+            # failure stop the rest before they read anything). The lock is let go once the leaf's writes are
+            # started, so the next leaf reads while they commit.
+            async with self._one_leaf:
+                if self._failed is not None:
+                    return  # the failed param's error is the one the save raises
+                store = await ts.open(ts.Spec(tspec), create=True, open=True, context=self._context(ts_context))
+                writes = await self._issue(store, value)
+            for result in await asyncio.gather(*writes, return_exceptions=True):
                 if isinstance(result, BaseException):
                     raise result
+        except BaseException as e:
+            self._failed = self._failed or e
+            # The caller deletes the output once the save raises: every write of every leaf settles first, so
+            # none lands in (or recreates) the directory after that.
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+            raise
 
 
 def save_args_for(tree: dict[str, Any]) -> dict[str, Any]:
@@ -355,7 +440,7 @@ def save_args_for(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_params_streamed(tree: dict[str, Any], params_dir: str, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                          compress: bool = True) -> None:
+                          compress: bool = COMPRESS_DEFAULT, fsync: bool = False) -> None:
     """Writes a tree of :class:`ParamSource` leaves as an orbax PyTree checkpoint at ``params_dir``.
 
     The layout is StandardCheckpointer's (OCDBT, zarr v2, zstd level 1, or no compressor with
@@ -368,7 +453,7 @@ def write_params_streamed(tree: dict[str, Any], params_dir: str, budget_bytes: i
     buffers = Buffers([n for leaf in leaves for n in leaf.buffer_sizes()])
     # jax.Array's stock handler too, only so that orbax does not warn that array metadata is off.
     registry = ocp.type_handlers.create_type_handler_registry(
-        (ParamSource, StreamingNumpyHandler(buffers, budget_bytes)),
+        (ParamSource, StreamingNumpyHandler(buffers, budget_bytes, fsync)),
         (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
     with ocp.Checkpointer(handler) as ckptr:
@@ -377,14 +462,14 @@ def write_params_streamed(tree: dict[str, Any], params_dir: str, budget_bytes: i
 
 def convert_hf_to_orbax_streamed(hf_dir: str, out_dir: str, dtype: Any = None, overwrite: bool = False,
                                  check_finite: bool = True, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                                 compress: bool = True) -> ModelConfig:
+                                 compress: bool = COMPRESS_DEFAULT, fsync: bool = False) -> ModelConfig:
     """HF safetensors dir -> our orbax dir, never holding more than ``budget_bytes`` of tensors (or one tensor).
 
-    ``compress=False`` stores the chunks without zstd: about 1.4x faster and 1.3x bigger on bf16 weights.
+    ``compress`` and ``fsync``: see ``checkpoint.convert_hf_to_orbax``.
     """
     raw = read_config_json(hf_dir)
     cfg = config_from_dict(raw, os.path.join(hf_dir, "config.json"))
     tree = plan_hf_params(hf_dir, cfg, dtype=dtype, check_finite=check_finite)
-    write_checkpoint_dir(out_dir, raw, lambda path: write_params_streamed(tree, path, budget_bytes, compress),
+    write_checkpoint_dir(out_dir, raw, lambda path: write_params_streamed(tree, path, budget_bytes, compress, fsync),
                          side_files_from=hf_dir, overwrite=overwrite)
     return cfg
