@@ -28,8 +28,10 @@ def demo_config(preset: str = "full") -> ml_collections.ConfigDict:
     c.batch_size = 4
     c.max_len = 512
     c.base_lr = 3e-3
-    c.lr = 2e-3  # the coder's fine-tune
-    c.vlm_lr = 3e-3  # the VLM's: its vision tower starts from random
+    # the fine-tunes' LLM lr is well below the base's, so their task vectors stay small next to the base
+    c.coder_lr = 1e-3
+    c.vlm_lr = 5e-4  # the VLM's language model
+    c.vision_lr = 3e-3  # the VLM's vision tower and merger: they start from random
     c.vlm_patches_per_row = 512  # 8 images of 64 patches per row
     c.sft_lr = 2e-3
     c.base_steps = 300

@@ -103,7 +103,7 @@ def parity_check(tiny_vlm: str, workdir: str) -> dict[str, Any]:
 
 
 def train_stage_config(c, name: str, init: str, data: str, steps: int, trainable: str, lr: float,
-                       patches_per_row: int = 0):
+                       patches_per_row: int = 0, lr_scale: tuple = ()):
     """The training config of demo stage ``name``: the tiny preset (``configs/tiny.py``) with the demo's data,
     steps and outputs (``<workdir>/train/<name>``, exported as float32 HF to ``<workdir>/models/<name>``)."""
     from viscodex_jax.testing.tiny import tiny_train_config
@@ -114,6 +114,7 @@ def train_stage_config(c, name: str, init: str, data: str, steps: int, trainable
     t.workdir = os.path.join(c.workdir, "train", name)
     t.train.steps = t.optim.total_steps = steps
     t.optim.lr = lr
+    t.optim.lr_scale = lr_scale
     t.optim.warmup_steps = max(1, steps // 10)
     t.train.trainable = trainable
     t.data.batch_size = c.batch_size
@@ -179,10 +180,10 @@ def init_vlm(tiny_vlm: str, base: str, out_dir: str, max_pixels: int) -> dict[st
 
 
 def _train(c, name: str, init: str, data: str, steps: int, trainable: str, lr: float,
-           patches_per_row: int = 0) -> dict[str, Any]:
+           patches_per_row: int = 0, lr_scale: tuple = ()) -> dict[str, Any]:
     from viscodex_jax.train.loop import run_training
 
-    cfg = train_stage_config(c, name, init, data, steps, trainable, lr, patches_per_row)
+    cfg = train_stage_config(c, name, init, data, steps, trainable, lr, patches_per_row, lr_scale)
     log.info("training %s from %s (%d steps)", cfg.workdir, cfg.model.init_checkpoint, cfg.train.steps)
     return run_training(cfg)
 
@@ -216,11 +217,12 @@ def run_demo(c) -> dict[str, Any]:
                                            c.base_lr))
     init = st.run("init_models", lambda: init_vlm(tiny["vlm"], os.path.join(models, "base"),
                                                  os.path.join(models, "vlm_init"), c.image_max_pixels))
-    # descriptions are short: a row holds as many of them as its image-patch budget allows
+    # descriptions are short: a row holds as many of them as its image-patch budget allows. The fresh vision
+    # tower learns at vision_lr, the pretrained LLM at vlm_lr (its change is the VLM's task vector)
     st.run("train_vlm", lambda: _train(c, "vlm", init["vlm_init"], d["describe_train"], c.vlm_steps, "all", c.vlm_lr,
-                                       c.vlm_patches_per_row))
+                                       c.vlm_patches_per_row, (("^visual/", c.vision_lr / c.vlm_lr),)))
     st.run("train_coder", lambda: _train(c, "coder", os.path.join(models, "base"), d["coder_train"],
-                                         c.coder_steps, "llm", c.lr))
+                                         c.coder_steps, "llm", c.coder_lr))
     merge_cfg = merge_stage_config(c)
     tv = st.run("task_vectors", lambda: evals.task_vector_norms(merge_cfg))
     st.run("merge", lambda: _merge(merge_cfg))
