@@ -162,18 +162,18 @@ def test_error_unwritable_output(tiny, tmp_path):
 
 
 def test_error_disk_full_leaves_nothing(tiny, tmp_path, monkeypatch):
-    from viscodex_jax.checkpoint import safetensors_io
+    from viscodex_jax.checkpoint import planned_writer
 
     calls = {"n": 0}
-    real = safetensors_io.write_safetensors
+    real = planned_writer.open_shard
 
-    def failing(path, tensors, metadata=None):
+    def failing(path):
         calls["n"] += 1
         if calls["n"] == 2:  # the second shard hits a full disk
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, tensors, metadata)
+        return real(path)
 
-    monkeypatch.setattr(safetensors_io, "write_safetensors", failing)
+    monkeypatch.setattr(planned_writer, "open_shard", failing)
     with pytest.raises(MergeError, match="No space left on device"):
         merge_checkpoints(tiny["base"], [tiny["vlm"], tiny["coder"]], str(tmp_path / "out"), MergeSpec(),
                           max_shard_bytes=300_000)

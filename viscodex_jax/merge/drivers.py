@@ -27,13 +27,16 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
+import ml_dtypes
 import numpy as np
 import tqdm
 
 from viscodex_jax.checkpoint import hf_map
 from viscodex_jax.checkpoint.hf import copy_side_files, iter_hf_tensors
+from viscodex_jax.checkpoint.planned_writer import PlannedWriter
 from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, ShardedWriter
 from viscodex_jax.checkpoint.validate import count_nonfinite, is_float_dtype
+from viscodex_jax.merge.file_tensor import FileTensor
 from viscodex_jax.merge.report import MergeReport
 from viscodex_jax.merge.spec import MergeError, MergeSpec
 from viscodex_jax.merge.tensor import merge_with_vocab_policy
@@ -50,9 +53,11 @@ Key = tuple[str, ...]
 class _Tensor:
     key: Key | None  # our param path (None: no param of the primary's model type maps to it)
     layer: int | None  # index into a stacked param
-    read: Callable[[], np.ndarray]  # the tensor in HF layout
+    read: Callable[[], Any]  # the tensor in HF layout: an array, or a FileTensor that reads itself in chunks
     where: str  # the file, or the model's name, for error messages
     label: str  # the tensor, for error messages
+    shape: tuple[int, ...] | None = None  # HF layout, when known without reading
+    dtype: Any = None  # when known without reading (not for .bin files)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,18 +79,19 @@ def hf_dir_source(ckpt_dir: str, expected: dict[Key, Any]) -> TensorSource:
     """The tensors of a HF checkpoint dir (indexed now, read later); ``expected`` maps names onto params."""
     tensors: dict[str, _Tensor] = {}
     files: dict[str, SafetensorsFile] = {}
-    for file, name, _, read in iter_hf_tensors(ckpt_dir):
+    for file, name, shape, read in iter_hf_tensors(ckpt_dir):
+        dtype = None
         if file.endswith(".safetensors"):
-            # A memory map of the page cache instead of a copy into fresh memory (whose page faults were most of
-            # the merge's system time); the merge only reads it.
+            # Read later in chunks straight into the merge's staging buffers (see file_tensor).
             f = files.get(file) or files.setdefault(file, SafetensorsFile(file))
-            read = functools.partial(f.view, name)
+            ref = FileTensor.of(f, name)
+            read, dtype = (lambda ref=ref: ref), ref.dtype
         canon = hf_map.canonical_name(name)
         if canon in tensors:
             raise MergeError(f"{file}: tensor {name!r} appears twice in {ckpt_dir}")
         hit = hf_map.hf_to_path(canon, expected)
         key, layer = hit if hit is not None else (None, None)
-        tensors[canon] = _Tensor(key, layer, read, file, repr(canon))
+        tensors[canon] = _Tensor(key, layer, read, file, repr(canon), tuple(shape), dtype)
     return TensorSource(os.path.basename(os.path.normpath(ckpt_dir)), ckpt_dir, tensors)
 
 
@@ -99,28 +105,87 @@ def tree_source(params: dict[str, Any], cfg: ModelConfig, name: str) -> TensorSo
                 x = np.asarray(leaf[i] if i is not None else leaf)
                 return hf_map.to_hf(key, x, hf_map.hf_shape(key, x.shape, cfg))
             label = "/".join(key) + (f" (layer {i})" if i is not None else "")
-            tensors[hf_map.path_to_hf(key, i)] = _Tensor(key, i, read, name, label)
+            shape = hf_map.hf_shape(key, leaf.shape[1:] if i is not None else leaf.shape, cfg)
+            tensors[hf_map.path_to_hf(key, i)] = _Tensor(key, i, read, name, label, tuple(shape), np.dtype(leaf.dtype))
     return TensorSource(name, name, tensors)
+
+
+_SHAPES: dict[str, dict[Key, Any]] = {}
+
+
+def _param_shapes(cfg: ModelConfig) -> dict[Key, Any]:
+    """``param_shapes`` flattened, once per config (tracing the model's init takes about a second)."""
+    key = repr(cfg)
+    if key not in _SHAPES:
+        if len(_SHAPES) >= 4:
+            _SHAPES.clear()
+        _SHAPES[key] = flatten(param_shapes(cfg))
+    return _SHAPES[key]
 
 
 def _expected_hf_names(cfg: ModelConfig) -> list[str]:
     """Canonical HF names of every tensor a model of ``cfg`` has (one per layer for stacked params)."""
     out = []
-    for key, shape in flatten(param_shapes(cfg)).items():
+    for key, shape in _param_shapes(cfg).items():
         layers = range(shape.shape[0]) if hf_map.is_stacked(key) else [None]
         out += [hf_map.path_to_hf(key, i) for i in layers]
     return out
 
 
+# Exponent bits of IEEE floats: all ones is Inf or NaN. Counting them on the raw bits is one integer pass,
+# where np.isfinite on bfloat16 goes through ml_dtypes' per-element casts.
+_EXPONENT = {np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80), np.dtype(np.float16): (np.uint16, 0x7C00),
+             np.dtype(np.float32): (np.uint32, 0x7F800000), np.dtype(np.float64): (np.uint64, 0x7FF << 52)}
+
+
+def _nonfinite(arr: np.ndarray) -> int:
+    bits = _EXPONENT.get(arr.dtype)
+    if bits is None:
+        return count_nonfinite(arr)
+    u, mask = bits
+    e = np.bitwise_and(arr.reshape(-1).view(u), u(mask))
+    return int(np.count_nonzero(e == u(mask)))
+
+
+def _check_copied_dtype(dtype: Any, t: _Tensor) -> None:
+    if not is_float_dtype(np.dtype(dtype)):
+        raise MergeError(f"{t.where}: tensor {t.label} has dtype {dtype}, but model parameters are floating point")
+
+
+def _copy_error(t: _Tensor, bad: int, size: int) -> MergeError:
+    return MergeError(f"{t.where}: tensor {t.label} (copied into the output) has NaN/Inf: {bad} of {size} values")
+
+
 def _check_copied(arr: Any, t: _Tensor) -> None:
     """Tensors copied from the primary skip the merge's own NaN check: check them here."""
-    dtype = np.asarray(arr).dtype
-    if not is_float_dtype(dtype):
-        raise MergeError(f"{t.where}: tensor {t.label} has dtype {dtype}, but model parameters are floating point")
-    bad = count_nonfinite(arr)
+    arr = np.asarray(arr)
+    _check_copied_dtype(arr.dtype, t)
+    bad = _nonfinite(arr)
     if bad:
-        raise MergeError(f"{t.where}: tensor {t.label} (copied into the output) has NaN/Inf: {bad} of {np.size(arr)} "
-                         "values")
+        raise _copy_error(t, bad, arr.size)
+
+
+# Copied tensors are streamed through a buffer of this many bytes.
+COPY_CHUNK_BYTES = 1 << 24
+_COPY_BUF: list[np.ndarray] = []
+
+
+def _stream_copy(ref: FileTensor, t: _Tensor, sink: Callable[[int, np.ndarray], None]) -> None:
+    """A copied tensor read in chunks into one reused buffer, checked finite and handed to ``sink``."""
+    _check_copied_dtype(ref.dtype, t)
+    if not _COPY_BUF:
+        _COPY_BUF.append(np.empty(COPY_CHUNK_BYTES, np.uint8))
+    step = max(1, COPY_CHUNK_BYTES // ref.dtype.itemsize)
+    bad = 0
+    for lo in range(0, ref.size, step):
+        hi = min(lo + step, ref.size)
+        chunk = _COPY_BUF[0][:(hi - lo) * ref.dtype.itemsize].view(ref.dtype)
+        ref.read_into(chunk, lo, hi)
+        bad += _nonfinite(chunk)
+        if not bad:
+            sink(lo, chunk)
+    if bad:
+        raise _copy_error(t, bad, ref.size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,22 +242,30 @@ def plan_merge(base: TensorSource, models: Sequence[TensorSource], spec: MergeSp
     return MergePlan(spec, primary, steps, [s.name for s in sources])
 
 
-def run_plan(plan: MergePlan, put: Callable[[str, _Tensor, Any], None],
-             progress: Callable[[int], None] = lambda nbytes: None) -> MergeReport:
-    """Merges (or copies) each tensor of the plan and hands it to ``put(name, primary tensor, array)``."""
+def run_plan(plan: MergePlan, put: Callable[[str, _Tensor, Any], None] | None,
+             progress: Callable[[int], None] = lambda nbytes: None,
+             sink_for: Callable[[str], Callable[[int, np.ndarray], None]] | None = None) -> MergeReport:
+    """Merges (or copies) each tensor of the plan and hands it to ``put(name, primary tensor, array)``, or, with
+    ``sink_for``, in pieces to ``sink_for(name)(first element, flat piece)`` as they are made."""
     report = MergeReport(plan.spec, plan.names)
     for canon, t, srcs in plan.steps:
+        sink = sink_for(canon) if sink_for is not None else None
         if srcs is None:
             arr = t.read()
-            _check_copied(arr, t)
-            put(canon, t, arr)  # copied untouched: the vision tower stays the VLM's
-            report.copied(canon)
+            if sink is not None and isinstance(arr, FileTensor):
+                _stream_copy(arr, t, sink)
+            else:
+                arr = np.asarray(arr)
+                _check_copied(arr, t)
+                sink(0, arr.reshape(-1)) if sink is not None else put(canon, t, arr)
+            report.copied(canon)  # copied untouched: the vision tower stays the VLM's
             progress(arr.nbytes)
             continue
         arrays = [s.read() for s in srcs]
         merged, stats = merge_with_vocab_policy(canon, arrays[0], arrays[1:], arrays[1], plan.spec,
-                                                "/".join(t.key))
-        put(canon, t, merged)
+                                                "/".join(t.key), sink)
+        if sink is None:
+            put(canon, t, merged)
         report.merged(canon, stats)
         progress(sum(x.nbytes for x in arrays))
         del arrays, merged
@@ -243,6 +316,20 @@ def merge_models(base: Any, models: Sequence[Any], spec: MergeSpec | None = None
     return Model(primary.config, jax.tree_util.tree_map(jnp.asarray, params), raw, primary.path, primary.processor)
 
 
+def _output_entries(plan: MergePlan) -> list[tuple[str, Any, tuple[int, ...]]] | None:
+    """(name, dtype, shape) of every output tensor in write order, or None when a dtype is not in a header."""
+    out = []
+    for canon, t, srcs in plan.steps:
+        if t.dtype is None or t.shape is None:
+            return None
+        out.append((canon, np.dtype(plan.spec.out_dtype) if srcs is not None else t.dtype, t.shape))
+    return out
+
+
+def _write_at(writer: PlannedWriter, name: str, start: int, piece: np.ndarray) -> None:
+    writer.write(name, piece, start)
+
+
 def merge_checkpoints(
     base_dir: str,
     model_dirs: Sequence[str],
@@ -254,25 +341,37 @@ def merge_checkpoints(
 ) -> dict[str, Any]:
     """Streams a merge of HF checkpoint dirs into a HF dir; returns the report.
 
-    Peak host memory: one tensor from each model plus one output shard.
+    Peak host memory: a chunk of each model's tensor in hand (each merged piece is written to its place in
+    its output shard at once; a .bin primary falls back to buffering one output shard), plus for TIES and
+    breadcrumbs one float32 copy of the tensor's magnitudes.
     ``model_dirs[0]`` is the primary: its config.json and side files are written.
     ``require_vision``: see ``plan_merge``.
     """
     raw = read_config_json(model_dirs[0])
     cfg = config_from_dict(raw, os.path.join(model_dirs[0], "config.json"))
-    expected = flatten(param_shapes(cfg))
+    expected = _param_shapes(cfg)
     sources = [hf_dir_source(d, expected) for d in [base_dir, *model_dirs]]
     plan = plan_merge(sources[0], sources[1:], spec, cfg, require_vision)
     files = {t.where for s in sources for t in s.tensors.values()}
     t0 = time.time()
     try:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            writer = ShardedWriter(tmp, max_shard_bytes)
             bar = tqdm.tqdm(total=int(sum(os.path.getsize(f) for f in files)), unit="B", unit_scale=True,
                             desc="merge (input read)", mininterval=1.0)
-            report = run_plan(plan, lambda canon, t, arr: writer.add(canon, np.asarray(arr)), bar.update)
+            entries = _output_entries(plan)
+            if entries is None:  # a primary tensor in a .bin file: its dtype is known once read
+                writer = ShardedWriter(tmp, max_shard_bytes)
+                report = run_plan(plan, lambda canon, t, arr: writer.add(canon, np.asarray(arr)), bar.update)
+                writer.finish()
+            else:
+                planned = PlannedWriter(tmp, entries, max_shard_bytes)
+                try:
+                    report = run_plan(plan, None, bar.update,
+                                      sink_for=lambda canon: functools.partial(_write_at, planned, canon))
+                    planned.finish()
+                finally:
+                    planned.abort()
             bar.close()
-            writer.finish()
             out_cfg = dict(raw)
             out_cfg["dtype"] = spec.out_dtype
             out_cfg.pop("torch_dtype", None)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viscodex_jax.merge.methods import keyed_draw, kth_largest_magnitudes
+from viscodex_jax.merge.file_tensor import FileTensor
+from viscodex_jax.merge.methods import keyed_draw
 from viscodex_jax.merge.spec import MergeError, MergeSpec, is_mergeable
 
 
@@ -43,26 +44,35 @@ def tensor_key(seed: int, name: str) -> jax.Array:
 
 
 class _Staging:
-    """Reused 64-byte-aligned host buffers, one per input slot, that chunks are copied into before the jitted call.
+    """Reused 64-byte-aligned host buffers, one per input slot, that chunks are read or copied into before the
+    jitted call.
 
     XLA:CPU takes a numpy argument without a copy only when it is 64-byte aligned; safetensors data (and a
     memory map of it) is only 8-byte aligned, so every call used to copy each input into a freshly allocated
-    buffer, page-faulting it in (most of the merge's system time). One memcpy into a warm buffer replaces that.
+    buffer, page-faulting it in. One read into a warm buffer replaces that. Slots alternate between two sets
+    so the next chunk is read while XLA still works on (and borrows) the last one.
     """
 
     def __init__(self):
-        self._bufs: dict[int, np.ndarray] = {}
+        self._bufs: dict[Any, np.ndarray] = {}
 
-    def put(self, slot: int, x: np.ndarray) -> np.ndarray:
-        if x.ctypes.data % 64 == 0 and x.flags.c_contiguous:
-            return x
+    def _buf(self, slot, nbytes: int) -> np.ndarray:
         buf = self._bufs.get(slot)
-        if buf is None or buf.size < x.nbytes + 64:
-            buf = self._bufs[slot] = np.empty(x.nbytes + 64, np.uint8)
+        if buf is None or buf.size < nbytes + 64:
+            buf = self._bufs[slot] = np.empty(nbytes + 64, np.uint8)
         off = (-buf.ctypes.data) % 64
-        out = buf[off:off + x.nbytes].view(x.dtype).reshape(x.shape)
-        np.copyto(out, x)
-        return out
+        return buf[off:off + nbytes]
+
+    def fill(self, slot, src: Any, lo: int, hi: int, shape: tuple[int, ...]) -> np.ndarray:
+        """Elements ``lo:hi`` of ``src`` (flat, C order) in an aligned buffer of ``shape``, zeros after them."""
+        dtype = np.dtype(src.dtype)
+        out = self._buf(slot, int(np.prod(shape)) * dtype.itemsize).view(dtype)
+        if isinstance(src, FileTensor):
+            src.read_into(out[:hi - lo], lo, hi)
+        else:
+            np.copyto(out[:hi - lo], np.asarray(src).reshape(-1)[lo:hi])
+        out[hi - lo:] = 0
+        return out.reshape(shape)
 
 
 _STAGING = _Staging()
@@ -97,41 +107,40 @@ def _totals_core(base, thetas, name_hash, chunk, spec: MergeSpec):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "out_dtype", "chunked"))
-def _merge_core(base, thetas, weights, name_hash, chunk, thresh, spec: MergeSpec, out_dtype, chunked: bool):
-    """Merges one tensor (or a row chunk of it) as ``merge_math``, with the random mask drawn from its PRNG key.
+def _host_core(base, thetas, weights, name_hash, chunk, thresh, spec: MergeSpec, out_dtype, chunked: bool):
+    """Merges one tensor, a row chunk of it, or (methods without a random draw) a flat chunk of its elements as
+    ``_host_math``, with DARE's mask drawn from the tensor's (and row chunk's) PRNG key.
 
     ``thetas`` is a tuple (stacked inside the fusion, not on the host). The tensor's PRNG key is derived here
     from ``name_hash`` (and ``chunk`` for a row chunk), as ``tensor_key`` does eagerly.
     """
     draw = keyed_draw(_chunk_key(spec, name_hash, chunk, chunked), spec)
-    return merge_math(base, thetas, weights, thresh, draw, spec, out_dtype)
+    return _host_math(base, thetas, weights, thresh, draw, spec, out_dtype)
 
 
-def merge_math(base, thetas, weights, thresh, draw, spec: MergeSpec, out_dtype):
-    """The per-tensor merge, traced: one tensor (any layout: every step is elementwise but the sums) -> (merged
-    in ``out_dtype``, sums for the report).
+def _merge_values(base, thetas, weights, thresh, draw, spec: MergeSpec):
+    """The merged values in float32 and what the statistics are taken from: (merged, d, raw, keep, flipped).
 
-    Both the streamed merge (``_merge_core``, HF layout, host arrays) and the on-device merge
-    (``merge.on_device``, our layout, sharded arrays) run this function, so their outputs agree bit for bit
-    given the same ``thresh`` and ``draw`` (see ``methods.Sparsify``).
+    ``d``: the task vectors the merge used (sparsified, before the sign election); ``raw``: before the
+    sparsifier; ``keep``/``flipped``: boolean [n, ...] masks, None when every entry is kept / nothing is elected.
     """
     method = spec.method_pieces
     thetas = jnp.stack(thetas)
     base32 = base.astype(jnp.float32)
     d = thetas.astype(jnp.float32) - base32[None]  # [n, ...]
     n = d.shape[0]
-    keep = jnp.ones(d.shape, bool)
+    keep = None
     sparsified = method.sparsify.keep(d, thresh, draw, spec) if method.sparsify else None
     if sparsified is not None:
         d, keep = sparsified
     w = weights.reshape((n,) + (1,) * (d.ndim - 1)).astype(jnp.float32)
     wd = w * d
-    contrib = jnp.broadcast_to(keep, d.shape)
-    flipped = jnp.zeros((), jnp.float32)
+    contrib = jnp.broadcast_to(keep if keep is not None else True, d.shape)
+    flipped = None
     if method.consensus:
         elected = jnp.sign(_over_models(wd))
         agree = (jnp.sign(d) == elected[None]) & (d != 0)
-        flipped = jnp.mean(((jnp.sign(d) != elected[None]) & (d != 0)).astype(jnp.float32))
+        flipped = (jnp.sign(d) != elected[None]) & (d != 0)
         wd = jnp.where(agree, wd, 0.0)
         contrib = agree
     if sparsified is None and not method.consensus:
@@ -148,20 +157,58 @@ def merge_math(base, thetas, weights, thresh, draw, spec: MergeSpec, out_dtype):
             denom = _over_models(jnp.where(contrib, w, 0.0))  # disjoint mean: only contributors count
             total = jnp.where(denom != 0, total / jnp.where(denom != 0, denom, 1.0), 0.0)
         merged = base32 + spec.lam * total
-    # Per-model and pairwise sums of products rather than axis reductions and ``flat @ flat.T``: XLA:CPU runs
-    # those on materialised float32 copies of the task vectors (3-4x the merge's own time and memory).
     raw = d if sparsified is None else thetas.astype(jnp.float32) - base32[None]
-    numel = int(np.prod(d.shape[1:]))
+    return merged, d, raw, keep, flipped
+
+
+def _float_sums(d, raw, sparsified: bool):
+    """Per-model squared norms of ``raw`` [n] and the Gram matrix of ``d`` [n, n], as sums of products (not
+    axis reductions or ``flat @ flat.T``: XLA:CPU runs those on materialised float32 copies)."""
+    n = d.shape[0]
     gram = [[jnp.sum(d[i] * d[j]) if j >= i else None for j in range(n)] for i in range(n)]
+    return (jnp.stack([gram[i][i] if not sparsified else jnp.sum(raw[i] * raw[i]) for i in range(n)]),
+            jnp.stack([jnp.stack([gram[min(i, j)][max(i, j)] for j in range(n)]) for i in range(n)]))
+
+
+def merge_math(base, thetas, weights, thresh, draw, spec: MergeSpec, out_dtype):
+    """The per-tensor merge, traced: one tensor (any layout: every step is elementwise but the sums) -> (merged
+    in ``out_dtype``, sums for the report).
+
+    Both the streamed merge (``_host_core``, HF layout, host arrays) and the on-device merge
+    (``merge.on_device``, our layout, sharded arrays) compute the merged values with ``_merge_values``, so their
+    outputs agree bit for bit given the same ``thresh`` and ``draw`` (see ``methods.Sparsify``).
+    """
+    merged, d, raw, keep, flipped = _merge_values(base, thetas, weights, thresh, draw, spec)
+    n = d.shape[0]
+    numel = int(np.prod(d.shape[1:]))
+    sq_norms, gram = _float_sums(d, raw, keep is not None)
     sums = {
-        "sq_norms": jnp.stack([gram[i][i] if sparsified is None else jnp.sum(raw[i] * raw[i]) for i in range(n)]),
-        "gram": jnp.stack([jnp.stack([gram[min(i, j)][max(i, j)] for j in range(n)]) for i in range(n)]),
-        "kept": (jnp.full((n,), numel, jnp.int32) if sparsified is None
+        "sq_norms": sq_norms,
+        "gram": gram,
+        "kept": (jnp.full((n,), numel, jnp.int32) if keep is None
                  else jnp.stack([jnp.sum(keep[i], dtype=jnp.int32) for i in range(n)])),
-        "flipped": flipped * numel,
+        "flipped": (jnp.zeros((), jnp.float32) if flipped is None
+                    else jnp.mean(flipped.astype(jnp.float32))) * numel,
         "nonfinite": jnp.sum(~jnp.isfinite(merged)),
     }
     return merged.astype(out_dtype), sums
+
+
+def _host_math(base, thetas, weights, thresh, draw, spec: MergeSpec, out_dtype):
+    """``merge_math`` for the host pipeline: the same merged values, the float sums, and the boolean masks
+    (nonfinite, keep, flipped) returned for numpy to count.
+
+    XLA:CPU counts a mask 5-10x slower than it merges (each count is its own pass that recomputes the mask);
+    ``np.count_nonzero`` on the materialised masks costs a fraction of the merge, and counts exactly.
+    """
+    merged, d, raw, keep, flipped = _merge_values(base, thetas, weights, thresh, draw, spec)
+    sq_norms, gram = _float_sums(d, raw, keep is not None)
+    masks = {"nonfinite": ~jnp.isfinite(merged)}
+    if keep is not None:
+        masks["keep"] = keep
+    if flipped is not None:
+        masks["flipped"] = flipped
+    return merged.astype(out_dtype), {"sq_norms": sq_norms, "gram": gram}, masks
 
 
 def _check_inputs(name: str, base: Any, thetas: Sequence[Any], weights: Sequence[float]) -> None:
@@ -176,53 +223,126 @@ def _check_inputs(name: str, base: Any, thetas: Sequence[Any], weights: Sequence
                              "cannot be merged")
 
 
-def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, path: str | None = None):
+# Below this many elements a tensor (or a chunk's tail) goes through a small padded chunk instead of a full one:
+# two compiled programs per method serve every tensor shape.
+SMALL_CHUNK_ELEMENTS = 1 << 14
+
+
+def _chunks(shape: tuple[int, ...], spec: MergeSpec) -> tuple[bool, list[tuple[int, int, tuple[int, ...]]]]:
+    """(row-chunked, [(first element, end element, the chunk's shape in the jitted call)]).
+
+    Methods with a random draw keep ``row_chunks`` (the mask is drawn per tensor or row chunk, in its shape,
+    as the on-device merge draws it). The others are elementwise but for the sums, so any cut gives the same
+    values: flat chunks of ``UNKEYED_CHUNK_ELEMENTS``, padded with zeros to one of two sizes.
+    """
+    sparsify = spec.method_pieces.sparsify
+    numel = int(np.prod(shape))
+    if sparsify and sparsify.keyed:
+        whole, bounds = row_chunks(shape, spec)
+        if whole:
+            return False, [(0, numel, shape)]
+        row = int(np.prod(shape[1:]))
+        return True, [(lo * row, hi * row, (hi - lo,) + tuple(shape[1:])) for lo, hi in bounds]
+    size = max(1, min(CHUNK_ELEMENTS, UNKEYED_CHUNK_ELEMENTS))
+    small = min(SMALL_CHUNK_ELEMENTS, size)
+    return False, [(lo, min(lo + size, numel), (small if min(lo + size, numel) - lo <= small else size,))
+                   for lo in range(0, max(numel, 1), size)]
+
+
+@functools.partial(jax.jit, static_argnames=("out_shape",))
+def _magnitudes(base, theta, out_shape):
+    return jnp.abs(theta.astype(jnp.float32) - base.astype(jnp.float32)).reshape(out_shape)
+
+
+def _kth_magnitudes(base: Any, thetas: Sequence[Any], ranks: Sequence[int]) -> np.ndarray:
+    """``methods.kth_largest_magnitudes`` (the same float32 values, the same selection) with the magnitudes
+    computed by XLA in flat chunks of staged inputs: numpy's bfloat16 casts were most of TIES' threshold time."""
+    size = int(np.prod(base.shape))
+    step = max(1, min(CHUNK_ELEMENTS, UNKEYED_CHUNK_ELEMENTS))
+    small = min(SMALL_CHUNK_ELEMENTS, step)
+    out = np.empty((len(thetas), len(ranks)), np.float32)
+    mag = np.empty(size, np.float32)  # one float32 copy of the tensor, filled and partitioned in place
+    for i, t in enumerate(thetas):
+        for lo in range(0, size, step):
+            hi = min(lo + step, size)
+            shape = (small if hi - lo <= small else step,)
+            b = _STAGING.fill(("mag", 0), base, lo, hi, shape)
+            x = _STAGING.fill(("mag", 1), t, lo, hi, shape)
+            mag[lo:hi] = np.asarray(_magnitudes(b, x, shape))[:hi - lo]
+        kth = sorted({mag.size - k for k in ranks if 1 <= k <= mag.size})
+        if kth:
+            mag.partition(kth)
+        for j, k in enumerate(ranks):
+            out[i, j] = np.inf if k < 1 else -np.inf if k > mag.size else mag[mag.size - k]
+    return out
+
+
+def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, path: str | None = None,
+                 sink: Callable[[int, np.ndarray], None] | None = None):
     """Merges one tensor (HF layout); returns (merged array, stats dict of numpy values).
 
-    ``path`` (our param path) selects per-group weights; defaults to ``name``.
+    ``path`` (our param path) selects per-group weights; defaults to ``name``. Inputs are numpy arrays or
+    ``FileTensor``s (read chunk by chunk). With ``sink``, each merged chunk goes to ``sink(first element,
+    flat chunk)`` as soon as it is ready and no whole output is built (the returned array is None).
     """
     weights = spec.weights_for(path or name)
     _check_inputs(name, base, thetas, weights)
     sparsify = spec.method_pieces.sparsify
     out_dtype = jnp.dtype(spec.out_dtype)
     n, shape = len(thetas), tuple(base.shape)
-    numel = max(int(np.prod(shape)), 1)
-    ranks = tuple(sparsify.ranks(spec, numel)) if sparsify and sparsify.ranks else ()
-    thresh = kth_largest_magnitudes(base, thetas, ranks) if ranks else np.zeros((n, 0), np.float32)
-    whole, bounds = row_chunks(shape, spec)
+    numel = int(np.prod(shape))
+    ranks = tuple(sparsify.ranks(spec, max(numel, 1))) if sparsify and sparsify.ranks else ()
+    srcs = [x if isinstance(x, FileTensor) else np.ascontiguousarray(x) for x in [base, *thetas]]
+    thresh = _kth_magnitudes(srcs[0], srcs[1:], ranks) if ranks else np.zeros((n, 0), np.float32)
+    chunked, chunks = _chunks(shape, spec)
     name_hash = _name_hash(name)
     w = np.asarray(weights, np.float32)
     static = traced_spec(spec)
 
-    def staged(lo, hi):
-        # Staged inputs are borrowed by XLA (no copy): each call must finish before the buffers are reused.
-        return [_STAGING.put(i, np.asarray(x) if whole else np.asarray(x[lo:hi]))
-                for i, x in enumerate([base, *thetas])]
+    def staged(c, lo, hi, kshape):
+        # Staged inputs are borrowed by XLA (no copy): a slot is refilled only after its call has finished.
+        return [_STAGING.fill((c % 2, i), x, lo, hi, kshape) for i, x in enumerate(srcs)]
 
-    if not whole and sparsify and sparsify.needs_totals(spec):
+    if chunked and sparsify.needs_totals(spec):
         sums = 0.0
-        for c, (lo, hi) in enumerate(bounds):
-            ins = staged(lo, hi)
+        for c, (lo, hi, kshape) in enumerate(chunks):
+            ins = staged(0, lo, hi, kshape)
             sums = sums + np.asarray(jax.device_get(_totals_core(ins[0], tuple(ins[1:]), name_hash, np.int32(c),
                                                                  static)), np.float64)
         thresh = sparsify.from_totals(sums)
     thresh = np.asarray(thresh, np.float32)
-    out = None
-    total: dict[str, np.ndarray] = {}
-    for c, (lo, hi) in enumerate(bounds):
-        ins = staged(lo, hi)
-        merged, sums = _merge_core(ins[0], tuple(ins[1:]), w, name_hash, np.int32(c), thresh, static, out_dtype,
-                                   chunked=not whole)
-        merged, sums = jax.device_get((merged, sums))
-        if whole:
-            out = merged
+    out = None if sink is not None else np.empty(shape, out_dtype)
+    total: dict[str, Any] = {"sq_norms": 0.0, "gram": 0.0, "kept": np.zeros(n, np.int64), "flipped": 0,
+                             "nonfinite": 0}
+
+    def finish(lo, hi, result):
+        merged, fsums, masks = jax.device_get(result)
+        m = np.asarray(merged).reshape(-1)[:hi - lo]
+        if sink is not None:
+            sink(lo, m)
         else:
-            if out is None:
-                out = np.empty(shape, out_dtype)
-            out[lo:hi] = merged
-        for k, v in sums.items():
-            total[k] = total.get(k, 0) + np.asarray(v, np.float64)
-    return out, stats_from_sums(name, total, numel)
+            out.reshape(-1)[lo:hi] = m
+        for k, v in fsums.items():
+            total[k] = total[k] + np.asarray(v, np.float64)
+        total["nonfinite"] += np.count_nonzero(np.asarray(masks["nonfinite"]).reshape(-1)[:hi - lo])
+        if "keep" in masks:
+            total["kept"] += np.count_nonzero(np.asarray(masks["keep"]).reshape(n, -1)[:, :hi - lo], axis=1)
+        else:
+            total["kept"] += hi - lo
+        if "flipped" in masks:
+            total["flipped"] += np.count_nonzero(np.asarray(masks["flipped"]).reshape(n, -1)[:, :hi - lo])
+
+    pending = None
+    for c, (lo, hi, kshape) in enumerate(chunks):
+        ins = staged(c, lo, hi, kshape)
+        result = _host_core(ins[0], tuple(ins[1:]), w, name_hash, np.int32(c), thresh, static, out_dtype,
+                            chunked=chunked)
+        if pending is not None:
+            finish(*pending)  # XLA works on chunk c meanwhile
+        pending = (lo, hi, result)
+    finish(*pending)
+    total["flipped"] = total["flipped"] / n  # merge_math's convention: the mean over models, times numel
+    return out, stats_from_sums(name, total, max(numel, 1))
 
 
 def row_chunks(shape: Sequence[int], spec: MergeSpec) -> tuple[bool, list[tuple[int, int]]]:
@@ -260,12 +380,12 @@ _VOCAB_ROWS = {"model.embed_tokens.weight", "lm_head.weight"}  # HF layout: voca
 
 
 def merge_with_vocab_policy(name: str, base, thetas: Sequence[Any], primary, spec: MergeSpec,
-                            path: str | None = None):
+                            path: str | None = None, sink: Callable[[int, np.ndarray], None] | None = None):
     """merge_tensor, plus the vocab policy for embeddings and lm_head.
 
     The VLM and the coder may have different vocab sizes. Rows that every model
     has are merged; the output keeps the primary model's (the VLM's) shape,
-    and rows beyond the shared ones are the primary's, untouched.
+    and rows beyond the shared ones are the primary's, untouched. ``sink``: see ``merge_tensor``.
     """
     if name in _VOCAB_ROWS:
         rows = min(int(t.shape[0]) for t in [base, *thetas])
@@ -273,10 +393,14 @@ def merge_with_vocab_policy(name: str, base, thetas: Sequence[Any], primary, spe
             raise MergeError(f"{name}: hidden sizes differ between models: "
                              f"{[list(t.shape) for t in [base, *thetas]]}")
         if any(t.shape[0] != rows for t in [base, *thetas]) or primary.shape[0] != rows:
-            merged, stats = merge_tensor(name, base[:rows], [t[:rows] for t in thetas], spec, path)
+            merged, stats = merge_tensor(name, base[:rows], [t[:rows] for t in thetas], spec, path, sink)
+            rest = np.asarray(primary[rows:]).astype(np.dtype(spec.out_dtype))
+            stats["vocab_rows_merged"] = rows
+            if sink is not None:
+                sink(rows * int(np.prod(primary.shape[1:])), rest.reshape(-1))
+                return None, stats
             out = np.empty(primary.shape, np.dtype(spec.out_dtype))
             out[:rows] = np.asarray(merged)
-            out[rows:] = np.asarray(primary[rows:]).astype(out.dtype)
-            stats["vocab_rows_merged"] = rows
+            out[rows:] = rest
             return out, stats
-    return merge_tensor(name, base, thetas, spec, path)
+    return merge_tensor(name, base, thetas, spec, path, sink)
