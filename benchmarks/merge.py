@@ -29,9 +29,9 @@ What it does:
                    ``dtype: float32`` (compute, as ours) with ``out_dtype: bfloat16``, and
                    ``dtype: bfloat16`` (the setting most configs use); ``--out-shard-size 250M``
                    (parameters, = 500 MB bf16), ``--lazy-unpickle``; text cases only;
-   * ``floor``     every tensor of the three inputs read with our safetensors reader
-                   and one model's worth (the primary's tensors) written with our
-                   ``ShardedWriter`` (500 MB shards): what any streaming merge must pay.
+   * ``floor``     every byte of the three inputs read once (pread into one reused buffer) and
+                   one model's worth (the primary's tensors) written once (pwrite into planned
+                   500 MB shards), the I/O primitives ours uses: what any streaming merge must pay.
 
    ``--ours_xla_flags`` sets XLA_FLAGS for our runs (default: none). jaxlib 0.10's CPU backend used to
    run a reduction over the 2-3 model axis 100-400x slower than a chain of adds; merge.tensor._merge_core now
@@ -115,7 +115,8 @@ YNN_REDUCE_OFF = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 # The merge code under test (it may be edited between runs): the methods table, the per-tensor pipeline, the
 # driver over tensor sources and the spec, plus the safetensors reader/writer the driver streams through.
 CODE_FILES = ("viscodex_jax/merge/methods.py", "viscodex_jax/merge/tensor.py", "viscodex_jax/merge/drivers.py",
-              "viscodex_jax/merge/spec.py", "viscodex_jax/checkpoint/safetensors_io.py")
+              "viscodex_jax/merge/spec.py", "viscodex_jax/merge/file_tensor.py", "viscodex_jax/checkpoint/safetensors_io.py",
+              "viscodex_jax/checkpoint/planned_writer.py")
 # mergekit's two settings: fp32 compute as ours (dtype float32, out_dtype bfloat16), and the bf16 compute most
 # users write (dtype bfloat16).
 MERGEKIT_SETTINGS = {"float32": "mergekit fp32→bf16", "bfloat16": "mergekit bf16"}
@@ -244,22 +245,36 @@ def task_ours(base: str, models: list[str], out: str, method: str, density: floa
 
 
 def task_floor(base: str, models: list[str], out: str) -> dict[str, Any]:
-    from viscodex_jax.checkpoint.hf import iter_hf_tensors
+    """Every byte of the three inputs read once (pread into one reused buffer, as ours reads) and the primary's
+    tensors written once (pwrite into planned 500 MB shards, as ours writes): the I/O any streaming merge pays."""
+    import numpy as np
+
+    from viscodex_jax.checkpoint.planned_writer import PlannedWriter
+    from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, iter_index
+    from viscodex_jax.merge.file_tensor import FileTensor
     from viscodex_jax.utils import atomic_dir
-    from viscodex_jax.checkpoint.safetensors_io import ShardedWriter
 
     before = h.proc_status()
     t0 = time.perf_counter()
     read = 0
+    buf = np.empty(1 << 24, np.uint8)
     with atomic_dir(out, overwrite=True) as tmp:
-        writer = ShardedWriter(tmp, SHARD_BYTES)
+        writer = None
         for j, d in enumerate([models[0], base, *models[1:]]):
-            for _, name, _, rd in iter_hf_tensors(d):
-                arr = rd()
-                read += arr.nbytes
-                if j == 0:
-                    writer.add(name, arr)  # one model's worth written: the primary's tensors
-                del arr
+            refs = [(n, FileTensor.of(f, n)) for p, _ in iter_index(d) for f in [SafetensorsFile(p)] for n in f.keys()]
+            if j == 0:  # one model's worth written: the primary's tensors
+                writer = PlannedWriter(tmp, [(n, r.dtype, r.shape) for n, r in refs], SHARD_BYTES)
+            for name, ref in refs:
+                step = buf.size // ref.dtype.itemsize
+                for lo in range(0, ref.size, step):
+                    hi = min(lo + step, ref.size)
+                    chunk = buf[:(hi - lo) * ref.dtype.itemsize].view(ref.dtype)
+                    ref.read_into(chunk, lo, hi)
+                    read += chunk.nbytes
+                    if j == 0:
+                        writer.write(name, chunk, lo)
+                if j == 0 and ref.size == 0:
+                    writer.write(name, np.empty(0, ref.dtype))
         writer.finish()
     dt = time.perf_counter() - t0
     return dict(work_s=dt, rss_before=before["VmRSS"], peak_rss=h.proc_status()["VmHWM"], bytes_read=read,

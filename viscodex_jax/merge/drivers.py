@@ -39,7 +39,7 @@ from viscodex_jax.checkpoint.validate import count_nonfinite, is_float_dtype
 from viscodex_jax.merge.file_tensor import FileTensor
 from viscodex_jax.merge.report import MergeReport
 from viscodex_jax.merge.spec import MergeError, MergeSpec
-from viscodex_jax.merge.tensor import merge_with_vocab_policy
+from viscodex_jax.merge.tensor import _STAGING, merge_with_vocab_policy
 from viscodex_jax.model.causal_lm import param_shapes
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 from viscodex_jax.utils import atomic_dir, flatten, unflatten
@@ -269,6 +269,8 @@ def run_plan(plan: MergePlan, put: Callable[[str, _Tensor, Any], None] | None,
         report.merged(canon, stats)
         progress(sum(x.nbytes for x in arrays))
         del arrays, merged
+    _STAGING.clear()
+    _COPY_BUF.clear()
     for w in report.check_task_vectors():
         log.warning("merge: %s", w)
     report.data["summary"] = report.summary()

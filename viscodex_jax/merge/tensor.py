@@ -63,6 +63,10 @@ class _Staging:
         off = (-buf.ctypes.data) % 64
         return buf[off:off + nbytes]
 
+    def clear(self) -> None:
+        """Drops the buffers (a merge ends with this: a long-lived process keeps no chunk-sized buffers)."""
+        self._bufs = {}
+
     def fill(self, slot, src: Any, lo: int, hi: int, shape: tuple[int, ...]) -> np.ndarray:
         """Elements ``lo:hi`` of ``src`` (flat, C order) in an aligned buffer of ``shape``, zeros after them."""
         dtype = np.dtype(src.dtype)
