@@ -21,7 +21,14 @@ What it does:
 
 2. Times each task in a fresh subprocess (peak RSS = the child's VmHWM, so it is
    per task; import time is excluded from the seconds, import RSS is not
-   excluded from the peak, and is reported separately):
+   excluded from the peak, and is reported separately). Rounds alternate the
+   tasks (one run of each per round), and every child waits ``--settle``
+   seconds after its imports before its timed part: on a VM with free page
+   reporting (this one), memory freed by the previous task goes back to the
+   hypervisor within about 2 s, and a page touched afterwards costs a host fault
+   (reading 1 GB into fresh memory: 0.45 s right after a task freed 1 GB, 3.7 s
+   otherwise). Without the wait, a task that imports little (the floor) reuses
+   its predecessor's pages and one that imports jax does not:
 
    * ``floor: raw read``       every safetensors file read with ``readinto`` into
                                fresh anonymous memory (what any loader that
@@ -29,8 +36,8 @@ What it does:
    * ``floor: safe_open mmap`` ``safe_open(framework="pt").get_tensor`` for every
                                tensor, then every 4 KiB page touched (zero-copy);
    * ``ours: load_hf_params``  ``viscodex_jax.checkpoint.load_hf_params(dir)``;
-   * ``ours: convert->orbax``  ``viscodex_jax.checkpoint.convert_hf_to_orbax(dir, out)``
-                               (output deleted afterwards);
+   * ``ours: convert->orbax``  ``viscodex_jax.checkpoint.convert_hf_to_orbax(dir, out, compress=...)``,
+                               zstd and without (output size recorded, then deleted);
    * ``transformers``          ``from_pretrained(dir, dtype=torch.bfloat16)``, as
                                returned (transformers 5 keeps bf16 safetensors
                                weights mmap-backed, so this reads almost nothing);
@@ -57,6 +64,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -72,7 +80,8 @@ TASKS = [
     ("floor_raw", "floor: raw read (copy)", "floor"),
     ("floor_safetensors", "floor: safe_open mmap + touch (zero-copy)", "floor"),
     ("ours_load", "ours: load_hf_params", "ours"),
-    ("ours_convert", "ours: convert_hf_to_orbax", "ours"),
+    ("ours_convert", "ours: convert_hf_to_orbax (zstd)", "ours"),
+    ("ours_convert_raw", "ours: convert_hf_to_orbax (no zstd)", "ours"),
     ("hf_load", "transformers from_pretrained (lazy mmap)", "ref"),
     ("hf_load_touch", "transformers from_pretrained + touch", "ref"),
 ]
@@ -108,7 +117,22 @@ def _touch_torch(tensors) -> int:
 # ----------------------------------------------------------------------------- child tasks
 
 
-def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[str, Any]:
+_CPU0 = [0.0]
+
+
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # every thread's: tensorstore's compression included
+    return ru.ru_utime + ru.ru_stime
+
+
+def _settled(settle: float) -> dict[str, int]:
+    """Waits ``settle`` s (memory freed before now goes back to the hypervisor), then this process's status."""
+    time.sleep(settle)
+    _CPU0[0] = _cpu_s()
+    return h.proc_status()
+
+
+def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None, settle: float = 0.0) -> dict[str, Any]:
     """Runs one task in this (fresh) process; imports first, then times only the task."""
     extra: dict[str, Any] = {}
     t_imp = time.perf_counter()
@@ -116,7 +140,7 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
         import numpy as np
 
         files = ck.weight_files(ckpt_dir)
-        before = h.proc_status()
+        before = _settled(settle)
         t0 = time.perf_counter()
         keep = []
         for path in files:
@@ -134,7 +158,7 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
         from safetensors import safe_open
 
         files = ck.weight_files(ckpt_dir)
-        before = h.proc_status()
+        before = _settled(settle)
         t0 = time.perf_counter()
         keep = []
         for path in files:
@@ -145,13 +169,13 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
         dt = time.perf_counter() - t0
         extra["n_tensors"] = len(keep)
         extra["bytes_read"] = sum(t.numel() * t.element_size() for t in keep)
-    elif task in ("ours_load", "ours_convert"):
+    elif task in ("ours_load", "ours_convert", "ours_convert_raw"):
         import jax
 
         from viscodex_jax.checkpoint import convert_hf_to_orbax, load_hf_params
 
         jax.devices()  # backend init outside the timing
-        before = h.proc_status()
+        before = _settled(settle)
         if task == "ours_load":
             t0 = time.perf_counter()
             _, params = load_hf_params(ckpt_dir)
@@ -162,9 +186,8 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
             extra["dtypes"] = sorted({str(x.dtype) for x in leaves})
         else:
             t0 = time.perf_counter()
-            convert_hf_to_orbax(ckpt_dir, out_dir)
+            convert_hf_to_orbax(ckpt_dir, out_dir, compress=task == "ours_convert")
             dt = time.perf_counter() - t0
-            extra["out_bytes"] = dir_bytes(out_dir)
     elif task in ("hf_load", "hf_load_touch"):
         import torch
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
@@ -172,7 +195,7 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
 
         hf_logging.disable_progress_bar()
         cls = Qwen2ForCausalLM if kind == "text" else Qwen2_5_VLForConditionalGeneration
-        before = h.proc_status()
+        before = _settled(settle)
         t0 = time.perf_counter()
         model = cls.from_pretrained(ckpt_dir, dtype=torch.bfloat16)
         if task == "hf_load_touch":
@@ -185,7 +208,8 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
     after = h.proc_status()
     return dict(
         seconds=dt,
-        import_s=t0 - t_imp,
+        timed_cpu_s=_cpu_s() - _CPU0[0],
+        import_s=t0 - t_imp - settle,
         rss_before=before["VmRSS"],
         peak_rss=after["VmHWM"],
         rss_after=after["VmRSS"],
@@ -196,7 +220,7 @@ def run_task(task: str, ckpt_dir: str, kind: str, out_dir: str | None) -> dict[s
 
 
 def run_child(a: dict[str, Any]) -> dict[str, Any]:
-    return run_task(a["task"], a["ckpt"], a["kind"], a.get("out"))
+    return run_task(a["task"], a["ckpt"], a["kind"], a.get("out"), a.get("settle", 0.0))
 
 
 # ----------------------------------------------------------------------------- parent
@@ -217,14 +241,15 @@ def render(results: dict[str, Any]) -> str:
         f"Checkpoint conversion, {m['cpu_count']} CPUs ({m['cpu_model']}), {m['platform']}; "
         f"jax {m['versions']['jax']}, orbax {m['versions']['orbax-checkpoint']}, "
         f"transformers {m['versions']['transformers']}, torch {m['versions']['torch']}; "
-        f"{results['config']['cache']} page cache; median of {results['config']['repeats']} fresh processes per task "
-        f"(after {results['config']['warmup']} untimed); load average {m['loadavg_at_start'][0]:.2f} at start, "
+        f"{results['config']['cache']} page cache; median of {results['config']['repeats']} alternating rounds of fresh "
+        f"processes (after {results['config']['warmup']} untimed), each timed after a "
+        f"{results['config'].get('settle_s', 0):.0f} s settle; load average {m['loadavg_at_start'][0]:.2f} at start, "
         f"{m.get('loadavg_at_end', [float('nan')])[0]:.2f} at end; other processes took "
         f"{results.get('foreign_cpu_frac', float('nan')):.0%} of the CPU while the timed processes ran.",
         "",
-        "| model | task | s | s min–max | GB/s | peak RSS GB | RSS before GB | × floor | ours / transformers "
-        "| others' CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | task | s | s min–max | × floor | CPU s | GB/s | peak RSS GB | peak RSS ÷ ckpt | RSS before GB "
+        "| on disk GB | ours / transformers | others' CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, mres in results["models"].items():
         gb = mres["ckpt_bytes"] / 1e9
@@ -233,15 +258,19 @@ def render(results: dict[str, Any]) -> str:
             if r is None:
                 continue
             vs_ref = r.get("vs_transformers")
+            out = r.get("out_bytes")
             lines.append(
                 f"| {name} ({gb:.2f} GB) | {label} | {r['seconds']:.2f} | {r['seconds_min']:.2f}–{r['seconds_max']:.2f} | "
-                f"{h.fmt(r['gb_per_s'], '.2f')} | "
-                f"{r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} | {h.fmt(r['vs_floor'], '.2f')}× | "
+                f"{h.fmt(r['vs_floor'], '.2f')}× | {r['timed_cpu_s']:.2f} | {h.fmt(r['gb_per_s'], '.2f')} | "
+                f"{r['peak_rss_gb']:.2f} | {r['peak_rss_vs_ckpt']:.2f} | {r['rss_before_gb']:.2f} | "
+                f"{h.fmt(out / 1e9 if out else None, '.3f')} | "
                 f"{(h.fmt(vs_ref, '.2f') + '×') if vs_ref is not None else ''} | {r['foreign_cpu_frac']:.0%} |"
             )
     lines += [
         "",
-        "GB/s = safetensors bytes / seconds. Seconds exclude interpreter and library import; peak RSS is the "
+        "GB/s = safetensors bytes / seconds. Seconds exclude interpreter and library import (and the settle); CPU s: "
+        "the timed part's user + system time, all threads (steadier than seconds on a shared machine); on disk: the "
+        "orbax output. Peak RSS is the "
         "child's VmHWM (includes imports, which 'RSS before' shows, and file-backed mmap pages). "
         "× floor = seconds / 'floor: raw read (copy)'. ours / transformers = seconds / "
         "'transformers from_pretrained + touch' (weights actually paged in); the lazy row reads almost "
@@ -264,6 +293,9 @@ def summarise(samples: list[dict[str, Any]], nbytes: int) -> dict[str, Any]:
         peak_rss_gb=peak / 1e9,
         rss_before_gb=before / 1e9,
         peak_rss_delta_gb=(peak - before) / 1e9,
+        peak_rss_vs_ckpt=peak / nbytes,
+        out_bytes=max(s.get("out_bytes", 0) for s in samples) or None,
+        timed_cpu_s=statistics.median(s["timed_cpu_s"] for s in samples),
         # share of the machine's CPU that other processes used while these children ran
         foreign_cpu_frac=sum(s["bg_cpu_s"] for s in samples) / max(1e-9, sum(s["wall_s"] for s in samples)
                                                                     * (os.cpu_count() or 1)),
@@ -284,6 +316,8 @@ def main(argv: list[str]) -> None:
                    help="before each run, wait up to this many seconds for the CPUs to be >=90%% idle (shared hosts)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed fresh processes per task first (a VM backs freshly touched memory slowly)")
+    p.add_argument("--settle", type=float, default=3.0,
+                   help="seconds each child waits after its imports before the timed part (see the module doc)")
     p.add_argument("--cold", action="store_true", help="posix_fadvise(DONTNEED) the files before every task")
     p.add_argument("--recreate", action="store_true", help="rebuild the cached checkpoints")
     p.add_argument("--seed", type=int, default=0)
@@ -303,7 +337,7 @@ def main(argv: list[str]) -> None:
         machine=h.machine_info(),
         config=dict(repeats=a.repeats, warmup=a.warmup, cache="cold (fadvise DONTNEED)" if a.cold else "warm",
                     shard_size=ck.SHARD_SIZE, seed=a.seed, work_dir=a.work_dir, models={n: ck.spec(n) for n in names},
-                    floor_task=FLOOR_TASK, reference_task=REF_TASK),
+                    floor_task=FLOOR_TASK, reference_task=REF_TASK, settle_s=a.settle, alternating=True),
         models={},
     )
     for name in names:
@@ -317,11 +351,11 @@ def main(argv: list[str]) -> None:
         mres: dict[str, Any] = dict(path=ckpt, ckpt_bytes=nbytes, n_files=len(files), n_params=n_params, tasks={})
         if not a.cold:
             ck.warm(files)
-        for key, label, _ in tasks:
-            samples = []
-            for rep in range(-a.warmup, a.repeats):
+        samples: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in tasks}
+        for rep in range(-a.warmup, a.repeats):  # each round runs every task once: load and memory hit all alike
+            for key, label, _ in tasks:
                 out_dir = None
-                if key == "ours_convert":
+                if key.startswith("ours_convert"):
                     out_dir = os.path.join(a.work_dir, f"_orbax_out-{name}")
                     shutil.rmtree(out_dir, ignore_errors=True)
                 os.sync()  # no writeback of the last task's output during this one
@@ -329,17 +363,20 @@ def main(argv: list[str]) -> None:
                     evict(files)
                 try:
                     # >= 90% idle before each run (--wait_idle), a stricter bar than the other scripts' 85%
-                    s = h.spawn_child(__file__, dict(task=key, ckpt=ckpt, kind=kind, out=out_dir), a.timeout,
-                                      quiet_wait=a.wait_idle, busy_frac=0.1)
+                    s = h.spawn_child(__file__, dict(task=key, ckpt=ckpt, kind=kind, out=out_dir, settle=a.settle),
+                                      a.timeout, quiet_wait=a.wait_idle, busy_frac=0.1)
+                    if out_dir:
+                        s["out_bytes"] = dir_bytes(out_dir)
                 finally:
                     if out_dir:
                         shutil.rmtree(out_dir, ignore_errors=True)
                 if rep >= 0:
-                    samples.append(s)
+                    samples[key].append(s)
                 print(f"[{name}] {label} {'warmup' if rep < 0 else '#' + str(rep + 1)}: {s['seconds']:.2f}s, "
-                      f"peak RSS {s['peak_rss'] / 1e9:.2f} GB, other processes {s['bg_cpu_s']:.1f} CPU-s",
-                      file=sys.stderr, flush=True)
-            mres["tasks"][key] = summarise(samples, nbytes)
+                      f"peak RSS {s['peak_rss'] / 1e9:.2f} GB, other processes {s['bg_cpu_s']:.1f} CPU-s, "
+                      f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+        for key, _, _ in tasks:
+            mres["tasks"][key] = summarise(samples[key], nbytes)
         floor = mres["tasks"].get(FLOOR_TASK)
         ref = mres["tasks"].get(REF_TASK)
         for key, _, group in tasks:

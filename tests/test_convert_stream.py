@@ -269,7 +269,7 @@ def test_blocked_transpose_is_the_name_maps_kernel_rule(hf_shape, flax_shape, pa
 def test_uncompressed_conversion_restores_the_same_arrays(hf_checkpoint, tmp_path):
     src = hf_checkpoint("vl_a")
     _in_memory(src, str(tmp_path / "zstd"))
-    checkpoint.convert_hf_to_orbax(src, str(tmp_path / "raw"), compress=False)
+    checkpoint.convert_hf_to_orbax(src, str(tmp_path / "raw"))  # the default: no zstd
     _assert_same_checkpoint(str(tmp_path / "zstd"), str(tmp_path / "raw"))
     key = ("model", "layers", "mlp", "up_proj", "kernel")
     assert _zarray(str(tmp_path / "zstd"), key)["compressor"] == {"id": "zstd", "level": 1}

@@ -10,7 +10,9 @@ Keeping config.json next to the params makes the directory self-describing:
 ``vx.load`` needs no flags to rebuild the model, and export needs no source.
 
 ``params/`` is what ``ocp.StandardCheckpointer`` writes for a tree of NumPy
-arrays (OCDBT, zarr v2, zstd level 1), however it was written: ``save_orbax``
+arrays (OCDBT, zarr v2, zstd level 1 or, the converter's default, no
+compressor: each array's zarr metadata says which, and every restore reads
+both), however it was written: ``save_orbax``
 saves an in-memory tree; the HF converter streams (``stream.py``), storing big
 stacked params as one zarr chunk per layer and naming PyTreeCheckpointHandler
 (which StandardCheckpointHandler wraps) in ``_CHECKPOINT_METADATA``. Both

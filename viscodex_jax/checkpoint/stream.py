@@ -59,8 +59,10 @@ from viscodex_jax.utils import flatten, unflatten
 # 136 MB); on a 0.5B model (1 GB) 512 MB in flight, with their compressed copies, raised the peak RSS from 0.7 to
 # 1.1 GB for no measurable speed. A tensor larger than this (a 7B embedding, 1.1 GB) still goes through, alone.
 DEFAULT_BUDGET_BYTES = 256 * 2**20
-# zstd (level 1, orbax's) stores random-normal bf16 weights in 78% of their bytes at about 1 s of CPU per GB.
-COMPRESS_DEFAULT = True
+# Off: zstd (level 1, orbax's) stores bf16 weights (random-normal, benchmarks/convert.py) in 78% of their bytes,
+# for ~0.3 s more CPU per GB written (12% more wall on a 0.5B model) and a decompression on every restore.
+# compress=True (converter --compress) writes what orbax writes by default; every reader restores both.
+COMPRESS_DEFAULT = False
 EMBED_KEY = ("model", "embed_tokens", "embedding")
 # A stacked param gets one chunk per layer when a layer slice is at least this big (orbax warns that
 # smaller chunks cost performance); smaller ones (norms, biases, small kernels) are gathered whole.
@@ -150,8 +152,8 @@ class ParamSource:
         to tensorstore straight from the page cache; others are transposed or cast once, into a pool buffer.
         """
         raw = part.file.view(part.name)
-        if self.key[-1] != "kernel" and raw.dtype == self.dtype:
-            value = raw.reshape(self.slot_shape)
+        value = hf_map.to_flax(self.key, raw, self.slot_shape)
+        if value.dtype == self.dtype and value.flags.c_contiguous:
             self._check(value, part, raw)
             return value, []
         held = [buffers.take(math.prod(self.slot_shape) * self.dtype.itemsize)]
@@ -419,7 +421,7 @@ class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
             for result in await asyncio.gather(*writes, return_exceptions=True):
                 if isinstance(result, BaseException):
                     raise result
-        except BaseException as e:
+        except (Exception, asyncio.CancelledError) as e:  # not GeneratorExit: a coroutine closed unrun awaits nothing
             self._failed = self._failed or e
             # The caller deletes the output once the save raises: every write of every leaf settles first, so
             # none lands in (or recreates) the directory after that.
