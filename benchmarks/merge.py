@@ -281,8 +281,14 @@ def task_floor(base: str, models: list[str], out: str) -> dict[str, Any]:
                 out_bytes=ck.ckpt_bytes(out))
 
 
+def task_compare(ours: str, theirs: str) -> dict[str, Any]:
+    # In a child: reading two checkpoints would leave the parent's RSS at their size, and every child forked
+    # after that (ours, mergekit) would report at least that much as its peak (ru_maxrss counts the pre-exec copy).
+    return compare(ours, theirs)
+
+
 def run_child(a: dict[str, Any]) -> dict[str, Any]:
-    tasks = dict(derive=derive_checkpoint, ours=task_ours, floor=task_floor)
+    tasks = dict(derive=derive_checkpoint, ours=task_ours, floor=task_floor, compare=task_compare)
     t = a.pop("task")
     if t not in tasks:
         raise ValueError(f"unknown task {t!r} (expected one of {', '.join(tasks)})")
@@ -360,7 +366,8 @@ def run_method(a, cname: str, method: str, dirs: dict[str, str], models: list[st
             if mk["rc"] != 0:
                 print(f"[{cname}] {impl} failed:\n{mk['stderr_tail']}", file=sys.stderr)
             elif rnd == 0 and not a.no_compare:
-                compares[impl] = compare(out["ours"], out["mergekit"])
+                compares[impl] = {k: v for k, v in spawn(dict(task="compare", ours=out["ours"], theirs=out["mergekit"]),
+                                                         a.timeout).items() if k in COMPARE_KEYS}
                 print(f"[{cname}]   ours vs {impl}: {compares[impl]}", file=sys.stderr, flush=True)
             shutil.rmtree(out["mergekit"], ignore_errors=True)
     shutil.rmtree(out["ours"], ignore_errors=True)
@@ -385,6 +392,9 @@ def run_method(a, cname: str, method: str, dirs: dict[str, str], models: list[st
             print(f"[{cname}] {method}: {impl} / {mk_impl}: time {x['time']:.2f}x, peak RSS {x['rss']:.2f}x "
                   f"(medians of {a.repeats})", file=sys.stderr, flush=True)
     return rows
+
+
+COMPARE_KEYS = ("only_ours", "only_mergekit", "n_compared", "bit_equal_fraction", "max_abs_diff", "error")
 
 
 def compare(ours: str, theirs: str) -> dict[str, Any]:

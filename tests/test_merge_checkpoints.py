@@ -219,3 +219,98 @@ def test_config_recipe_and_lambda_sweep(tiny, tmp_path):
     with pytest.raises(MergeError, match="--config.base_dir"):
         c.base_dir = ""
         run_merge(c)
+
+
+def _st_tensors(d):
+    from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile
+
+    out = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            sf = SafetensorsFile(os.path.join(d, f))
+            out.update({n: (f, sf.read(n)) for n in sf.keys()})
+    return out
+
+
+def test_planned_writer_writes_the_shards_sharded_writer_writes(tmp_path):
+    """Pieces written out of order land where they belong; shard split, file names, index and bytes are
+    ShardedWriter's; a tensor left incomplete is named at finish."""
+    import ml_dtypes
+
+    from viscodex_jax.checkpoint.planned_writer import PlannedWriter
+    from viscodex_jax.checkpoint.safetensors_io import CheckpointError, ShardedWriter
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((30, 7)).astype(ml_dtypes.bfloat16), "empty": np.zeros((0, 3), np.float32),
+               "b": rng.standard_normal(50).astype(np.float32), "c": rng.standard_normal((9, 4, 2)).astype(np.float16)}
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    sw = ShardedWriter(str(old), max_shard_bytes=300)
+    for k, v in tensors.items():
+        sw.add(k, v)
+    old_names = sw.finish()
+    pw = PlannedWriter(str(new), [(k, v.dtype, v.shape) for k, v in tensors.items()], max_shard_bytes=300)
+    for k in reversed(list(tensors)):
+        flat = tensors[k].reshape(-1)
+        for lo in reversed(range(0, max(flat.size, 1), 17)):
+            pw.write(k, flat[lo:lo + 17], lo)
+    assert pw.finish() == old_names and len(old_names) > 1
+    got, want = _st_tensors(str(new)), _st_tensors(str(old))
+    assert got.keys() == want.keys() == tensors.keys()
+    for k in tensors:
+        assert got[k][0] == want[k][0] and got[k][1].dtype == tensors[k].dtype
+        np.testing.assert_array_equal(got[k][1].view(np.uint8), tensors[k].view(np.uint8))
+    with open(old / "model.safetensors.index.json") as f1, open(new / "model.safetensors.index.json") as f2:
+        assert json.load(f1) == json.load(f2)
+    part = tmp_path / "part"
+    part.mkdir()
+    pw = PlannedWriter(str(part), [("x", np.float32, (4,))])
+    pw.write("x", np.zeros(3, np.float32))
+    with pytest.raises(CheckpointError, match="'x': 12 of its 16 bytes written"):
+        pw.finish()
+    pw.abort()
+    with pytest.raises(CheckpointError, match="'x': planned as float32, written as float64"):
+        PlannedWriter(str(tmp_path), [("x", np.float32, (4,))]).write("x", np.zeros(4))
+
+
+def test_file_tensor_reads_element_ranges_and_rows(tmp_path):
+    from viscodex_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
+    from viscodex_jax.merge.file_tensor import FileTensor
+
+    x = np.arange(6 * 5, dtype=np.float32).reshape(6, 5)
+    path = str(tmp_path / "t.safetensors")
+    write_safetensors(path, {"pad": np.ones(3, np.float16), "x": x})
+    ref = FileTensor.of(SafetensorsFile(path), "x")
+    assert ref.shape == (6, 5) and ref.dtype == np.float32 and ref.nbytes == x.nbytes
+    np.testing.assert_array_equal(np.asarray(ref), x)
+    out = np.empty(8, np.float32)
+    ref.read_into(out, 7, 15)
+    np.testing.assert_array_equal(out, x.reshape(-1)[7:15])
+    np.testing.assert_array_equal(np.asarray(ref[2:5]), x[2:5])
+    np.testing.assert_array_equal(np.asarray(ref[:4][1:3]), x[1:3])
+    assert ref[4:].shape == (2, 5)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_flat_chunks_and_padding_leave_the_merge_and_its_counts_unchanged(monkeypatch, method):
+    """Unkeyed methods run in flat chunks padded with zeros to one of two sizes: the merged values are those
+    of one whole-tensor call, and the padding never counts as kept."""
+    from viscodex_jax.merge import tensor as merge_mod
+
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((37, 11)).astype(np.float32)
+    thetas = [base + rng.standard_normal(base.shape).astype(np.float32) * 0.1 for _ in range(2)]
+    spec = MergeSpec(method=method, weights=(0.6, 0.4), density=0.3 if method == "ties" else 1.0,
+                     out_dtype="float32")
+    whole, s1 = merge_mod.merge_tensor("w", base, thetas, spec)
+    monkeypatch.setattr(merge_mod, "UNKEYED_CHUNK_ELEMENTS", 100)  # 4 full chunks and a padded small tail
+    monkeypatch.setattr(merge_mod, "SMALL_CHUNK_ELEMENTS", 16)
+    pieces = {}
+    out, s2 = merge_mod.merge_tensor("w", base, thetas, spec, sink=lambda lo, x: pieces.setdefault(lo, x.copy()))
+    assert out is None and sorted(pieces) == [0, 100, 200, 300, 400]
+    np.testing.assert_array_equal(np.concatenate([pieces[k] for k in sorted(pieces)]), np.asarray(whole).reshape(-1))
+    np.testing.assert_array_equal(s1["kept_fraction"], s2["kept_fraction"])
+    if method == "ties":
+        kept = np.ceil(0.3 * base.size) / base.size
+        assert all(k == kept for k in s2["kept_fraction"])  # no ties at the cut in random floats
+    np.testing.assert_allclose(s1["task_vector_norms"], s2["task_vector_norms"], rtol=1e-6)
