@@ -5,10 +5,12 @@ imports included, and the import-only RSS is reported so the baseline can be tak
 
 * ``floor``     every safetensors file read with ``readinto`` into fresh memory;
 * ``in-memory`` ``load_hf_params`` then ``save_orbax`` (the conversion before streaming);
-* ``streamed``  ``convert_hf_to_orbax`` (``viscodex_jax.checkpoint.stream``);
-* ``streamed-nozstd``  the same with ``compress=False`` (chunks stored without zstd).
+* ``streamed``  ``convert_hf_to_orbax(compress=True)`` (``viscodex_jax.checkpoint.stream``, zstd chunks);
+* ``streamed-nozstd``  the same with ``compress=False`` (chunks stored without zstd: the converter's default).
 
-Rounds alternate the tasks so machine load hits them all alike; the table gives medians
+Rounds alternate the tasks so machine load hits them all alike, and each child waits ``SETTLE_S`` after its
+imports so that memory freed by the task before is back with the hypervisor for every task alike (see
+benchmarks/convert.py); the table gives medians
 and the ratios the issue asks for (streamed peak RSS / checkpoint bytes, streamed seconds / floor seconds).
 
     .venv/bin/python benchmarks/convert_stream.py --ckpt /tmp/qwen0.5b          # an existing HF safetensors dir
@@ -35,6 +37,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = "@@RESULT@@ "
 TASKS = ("floor", "in-memory", "streamed", "streamed-nozstd")
+SETTLE_S = 3.0
 
 
 def _status() -> dict[str, int]:
@@ -57,6 +60,7 @@ def child(task: str, ckpt: str, out: str) -> dict:
         from viscodex_jax.model.config import read_config_json
 
         jax.devices()
+    time.sleep(SETTLE_S)
     before = _status()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
