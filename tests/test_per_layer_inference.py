@@ -128,3 +128,21 @@ def test_abstract_params_split_for_ahead_of_time_compilation():
     assert k.shape == (32, 48) and k.sharding.spec == P("fsdp", "tensor")
     assert jax.tree_util.tree_structure(jax.tree_util.tree_map(lambda x: 0, on_mesh.param_shardings(
         cfg, split, mesh, rules))) == jax.tree_util.tree_structure(jax.tree_util.tree_map(lambda x: 0, split))
+
+
+def test_greedy_argmax_is_jnp_argmax_with_ties_nans_and_infinities():
+    from viscodex_jax.sampling.methods import argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, size=(6, 50)).astype(np.float32)  # many ties: the first maximum must win
+    x[1, [7, 30]] = np.nan  # the first NaN wins, as in jnp.argmax
+    x[2] = -np.inf
+    x[3, 11] = np.inf
+    x[4] = -1.0
+    x[4, [3, 5]] = [-0.0, 0.0]  # equal maxima of either sign: the first
+    for a in (x, x[0], x[:, None, :]):
+        got = jax.jit(argmax)(jnp.asarray(a))
+        want = jnp.argmax(jnp.asarray(a), axis=-1)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(jax.jit(argmax)(jnp.asarray(x)), [int(np.argmax(r)) for r in x])

@@ -18,7 +18,20 @@ Array = jax.Array
 class Greedy:
     def __call__(self, logits: Array, key: Array) -> Array:
         del key
-        return jnp.argmax(logits, axis=-1)
+        return argmax(logits)
+
+
+def argmax(logits: Array) -> Array:
+    """``jnp.argmax(logits, axis=-1)`` (the first maximum; the first NaN if any) as two plain reductions.
+
+    XLA:CPU runs argmax's (value, index) reduction one element at a time on one core: 0.7 ms over a
+    151,936-token vocabulary, about 1% of a 0.5B model's decode step. A max, then the first index that
+    holds it, vectorise and split over the cores (~0.09 ms).
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if any entry is NaN
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
