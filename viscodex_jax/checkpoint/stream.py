@@ -59,9 +59,11 @@ from viscodex_jax.utils import flatten, unflatten
 # 136 MB); on a 0.5B model (1 GB) 512 MB in flight, with their compressed copies, raised the peak RSS from 0.7 to
 # 1.1 GB for no measurable speed. A tensor larger than this (a 7B embedding, 1.1 GB) still goes through, alone.
 DEFAULT_BUDGET_BYTES = 256 * 2**20
-# Off: zstd (level 1, orbax's) stores bf16 weights (random-normal, benchmarks/convert.py) in 78% of their bytes,
-# for ~0.3 s more CPU per GB written (12% more wall on a 0.5B model) and a decompression on every restore.
-# compress=True (converter --compress) writes what orbax writes by default; every reader restores both.
+# Off: zstd (level 1, orbax's) stores bf16 weights (random-normal, benchmarks/convert.py) in 78% of their bytes, and
+# every restore then decompresses: a restore of the uncompressed 2.3 GB VL checkpoint took 0.6x the time and CPU.
+# Converting, zstd's CPU is paid against fewer fresh page-cache pages; on this 2-core VM, two runs: 0.5B 1.36-1.42x
+# the read floor without, 1.68-1.89x with; VL 1.33-1.67x without, 1.19-1.39x with. compress=True (converter
+# --compress) writes what orbax writes by default; every reader restores both.
 COMPRESS_DEFAULT = False
 EMBED_KEY = ("model", "embed_tokens", "embedding")
 # A stacked param gets one chunk per layer when a layer slice is at least this big (orbax warns that
