@@ -48,8 +48,8 @@ What it does:
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/convert.py            # both models: ~4 min on 2 idle cores (+30 s the first time)
-    .venv/bin/python benchmarks/convert.py --quick    # text 0.5B only: ~1.5 min
+    .venv/bin/python benchmarks/convert.py            # both models: ~10 min on 2 shared cores (+30 s the first time)
+    .venv/bin/python benchmarks/convert.py --quick    # text 0.5B only: ~4 min (run_all: --repeats 1 --warmup 0, ~1.5 min)
 
 Timings are with a warm page cache (the files are read once before measuring);
 ``--cold`` instead asks the kernel to drop each file's cached pages
