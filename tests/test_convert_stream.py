@@ -226,7 +226,7 @@ def test_legacy_bin_checkpoint_takes_the_in_memory_path_to_the_same_checkpoint(h
     assert pa.keys() == pb.keys() and all(pa[k].tobytes() == pb[k].tobytes() for k in pa)
 
 
-@pytest.mark.parametrize("all_finite", [validate.all_finite, stream.all_finite])
+@pytest.mark.parametrize("all_finite", [validate.isfinite_blocks, validate.all_finite])
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16, np.float64])
 def test_blockwise_finite_check_finds_a_nan_or_inf_anywhere(dtype, all_finite):
     a = np.ones(5 * 1024 + 3, dtype)
@@ -243,9 +243,9 @@ def test_blockwise_finite_check_finds_a_nan_or_inf_anywhere(dtype, all_finite):
 def test_finite_check_of_a_format_without_inf_falls_back_to_numpy():
     a = np.ones(100, ml_dtypes.float8_e4m3fn)  # no Inf, and its NaN is not "exponent all ones"
     a[50] = 448  # its largest finite value, exponent bits all ones
-    assert stream.all_finite(a)
+    assert validate.all_finite(a)
     a[60] = np.nan
-    assert not stream.all_finite(a)
+    assert not validate.all_finite(a)
 
 
 @pytest.mark.parametrize("hf_shape,flax_shape,path", [

@@ -18,8 +18,17 @@ def is_float_dtype(dtype: Any) -> bool:
     return dt.kind == "f" or dt in _EXTRA_FLOATS
 
 
-def all_finite(array: np.ndarray, block: int = 2**20) -> bool:
-    """No NaN/Inf in a float array, tested a block at a time into one small mask.
+UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+# An IEEE float is NaN/Inf exactly when its exponent bits are all ones: with the sign bit masked off, its bits as
+# an unsigned integer are at least the exponent mask. An integer max per block is several times faster than
+# numpy's isfinite on bfloat16 (an ml_dtypes loop).
+_EXPONENT = {np.dtype(ml_dtypes.bfloat16): 0x7F80, np.dtype(np.float16): 0x7C00, np.dtype(np.float32): 0x7F800000,
+             np.dtype(np.float64): 0x7FF0000000000000}
+
+
+def isfinite_blocks(array: np.ndarray, block: int = 2**20) -> bool:
+    """No NaN/Inf, by ``np.isfinite`` a block at a time into one small mask (any float format, any layout).
 
     A whole-array ``np.isfinite`` allocates a fresh mask as large as the tensor: its page faults
     cost several times the test itself.
@@ -29,6 +38,25 @@ def all_finite(array: np.ndarray, block: int = 2**20) -> bool:
     for i in range(0, flat.size, block):
         part = flat[i:i + block]
         if not np.isfinite(part, out=mask[:part.size]).all():
+            return False
+    return True
+
+
+def all_finite(array: np.ndarray, block: int = 2**20) -> bool:
+    """No NaN/Inf in a float array: an integer test of the exponent bits for contiguous IEEE floats,
+    ``isfinite_blocks`` otherwise (float8 formats, strided views)."""
+    array = np.asarray(array)
+    exponent = _EXPONENT.get(array.dtype)
+    if exponent is None or not array.flags.c_contiguous:
+        return isfinite_blocks(array, block)
+    uint = UINT_OF_SIZE[array.dtype.itemsize]
+    flat = array.reshape(-1).view(uint)
+    magnitude = uint(np.iinfo(uint).max >> 1)  # all bits but the sign
+    scratch = np.empty(min(block, flat.size), uint)
+    for i in range(0, flat.size, block):
+        part = scratch[:min(block, flat.size - i)]
+        np.bitwise_and(flat[i:i + block], magnitude, out=part)
+        if part.max() >= exponent:
             return False
     return True
 
