@@ -24,8 +24,9 @@ import time
 import _harness as h
 
 # script -> (arguments of the full form, of the quick form; None: left out of that form). The full form's
-# budget on 2 quiet cores: convert ~4 min, merge ~15 min (0.5b and the VisCodex VL case), decode ~6 min,
-# train_step ~5 min; compile_check is the one 8B preset (v5p-8, train step only): minutes per compile,
+# scripts, last measured with other jobs on the 2 cores (so an upper bound): convert 10-14 min, merge 31 min
+# (0.5b and the VisCodex VL case; mergekit's ties and dare_ties runs are most of it), decode ~6 min,
+# train_step ~5 min: over the 30 min budget until merge's repeats are cut; compile_check is the one 8B preset (v5p-8, train step only): minutes per compile,
 # with .venv-tpu from launch/setup_env.sh (its full sweep, `compile_check.py` alone, takes hours here).
 PLAN = {
     "convert": ([], ["--quick", "--repeats", "1", "--warmup", "0"]),
