@@ -266,7 +266,9 @@ def _task_vector_para(wd: str) -> list[H.Block]:
         return []
     return [H.Para(f"Task vectors relative to the base (L2 over the merged tensors): |VLM - base| / |base| = "
                    f"{tv['tau_vlm_relative']:.3f}, |coder - base| / |base| = {tv['tau_coder_relative']:.3f} "
-                   "(task arithmetic assumes both are small next to the base, as they are for real fine-tunes).")]
+                   "(task arithmetic assumes both are small next to the base, as real fine-tunes of a large pretrained "
+                   "model are; a few hundred steps on a tiny model move it further, so read the merge results with "
+                   "that in mind).")]
 
 
 def _sweep_scores(wd: str) -> dict[str, Any] | None:
