@@ -202,12 +202,17 @@ def kth_largest_magnitudes(base: Any, thetas: Sequence[Any], ranks: Sequence[int
         for lo in range(0, base.size, step):
             np.subtract(t[lo:lo + step], base[lo:lo + step], out=mag[lo:lo + step], dtype=np.float32)
         np.abs(mag, out=mag)
-        kth = sorted({mag.size - k for k in ranks if 1 <= k <= mag.size})
-        if kth:
-            mag.partition(kth)
-        for j, k in enumerate(ranks):
-            out[i, j] = np.inf if k < 1 else -np.inf if k > mag.size else mag[mag.size - k]
+        out[i] = select_kth_largest(mag, ranks)
     return out
+
+
+def select_kth_largest(mag: np.ndarray, ranks: Sequence[int]) -> np.ndarray:
+    """The k-th largest entry of the flat ``mag`` for each rank k (partitions ``mag`` in place, linear time):
+    rank 0 gives +inf, a rank past its size -inf."""
+    kth = sorted({mag.size - k for k in ranks if 1 <= k <= mag.size})
+    if kth:
+        mag.partition(kth)
+    return np.array([np.inf if k < 1 else -np.inf if k > mag.size else mag[mag.size - k] for k in ranks], np.float32)
 
 
 def _kth_largest_bits(bits: jax.Array, k: int) -> jax.Array:

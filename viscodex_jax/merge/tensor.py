@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from viscodex_jax.merge.file_tensor import FileTensor
-from viscodex_jax.merge.methods import keyed_draw
+from viscodex_jax.merge.methods import keyed_draw, select_kth_largest
 from viscodex_jax.merge.spec import MergeError, MergeSpec, is_mergeable
 
 
@@ -273,11 +273,7 @@ def _kth_magnitudes(base: Any, thetas: Sequence[Any], ranks: Sequence[int]) -> n
             b = _STAGING.fill(("mag", 0), base, lo, hi, shape)
             x = _STAGING.fill(("mag", 1), t, lo, hi, shape)
             mag[lo:hi] = np.asarray(_magnitudes(b, x, shape))[:hi - lo]
-        kth = sorted({mag.size - k for k in ranks if 1 <= k <= mag.size})
-        if kth:
-            mag.partition(kth)
-        for j, k in enumerate(ranks):
-            out[i, j] = np.inf if k < 1 else -np.inf if k > mag.size else mag[mag.size - k]
+        out[i] = select_kth_largest(mag, ranks)
     return out
 
 
