@@ -19,6 +19,8 @@ inside the merge). Warnings about the base (see ``report``) are logged here.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -39,7 +41,7 @@ from viscodex_jax.checkpoint.validate import count_nonfinite, is_float_dtype
 from viscodex_jax.merge.file_tensor import FileTensor
 from viscodex_jax.merge.report import MergeReport
 from viscodex_jax.merge.spec import MergeError, MergeSpec
-from viscodex_jax.merge.tensor import _STAGING, merge_with_vocab_policy
+from viscodex_jax.merge.tensor import _STAGING, io_thread, merge_with_vocab_policy
 from viscodex_jax.model.causal_lm import param_shapes
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
 from viscodex_jax.utils import atomic_dir, flatten, unflatten
@@ -165,27 +167,68 @@ def _check_copied(arr: Any, t: _Tensor) -> None:
         raise _copy_error(t, bad, arr.size)
 
 
-# Copied tensors are streamed through a buffer of this many bytes.
+# Copied tensors are streamed through two buffers of this many bytes (one is read while the other is written).
 COPY_CHUNK_BYTES = 1 << 24
-_COPY_BUF: list[np.ndarray] = []
 
 
-def _stream_copy(ref: FileTensor, t: _Tensor, sink: Callable[[int, np.ndarray], None]) -> None:
-    """A copied tensor read in chunks into one reused buffer, checked finite and handed to ``sink``."""
+def _stream_copy(ref: FileTensor, t: _Tensor, sink: Callable[[int, np.ndarray], Any]) -> None:
+    """A copied tensor read in chunks into two reused buffers, checked finite and handed to ``sink``; a sink
+    that writes later returns a future, and a buffer is reused only once its write is done."""
     _check_copied_dtype(ref.dtype, t)
-    if not _COPY_BUF:
-        _COPY_BUF.append(np.empty(COPY_CHUNK_BYTES, np.uint8))
     step = max(1, COPY_CHUNK_BYTES // ref.dtype.itemsize)
     bad = 0
-    for lo in range(0, ref.size, step):
+    writes: list[Any] = [None, None]
+    for j, lo in enumerate(range(0, ref.size, step)):
         hi = min(lo + step, ref.size)
-        chunk = _COPY_BUF[0][:(hi - lo) * ref.dtype.itemsize].view(ref.dtype)
+        if writes[j % 2] is not None:
+            writes[j % 2].result()
+        chunk = _STAGING.buf(("copy", j % 2), (hi - lo) * ref.dtype.itemsize).view(ref.dtype)
         ref.read_into(chunk, lo, hi)
         bad += _nonfinite(chunk)
         if not bad:
-            sink(lo, chunk)
+            writes[j % 2] = sink(lo, chunk)
+    for w in writes:
+        if w is not None:
+            w.result()
     if bad:
         raise _copy_error(t, bad, ref.size)
+
+
+class _AsyncWrites:
+    """A ``PlannedWriter``'s writes on the merge's I/O thread, so ``pwrite`` (a copy into the page cache) runs
+    while the next chunk merges; at most ``depth`` pieces wait (bounded memory), and a write's error is raised
+    in the merge at the next write or at ``drain``."""
+
+    def __init__(self, writer: PlannedWriter, depth: int = 8):
+        self.writer, self.depth = writer, depth
+        self._pending: collections.deque = collections.deque()
+        self._failed = False
+
+    def _write(self, name: str, piece: np.ndarray, start: int) -> None:
+        if self._failed:  # after a failed write (a full disk) the queued ones are dropped, not tried
+            return
+        try:
+            self.writer.write(name, piece, start)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def write(self, name: str, start: int, piece: np.ndarray):
+        if self._failed:
+            self.drain()  # raises the failed write's error now
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        fut = io_thread("write").submit(self._write, name, piece, start)
+        self._pending.append(fut)
+        return fut
+
+    def drain(self, raise_errors: bool = True) -> None:
+        while self._pending:
+            fut = self._pending.popleft()
+            if raise_errors:
+                fut.result()
+            else:
+                concurrent.futures.wait([fut])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +313,6 @@ def run_plan(plan: MergePlan, put: Callable[[str, _Tensor, Any], None] | None,
         progress(sum(x.nbytes for x in arrays))
         del arrays, merged
     _STAGING.clear()
-    _COPY_BUF.clear()
     for w in report.check_task_vectors():
         log.warning("merge: %s", w)
     report.data["summary"] = report.summary()
@@ -328,10 +370,6 @@ def _output_entries(plan: MergePlan) -> list[tuple[str, Any, tuple[int, ...]]] |
     return out
 
 
-def _write_at(writer: PlannedWriter, name: str, start: int, piece: np.ndarray) -> None:
-    writer.write(name, piece, start)
-
-
 def merge_checkpoints(
     base_dir: str,
     model_dirs: Sequence[str],
@@ -367,11 +405,14 @@ def merge_checkpoints(
                 writer.finish()
             else:
                 planned = PlannedWriter(tmp, entries, max_shard_bytes)
+                writes = _AsyncWrites(planned)
                 try:
                     report = run_plan(plan, None, bar.update,
-                                      sink_for=lambda canon: functools.partial(_write_at, planned, canon))
+                                      sink_for=lambda canon: functools.partial(writes.write, canon))
+                    writes.drain()
                     planned.finish()
                 finally:
+                    writes.drain(raise_errors=False)  # no write may still run when the files are closed
                     planned.abort()
             bar.close()
             out_cfg = dict(raw)
