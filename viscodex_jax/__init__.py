@@ -11,13 +11,32 @@
 
 __version__ = "0.1.0"
 
-from viscodex_jax.api import Model, generate, load, save_hf
-from viscodex_jax.sampling.methods import Greedy, Temperature, TopK, TopP, from_settings as sampler_from_settings
-from viscodex_jax.data.processor import Processor
-from viscodex_jax.merge import MergeSpec, merge_models
-from viscodex_jax.model.config import ModelConfig, load_config
+import importlib
 
-__all__ = [
-    "Greedy", "MergeSpec", "Model", "ModelConfig", "Processor", "Temperature", "TopK", "TopP",
-    "generate", "load", "load_config", "merge_models", "sampler_from_settings", "save_hf",
-]
+# name -> module: imported on first use (PEP 562), so `import viscodex_jax.merge` or a converter does not pay
+# for the model, the sampler and orbax it never touches (about half a second of imports).
+_EXPORTS = {
+    "Model": "viscodex_jax.api", "generate": "viscodex_jax.api", "load": "viscodex_jax.api",
+    "save_hf": "viscodex_jax.api",
+    "Greedy": "viscodex_jax.sampling.methods", "Temperature": "viscodex_jax.sampling.methods",
+    "TopK": "viscodex_jax.sampling.methods", "TopP": "viscodex_jax.sampling.methods",
+    "sampler_from_settings": ("viscodex_jax.sampling.methods", "from_settings"),
+    "Processor": "viscodex_jax.data.processor",
+    "MergeSpec": "viscodex_jax.merge", "merge_models": "viscodex_jax.merge",
+    "ModelConfig": "viscodex_jax.model.config", "load_config": "viscodex_jax.model.config",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    where = _EXPORTS.get(name)
+    if where is None:
+        raise AttributeError(f"module 'viscodex_jax' has no attribute {name!r}")
+    module, attr = where if isinstance(where, tuple) else (where, name)
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

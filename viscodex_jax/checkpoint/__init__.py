@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -10,10 +11,20 @@ import jax
 from viscodex_jax.checkpoint.hf import load_hf_params, save_hf
 from viscodex_jax.checkpoint.validate import check_tensor_finite
 from viscodex_jax.utils import flatten
-from viscodex_jax.checkpoint.orbax_io import PARAMS_SUBDIR, is_orbax_dir, load_orbax_params, save_orbax
 from viscodex_jax.checkpoint.safetensors_io import CheckpointError
-from viscodex_jax.checkpoint.stream import COMPRESS_DEFAULT, convert_hf_to_orbax_streamed, is_safetensors_dir
 from viscodex_jax.model.config import ModelConfig, config_from_dict, read_config_json
+
+# Orbax (and tensorstore) take a quarter of a second to import: the modules that need them are imported on
+# first use, so a merge or an HF-only load never pays for them. name -> module, for ``checkpoint.<name>``.
+_LAZY = {"PARAMS_SUBDIR": "orbax_io", "is_orbax_dir": "orbax_io", "load_orbax_params": "orbax_io",
+         "save_orbax": "orbax_io", "COMPRESS_DEFAULT": "stream", "convert_hf_to_orbax_streamed": "stream",
+         "is_safetensors_dir": "stream"}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'viscodex_jax.checkpoint' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"viscodex_jax.checkpoint.{_LAZY[name]}"), name)
 
 __all__ = [
     "CheckpointError",
@@ -33,6 +44,8 @@ def load_params(path: str, param_dtype: Any = None, check_finite: bool = False,
     rejects NaN/Inf params, naming the tensor and file; ``runtime`` sets
     ModelConfig run-time fields (compute ``dtype``, ``attention_impl``, ...).
     """
+    from viscodex_jax.checkpoint.orbax_io import PARAMS_SUBDIR, is_orbax_dir, load_orbax_params
+
     raw = read_config_json(path)
     cfg = config_from_dict(raw, os.path.join(path, "config.json"), **runtime)
     if is_orbax_dir(path):
@@ -49,16 +62,20 @@ def load_params(path: str, param_dtype: Any = None, check_finite: bool = False,
 
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Any = None, overwrite: bool = False,
-                        check_finite: bool = True, compress: bool = COMPRESS_DEFAULT, fsync: bool = False) -> ModelConfig:
+                        check_finite: bool = True, compress: bool | None = None, fsync: bool = False) -> ModelConfig:
     """HF dir -> our orbax dir. NaN/Inf weights are refused unless ``check_finite=False``.
 
     Safetensors checkpoints stream tensor by tensor (see ``checkpoint/stream.py``: host memory stays
     near the tensors in flight, not the model); legacy ``.bin`` checkpoints are read whole first.
-    ``compress`` stores the chunks zstd-compressed (smaller, slower: see ``stream.COMPRESS_DEFAULT``); every
+    ``compress`` stores the chunks zstd-compressed (smaller, slower; None: ``stream.COMPRESS_DEFAULT``); every
     reader restores either. ``fsync`` syncs each written file (orbax's own default) on the streamed path;
     without it, like the project's other writers, the output is only as durable as the page cache until
     the OS flushes it (the directory still appears only when complete).
     """
+    from viscodex_jax.checkpoint.orbax_io import save_orbax
+    from viscodex_jax.checkpoint.stream import COMPRESS_DEFAULT, convert_hf_to_orbax_streamed, is_safetensors_dir
+
+    compress = COMPRESS_DEFAULT if compress is None else compress
     raw = read_config_json(hf_dir)
     if is_safetensors_dir(hf_dir):
         return convert_hf_to_orbax_streamed(hf_dir, out_dir, dtype=dtype, overwrite=overwrite,

@@ -39,8 +39,6 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
 Array = jax.Array
 
@@ -352,6 +350,14 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- splash (TPU)
 
 
+def _splash_modules():
+    """Pallas' splash kernel and mask modules, imported on first use: importing Pallas' TPU lowering takes
+    0.2 s, which every process that never runs splash (a merge, a conversion) would otherwise pay."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    return sk, sm
+
+
 def _splash(q, k, v, q_seg, kv_seg, causal, q_offset, block_q, block_kv, interpret):
     """Pallas splash attention, one kernel call per batch row (vmap), GQA native.
 
@@ -373,7 +379,7 @@ def _splash(q, k, v, q_seg, kv_seg, causal, q_offset, block_q, block_kv, interpr
     kh = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
     vh = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
     kernel = _splash_kernel(h, tp, sp, causal, q_offset, bq, bkv, interpret)
-    out = jax.vmap(kernel)(qh, kh, vh, segment_ids=sk.SegmentIds(q=qs, kv=ks))
+    out = jax.vmap(kernel)(qh, kh, vh, segment_ids=_splash_modules()[0].SegmentIds(q=qs, kv=ks))
     return out[:, :, :t].transpose(0, 2, 1, 3).astype(q.dtype)
 
 
@@ -385,6 +391,7 @@ def _splash_kernel(h, tp, sp, causal, q_offset, bq, bkv, interpret):
     first built it, so it is not cached. Building it is host work once per trace.
     """
 
+    sk, sm = _splash_modules()
     one = sm.CausalMask((tp, sp), offset=q_offset) if causal else sm.FullMask((tp, sp))
     sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
