@@ -381,9 +381,10 @@ def merge_checkpoints(
 ) -> dict[str, Any]:
     """Streams a merge of HF checkpoint dirs into a HF dir; returns the report.
 
-    Peak host memory: a chunk of each model's tensor in hand (each merged piece is written to its place in
-    its output shard at once; a .bin primary falls back to buffering one output shard), plus for TIES and
-    breadcrumbs one float32 copy of the tensor's magnitudes.
+    Peak host memory: a few chunks of each model's tensor in hand (each merged piece is written to its place in
+    its output shard as soon as it is made; a .bin primary falls back to buffering one output shard), plus for
+    TIES and breadcrumbs a tensor of up to ``tensor.RESIDENT_BYTES`` (all models) and its float32 magnitudes;
+    bigger tensors' thresholds are found in two streamed passes at chunk memory.
     ``model_dirs[0]`` is the primary: its config.json and side files are written.
     ``require_vision``: see ``plan_merge``.
     """
