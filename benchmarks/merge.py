@@ -342,6 +342,11 @@ def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return med
 
 
+def sparse_rounds(a, method: str) -> int:
+    """Rounds for ``method``: ``--sparse_repeats`` for ties and dare_ties (a minute or more per mergekit run)."""
+    return a.sparse_repeats if method != "task_arithmetic" and a.sparse_repeats else a.repeats
+
+
 def run_method(a, cname: str, method: str, dirs: dict[str, str], models: list[str], out: dict[str, str],
                floor: dict[str, Any], ours_env: dict[str, str], default_xla: bool, with_mk: bool, row, quiet
                ) -> list[dict[str, Any]]:
@@ -353,7 +358,8 @@ def run_method(a, cname: str, method: str, dirs: dict[str, str], models: list[st
     mk_impls = [(MERGEKIT_SETTINGS[d], d) for d in a.mergekit_dtypes] if with_mk else []
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in impls + mk_impls}
     compares: dict[str, dict[str, Any]] = {}
-    for rnd in range(a.repeats):
+    rounds = sparse_rounds(a, method)
+    for rnd in range(rounds):
         for impl, env in impls:
             w = quiet()
             r = spawn(dict(task="ours", base=dirs["base"], models=models, out=out["ours"], method=method,
@@ -390,7 +396,7 @@ def run_method(a, cname: str, method: str, dirs: dict[str, str], models: list[st
     for impl, _ in impls:
         for mk_impl, x in rows[0].get("x_mergekit", {}).items():
             print(f"[{cname}] {method}: {impl} / {mk_impl}: time {x['time']:.2f}x, peak RSS {x['rss']:.2f}x "
-                  f"(medians of {a.repeats})", file=sys.stderr, flush=True)
+                  f"(medians of {rounds})", file=sys.stderr, flush=True)
     return rows
 
 
@@ -425,8 +431,9 @@ def render(results: dict[str, Any]) -> str:
         f"Checkpoint merge: base + 2 models, weights {list(WEIGHTS)}, density {cfg['density']} (ties, dare_ties), "
         f"bf16 in/out, 500 MB shards; {m['cpu_count']} CPUs ({m['cpu_model']}), jax {m['versions']['jax']}, "
         f"mergekit {v.get('mergekit', '—')} (torch {v.get('mergekit_torch', '—')}); warm page cache; "
-        f"one fresh process per run; ours and mergekit alternate over {cfg['repeats']} rounds and each row is "
-        f"the median; merge code {cfg['code']}.",
+        f"one fresh process per run; ours and mergekit alternate over {cfg['repeats']} rounds "
+        f"({cfg.get('sparse_repeats', cfg['repeats'])} for ties and dare_ties) and each row is the median; "
+        f"merge code {cfg['code']}.",
         f"'ours' runs with XLA_FLAGS={cfg['ours_xla_flags'] or '(none)'}"
         + ("; 'ours, default XLA' without it." if cfg["ours_default_xla"] else "."),
         "",
@@ -496,6 +503,8 @@ def main(argv: list[str]) -> None:
                    help="mergekit compute dtypes to run, each with out_dtype bfloat16 (ours computes in float32)")
     p.add_argument("--repeats", type=int, default=2,
                    help="rounds of ours and each mergekit setting, alternating (A B A B); medians are reported")
+    p.add_argument("--sparse_repeats", type=int, default=0,
+                   help="rounds for ties and dare_ties (0: --repeats); run_all's full form uses 1 to fit its budget")
     p.add_argument("--ours_xla_flags", default="",
                    help="XLA_FLAGS for ours ('' for none); the default avoids a >100x slow XLA CPU reduction path")
     p.add_argument("--ours_default_xla", default="",
@@ -513,6 +522,8 @@ def main(argv: list[str]) -> None:
         p.error(f"--mergekit_dtypes: {bad!r} is not one of {', '.join(MERGEKIT_SETTINGS)}")
     if a.repeats < 1:
         p.error(f"--repeats must be at least 1, got {a.repeats}")
+    if a.sparse_repeats < 0:
+        p.error(f"--sparse_repeats must be 0 (as --repeats) or more, got {a.sparse_repeats}")
     cases = [c for c in a.cases.split(",") if c]
     methods = [m for m in a.methods.split(",") if m]
     vl_methods = [m for m in a.vl_methods.split(",") if m]
@@ -537,7 +548,7 @@ def main(argv: list[str]) -> None:
         machine=h.machine_info(), versions=versions,
         config=dict(cases=cases, methods=methods, vl_methods=vl_methods, weights=list(WEIGHTS), density=a.density,
                     shard_bytes=SHARD_BYTES, seed=a.seed, noise_std=a.noise_std, mergekit_dtypes=a.mergekit_dtypes,
-                    repeats=a.repeats,
+                    repeats=a.repeats, sparse_repeats=a.sparse_repeats or a.repeats,
                     ours_xla_flags=ours_env["XLA_FLAGS"], ours_default_xla=default_xla, code=code_hash(),
                     ours_specs={m: spec_kwargs(m, a.density) for m in METHODS}),
         cases={})

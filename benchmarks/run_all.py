@@ -23,14 +23,14 @@ import time
 
 import _harness as h
 
-# script -> (arguments of the full form, of the quick form; None: left out of that form). The full form's
-# scripts, last measured with other jobs on the 2 cores (so an upper bound): convert 10-14 min, merge 31 min
-# (0.5b and the VisCodex VL case; mergekit's ties and dare_ties runs are most of it), decode ~6 min,
-# train_step ~5 min: over the 30 min budget until merge's repeats are cut; compile_check is the one 8B preset (v5p-8, train step only): minutes per compile,
-# with .venv-tpu from launch/setup_env.sh (its full sweep, `compile_check.py` alone, takes hours here).
+# script -> (arguments of the full form, of the quick form; None: left out of that form). The full form fits
+# 30 min on 2 quiet cores: convert takes 2 alternating rounds (its default 3 took 10-14 min under load), merge
+# one round of ties and dare_ties (mergekit takes 30-70 s per run there; task_arithmetic keeps 2 rounds);
+# compile_check is the one 8B preset (v5p-8, train step only): minutes per compile, with .venv-tpu from
+# launch/setup_env.sh (its full sweep, `compile_check.py` alone, takes hours here).
 PLAN = {
-    "convert": ([], ["--quick", "--repeats", "1", "--warmup", "0"]),
-    "merge": ([], ["--cases", "0.5b", "--methods", "task_arithmetic"]),
+    "convert": (["--repeats", "2"], ["--quick", "--repeats", "1", "--warmup", "0"]),
+    "merge": (["--sparse_repeats", "1"], ["--cases", "0.5b", "--methods", "task_arithmetic"]),
     "decode": ([], ["--repeats", "1", "--prefill_repeats", "1", "--no_ablation", "--workload", "fixed"]),
     "train_step": ([], ["--quick"]),
     "compile_check": (["--runs", "configs/viscodex_8b.py:v5p-8", "--train_only"], None),
