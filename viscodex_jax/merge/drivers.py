@@ -29,7 +29,6 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
-import ml_dtypes
 import numpy as np
 import tqdm
 
@@ -134,21 +133,6 @@ def _expected_hf_names(cfg: ModelConfig) -> list[str]:
     return out
 
 
-# Exponent bits of IEEE floats: all ones is Inf or NaN. Counting them on the raw bits is one integer pass,
-# where np.isfinite on bfloat16 goes through ml_dtypes' per-element casts.
-_EXPONENT = {np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80), np.dtype(np.float16): (np.uint16, 0x7C00),
-             np.dtype(np.float32): (np.uint32, 0x7F800000), np.dtype(np.float64): (np.uint64, 0x7FF << 52)}
-
-
-def _nonfinite(arr: np.ndarray) -> int:
-    bits = _EXPONENT.get(arr.dtype)
-    if bits is None:
-        return count_nonfinite(arr)
-    u, mask = bits
-    e = np.bitwise_and(arr.reshape(-1).view(u), u(mask))
-    return int(np.count_nonzero(e == u(mask)))
-
-
 def _check_copied_dtype(dtype: Any, t: _Tensor) -> None:
     if not is_float_dtype(np.dtype(dtype)):
         raise MergeError(f"{t.where}: tensor {t.label} has dtype {dtype}, but model parameters are floating point")
@@ -162,7 +146,7 @@ def _check_copied(arr: Any, t: _Tensor) -> None:
     """Tensors copied from the primary skip the merge's own NaN check: check them here."""
     arr = np.asarray(arr)
     _check_copied_dtype(arr.dtype, t)
-    bad = _nonfinite(arr)
+    bad = count_nonfinite(arr)
     if bad:
         raise _copy_error(t, bad, arr.size)
 
@@ -184,7 +168,7 @@ def _stream_copy(ref: FileTensor, t: _Tensor, sink: Callable[[int, np.ndarray], 
             writes[j % 2].result()
         chunk = _STAGING.buf(("copy", j % 2), (hi - lo) * ref.dtype.itemsize).view(ref.dtype)
         ref.read_into(chunk, lo, hi)
-        bad += _nonfinite(chunk)
+        bad += count_nonfinite(chunk)
         if not bad:
             writes[j % 2] = sink(lo, chunk)
     for w in writes:
