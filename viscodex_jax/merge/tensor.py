@@ -87,7 +87,7 @@ class _Staging:
     def block(self, slot, srcs: Sequence[Any], lo: int, hi: int, shape: tuple[int, ...]) -> np.ndarray:
         """Elements ``lo:hi`` of each source as rows of one aligned [len(srcs), *shape] block (zero padded);
         sources of different dtypes get a tuple of separate buffers instead."""
-        if len({np.dtype(x.dtype) for x in srcs}) > 1:
+        if not _one_dtype(srcs):
             return tuple(self.fill((slot, i), x, lo, hi, shape) for i, x in enumerate(srcs))
         return _fill_block(self.buf(slot, _block_bytes(srcs, shape)), srcs, lo, hi, shape)
 
@@ -99,6 +99,11 @@ def _read(src: Any, out: np.ndarray, lo: int, hi: int) -> None:
     else:
         np.copyto(out[:hi - lo], np.asarray(src).reshape(-1)[lo:hi])
     out[hi - lo:] = 0
+
+
+def _one_dtype(srcs: Sequence[Any]) -> bool:
+    """Whether the sources share a dtype (so a chunk's inputs fit one block)."""
+    return len({np.dtype(x.dtype) for x in srcs}) == 1
 
 
 def _block_bytes(srcs: Sequence[Any], shape: tuple[int, ...]) -> int:
@@ -309,12 +314,16 @@ MAGNITUDE_BYTES = 1 << 28
 _THREADS: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 
 
+def _pool(kind: str, workers: int = 1) -> concurrent.futures.ThreadPoolExecutor:
+    if kind not in _THREADS:
+        _THREADS[kind] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"merge-{kind}")
+    return _THREADS[kind]
+
+
 def io_thread(kind: str = "read") -> concurrent.futures.ThreadPoolExecutor:
     """The merge's I/O threads, one for reads and one for writes (the drivers'): they run while XLA and the
     main thread work (``preadv``/``pwrite`` release the GIL), and reads never queue behind writes."""
-    if kind not in _THREADS:
-        _THREADS[kind] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"merge-{kind}")
-    return _THREADS[kind]
+    return _pool(kind)
 
 
 def _resident_blocks(srcs: Sequence[Any], chunks) -> list[concurrent.futures.Future]:
@@ -336,18 +345,22 @@ def _magnitudes_of(base, thetas):
     return jnp.abs(thetas.astype(jnp.float32) - base.astype(jnp.float32)[None])
 
 
+def _keys(mag):
+    """``select.key_of``, traced: the top 16 bits of non-negative float32 values (uint32)."""
+    return jnp.right_shift(jax.lax.bitcast_convert_type(mag, jnp.uint32), jnp.uint32(16))
+
+
 @functools.partial(jax.jit, static_argnames=("out_shape",))
 def _magnitude_keys(base, thetas, out_shape):
     """``select.key_of`` of every model's magnitudes: [n, ...] uint16."""
-    bits = jax.lax.bitcast_convert_type(_magnitudes_of(base, thetas), jnp.uint32)
-    return jnp.right_shift(bits, jnp.uint32(16)).astype(jnp.uint16).reshape(out_shape)
+    return _keys(_magnitudes_of(base, thetas)).astype(jnp.uint16).reshape(out_shape)
 
 
 @functools.partial(jax.jit, static_argnames=("out_shape",))
 def _bucket_values(base, thetas, buckets, out_shape):
     """Every model's magnitudes and whether each lies in one of that model's ``buckets`` [n, r] (-1: none)."""
     mag = _magnitudes_of(base, thetas)
-    key = jnp.right_shift(jax.lax.bitcast_convert_type(mag, jnp.uint32), jnp.uint32(16)).astype(jnp.int32)
+    key = _keys(mag).astype(jnp.int32)
     hit = key == buckets[:, :1]
     for j in range(1, buckets.shape[1]):  # unrolled: XLA:CPU loops slowly over a small reduced axis
         hit = hit | (key == buckets[:, j:j + 1])
@@ -356,10 +369,7 @@ def _bucket_values(base, thetas, buckets, out_shape):
 
 def _select_pool() -> concurrent.futures.ThreadPoolExecutor:
     """Threads for the models' selections: ``ndarray.partition`` releases the GIL, so they run side by side."""
-    if "select" not in _THREADS:
-        _THREADS["select"] = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1,
-                                                                   thread_name_prefix="merge-select")
-    return _THREADS["select"]
+    return _pool("select", os.cpu_count() or 1)
 
 
 def _kth_magnitudes(srcs: Sequence[Any], ranks: Sequence[int], chunks, resident) -> np.ndarray:
@@ -372,8 +382,6 @@ def _kth_magnitudes(srcs: Sequence[Any], ranks: Sequence[int], chunks, resident)
     chunks and a histogram whatever the tensor. Buffers are reused across tensors (never page-faulted in again).
     """
     size, n = int(np.prod(srcs[0].shape)), len(srcs) - 1
-    blocks = (lambda: (lambda c: resident[c].result())) if resident is not None else (lambda: _ring_blocks(srcs,
-                                                                                                            chunks))
     if resident is not None and n * size * 4 <= MAGNITUDE_BYTES:
         mags = _STAGING.buf("magnitudes", n * size * 4).view(np.float32).reshape(n, size)
 
@@ -387,7 +395,7 @@ def _kth_magnitudes(srcs: Sequence[Any], ranks: Sequence[int], chunks, resident)
 
         return np.stack(list(_select_pool().map(one, range(n))))
     hist = np.zeros((n, select.BINS), np.int64)
-    get = blocks()
+    get = _blocks(srcs, chunks, resident)
     for c, (lo, hi, shape) in enumerate(chunks):
         b, ts = _block_args(get(c))
         keys = np.asarray(_magnitude_keys(b, ts, (n,) + shape))
@@ -396,13 +404,20 @@ def _kth_magnitudes(srcs: Sequence[Any], ranks: Sequence[int], chunks, resident)
     where = [select.targets(hist[i], size, ranks) for i in range(n)]
     buckets = np.asarray([[-1 if t is None else t[0] for t in w] for w in where], np.int32)
     found: list[list[np.ndarray]] = [[] for _ in range(n)]
-    get = blocks()
+    get = _blocks(srcs, chunks, resident)
     for c, (lo, hi, shape) in enumerate(chunks):
         b, ts = _block_args(get(c))
         mags, hit = (np.asarray(x) for x in _bucket_values(b, ts, buckets, (n,) + shape))
         for i in range(n):
             found[i].append(mags[i, :hi - lo][hit[i, :hi - lo]])
     return np.stack([select.pick(np.concatenate(found[i]), size, ranks, where[i]) for i in range(n)])
+
+
+def _blocks(srcs: Sequence[Any], chunks, resident) -> Callable[[int], np.ndarray]:
+    """``get(c)``: chunk ``c``'s block, from the ``resident`` reads when given, else read ahead (one pass)."""
+    if resident is not None:
+        return lambda c: resident[c].result()
+    return _ring_blocks(srcs, chunks)
 
 
 def _ring_blocks(srcs: Sequence[Any], chunks) -> Callable[[int], np.ndarray]:
@@ -443,10 +458,10 @@ def merge_tensor(name: str, base: Any, thetas: Sequence[Any], spec: MergeSpec, p
     srcs = [x if isinstance(x, FileTensor) else np.ascontiguousarray(x) for x in [base, *thetas]]
     chunked, chunks = _chunks(shape, spec)
     resident = None
-    if ranks and len({np.dtype(x.dtype) for x in srcs}) == 1 and _block_bytes(srcs, (numel,)) <= RESIDENT_BYTES:
+    if ranks and _one_dtype(srcs) and _block_bytes(srcs, (numel,)) <= RESIDENT_BYTES:
         resident = _resident_blocks(srcs, chunks)
     thresh = _kth_magnitudes(srcs, ranks, chunks, resident) if ranks else np.zeros((n, 0), np.float32)
-    get = (lambda c: resident[c].result()) if resident is not None else _ring_blocks(srcs, chunks)
+    get = _blocks(srcs, chunks, resident)
     name_hash = _name_hash(name)
     w = np.asarray(weights, np.float32)
     static = traced_spec(spec)
